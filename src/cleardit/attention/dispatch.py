@@ -1,0 +1,120 @@
+"""``clear_attention``: the one public entry point; checks inputs, pools, and picks a backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .layout import TokenLayout, check_radius
+from .pooling import pool_image_tokens
+
+Backend = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _load_backend(name: str) -> Backend:
+    # Imported lazily so that e.g. a missing triton never breaks the CPU path.
+    if name == "reference":
+        from .reference import reference_attention
+
+        return reference_attention
+    if name == "tiled":
+        from .tiled import tiled_attention
+
+        return tiled_attention
+    if name == "flex":
+        from .flex import flex_clear_attention
+
+        return flex_clear_attention
+    if name == "triton":
+        from .triton_kernels import triton_clear_attention
+
+        return triton_clear_attention
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + ('auto',)}")
+
+
+BACKENDS = ("reference", "tiled", "flex", "triton")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` in this environment."""
+    device = torch.device(device)
+    names = ["reference", "tiled"]
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+
+        names.append("flex")
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        from .triton_kernels import triton_available
+
+        if triton_available():
+            names.append("triton")
+    return names
+
+
+# Below this many tokens a dense masked SDPA call beats tiling overhead (measured, docs/benchmarks.md).
+_DENSE_MAX_TOKENS = 1024
+
+
+def choose_backend(layout: TokenLayout, device: torch.device) -> str:
+    """The backend ``auto`` picks for this size and device."""
+    if layout.seq_len + layout.pooled_len <= _DENSE_MAX_TOKENS:
+        return "reference"
+    if device.type == "cuda" and "triton" in available_backends(device):
+        return "triton"
+    return "tiled"
+
+
+def clear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    radius: int,
+    *,
+    pool_weight: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CLEAR attention over a joint text+image sequence.
+
+    Args:
+        q, k, v: [B, heads, N, d] with N = layout.seq_len, as for F.scaled_dot_product_attention.
+        layout: where text and image tokens sit (see TokenLayout).
+        radius: image queries see image keys with squared distance < radius^2 (token units).
+        pool_weight: (df, df) weights of the pooled branch; required iff layout.down_factor is set.
+        scale: softmax scale, default 1/sqrt(d).
+        return_lse: also return the natural-log log-sum-exp of each query's scores, [B, heads, N] fp32.
+        backend: "auto", "reference", "tiled", "flex" or "triton".
+
+    Returns:
+        out [B, heads, N, d] (and lse when return_lse).
+    """
+    radius = check_radius(radius)
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a cleardit TokenLayout, got {type(layout).__name__}")
+    layout.check_qkv(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend == "auto":
+        backend = choose_backend(layout, q.device)
+    impl = _load_backend(backend)
+
+    pooled_k = pooled_v = None
+    if layout.down_factor is not None:
+        if pool_weight is None:
+            raise ValueError(
+                f"layout has down_factor={layout.down_factor} but pool_weight is None; pass the "
+                f"({layout.down_factor}, {layout.down_factor}) pooling weights (e.g. initial_pool_weight(df))"
+            )
+        pooled_k = pool_image_tokens(k, layout, pool_weight)
+        pooled_v = pool_image_tokens(v, layout, pool_weight)
+    elif pool_weight is not None:
+        raise ValueError("pool_weight was given but the layout has no down_factor; set TokenLayout.down_factor")
+
+    out, lse = impl(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,108 @@
+"""FlexAttention backend: the CLEAR rule as a ``mask_mod``, with block masks cached per geometry.
+
+Compiled (``torch.compile``) it is a GPU fallback for the Triton kernel; on the CPU it is
+selectable for comparison. The block mask works in whatever token order the layout uses, so a
+tile-major layout gives it dense, well-filled blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
+
+from .layout import TokenLayout
+
+_TEXT, _IMAGE, _POOLED = 0, 1, 2
+
+
+def _token_tables(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per key index (text, image, then pooled): kind, row, col. Queries use the first N entries."""
+    n, p = layout.seq_len, layout.pooled_len
+    kind = torch.full((n + p,), _IMAGE, dtype=torch.int32, device=device)
+    kind[layout.text_slice] = _TEXT
+    kind[n:] = _POOLED
+    row = torch.zeros(n + p, dtype=torch.int32, device=device)
+    col = torch.zeros(n + p, dtype=torch.int32, device=device)
+    r, c = layout.image_positions(device)
+    row[layout.image_slice], col[layout.image_slice] = r.int(), c.int()
+    return kind, row, col
+
+
+def clear_mask_mod(layout: TokenLayout, radius: int, device: torch.device):
+    """A FlexAttention mask_mod for the CLEAR rule on ``layout``."""
+    kind, row, col = _token_tables(layout, device)
+    r2 = radius * radius
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_kind, k_kind = kind[q_idx], kind[kv_idx]
+        dy = row[q_idx] - row[kv_idx]
+        dx = col[q_idx] - col[kv_idx]
+        q_text = q_kind == _TEXT
+        k_text = k_kind == _TEXT
+        k_pooled = k_kind == _POOLED
+        near = (q_kind == _IMAGE) & (k_kind == _IMAGE) & (dy * dy + dx * dx < r2)
+        return (q_text & ~k_pooled) | k_text | (~q_text & k_pooled) | near
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def clear_block_mask(layout: TokenLayout, radius: int, device: torch.device, block_size: int = 128) -> BlockMask:
+    """The block mask for (layout, radius, device), built once and cached."""
+    n = layout.seq_len
+    return create_block_mask(
+        clear_mask_mod(layout, radius, device),
+        None,
+        None,
+        n,
+        n + layout.pooled_len,
+        device=device,
+        BLOCK_SIZE=block_size,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _use_compiled(device: torch.device) -> bool:
+    # Compilation is where FlexAttention is fast; eager flex is a slow but exact fallback (CPU tests).
+    setting = os.environ.get("CLEARDIT_FLEX_COMPILE", "auto")
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "1"
+
+
+def flex_clear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    radius: int,
+    pooled_k: torch.Tensor | None,
+    pooled_v: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+    compile: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, pooled_k) if t is not None
+    ):
+        raise NotImplementedError(
+            "the flex backend has no backward pass on the CPU (a FlexAttention limit); "
+            "use backend='tiled' for training on the CPU, or run under torch.no_grad()"
+        )
+    if pooled_k is not None:
+        k = torch.cat([k, pooled_k], dim=2)
+        v = torch.cat([v, pooled_v], dim=2)
+    block_mask = clear_block_mask(layout, radius, q.device)
+    use_compiled = _use_compiled(q.device) if compile is None else compile
+    fn = _compiled_flex() if use_compiled else flex_attention
+    if return_lse:
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse.float()
+    return fn(q, k, v, block_mask=block_mask, scale=scale), None

@@ -1,0 +1,81 @@
+"""Shared shapes and checks for the attention backends' tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cleardit.attention import TokenLayout, clear_attention, initial_pool_weight
+
+# (text_len, height, width, text_first, down_factor, radius): square and non-square grids, odd
+# sizes, sizes not divisible by tiles, radii 1..16, radius beyond the grid diagonal, no text,
+# text after the image, with and without the pooled branch.
+CASES = [
+    (4, 6, 6, True, None, 1),
+    (4, 6, 6, True, None, 2),
+    (3, 7, 5, True, None, 5),
+    (0, 9, 11, True, None, 3),
+    (5, 13, 10, False, None, 5),
+    (6, 17, 19, True, None, 8),
+    (2, 20, 12, True, None, 16),
+    (3, 5, 7, True, None, 40),  # radius beyond the grid diagonal: every image pair allowed
+    (4, 8, 8, True, 2, 3),
+    (3, 10, 7, False, 4, 5),  # grid not divisible by df
+    (0, 12, 12, True, 4, 8),
+    (4, 33, 21, True, None, 8),
+]
+
+
+def case_id(case) -> str:
+    t, h, w, first, df, r = case
+    return f"T{t}-{h}x{w}-{'tf' if first else 'tl'}-df{df}-r{r}"
+
+
+def make_inputs(layout: TokenLayout, batch=2, heads=3, dim=16, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, layout.seq_len, dim)
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float32).to(device, dtype) for _ in range(3))
+    pw = None
+    if layout.down_factor is not None:
+        df = layout.down_factor
+        pw = initial_pool_weight(df) + 0.1 * torch.randn(df, df, generator=g)
+        pw = pw.to(device)
+    return q, k, v, pw
+
+
+def run_with_grads(q, k, v, pw, layout, radius, backend, return_lse=True):
+    """Forward with return_lse, then backward of a random projection; returns (out, lse, grads)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    pw_leaf = pw.detach().clone().requires_grad_(True) if pw is not None else None
+    out, lse = clear_attention(*leaves, layout, radius, pool_weight=pw_leaf, return_lse=True, backend=backend)
+    g = torch.Generator().manual_seed(123)
+    w_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    w_lse = torch.randn(lse.shape, generator=g).to(lse.device, lse.dtype)
+    ((out.float() * w_out.float()).sum() + (lse * w_lse).sum()).backward()
+    grads = [t.grad for t in leaves] + ([pw_leaf.grad] if pw_leaf is not None else [])
+    return out.detach(), lse.detach(), grads
+
+
+def assert_close(actual, expected, atol, rtol=0.0, what=""):
+    actual, expected = actual.float(), expected.float()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item()
+    bound = atol + rtol * expected.abs().max().item()
+    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def compare_backend(case, backend, dtype=torch.float32, atol=1e-5, device="cpu", dim=16):
+    t, h, w, first, df, r = case
+    layout = TokenLayout(t, h, w, text_first=first, down_factor=df)
+    q, k, v, pw = make_inputs(layout, dtype=dtype, device=device, dim=dim)
+    # the ground truth always runs in fp32, whatever dtype the backend is tested in
+    ref = run_with_grads(q.float(), k.float(), v.float(), pw, layout, r, "reference")
+    got = run_with_grads(q, k, v, pw, layout, r, backend)
+    names = ["out", "lse", "dq", "dk", "dv", "dpool"]
+    flat_ref = [ref[0], ref[1], *ref[2]]
+    flat_got = [got[0], got[1], *got[2]]
+    for name, a, e in zip(names, flat_got, flat_ref):
+        scale = max(1.0, math.sqrt(e.float().abs().max().item())) if name == "dpool" else 1.0
+        assert_close(a, e, atol * scale, what=f"{backend} {case_id(case)} {name}")
