@@ -100,7 +100,7 @@ class ClearFluxAttnProcessor(nn.Module):
             raise ValueError("CLEAR attention does not take an attention_mask; FLUX pipelines pass none")
         layout = self.geometry.require_layout()
         dual_stream = encoder_hidden_states is not None
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -130,7 +130,7 @@ class ClearFluxAttnProcessor(nn.Module):
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
-def _project(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+def project_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
     """q, k, v as [B, N, heads, d] for the joint sequence [text | image], normalised as FLUX does."""
     if getattr(attn, "fused_projections", False):
         query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
