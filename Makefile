@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench bench-quick lint format clean
+.PHONY: install demo test test-slow bench bench-quick bench-parallel lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: install
 
 bench-quick: install
 	$(PY) bench/attention_cpu.py --quick
+
+bench-parallel: install
+	$(PY) bench/parallel.py --quick
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

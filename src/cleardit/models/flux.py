@@ -152,13 +152,13 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_sta
     return torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1), torch.cat([ev, value], dim=1)
 
 
-def _flux_attention_modules(transformer: nn.Module) -> list[nn.Module]:
+def flux_attention_modules(transformer: nn.Module) -> list[nn.Module]:
     return [b.attn for b in transformer.transformer_blocks] + [
         b.attn for b in transformer.single_transformer_blocks
     ]
 
 
-def _bind_forward_args(transformer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+def bind_forward_args(transformer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(type(transformer).forward).bind(transformer, *args, **kwargs)
 
 
@@ -168,7 +168,7 @@ def _install_token_order(transformer: nn.Module, geometry: FluxGeometry) -> list
     state: dict = {}
 
     def pre_hook(module, args, kwargs):
-        bound = _bind_forward_args(module, args, kwargs)
+        bound = bind_forward_args(module, args, kwargs)
         img_ids, txt_ids = bound.arguments.get("img_ids"), bound.arguments.get("txt_ids")
         if img_ids is None or txt_ids is None:
             raise ValueError("a linearized FLUX transformer needs img_ids and txt_ids to know the image grid")
@@ -218,7 +218,7 @@ def linearize_flux(transformer: nn.Module, config: ClearConfig) -> ClearHandle:
     """Install CLEAR processors in every attention layer of a FluxTransformer2DModel (in place)."""
     geometry = FluxGeometry(config)
     handle = ClearHandle(transformer, config, TRAINABLE_PATTERN)
-    for attn in _flux_attention_modules(transformer):
+    for attn in flux_attention_modules(transformer):
         original = attn.processor
         attn.set_processor(ClearFluxAttnProcessor(geometry, config, attn.to_q.weight))
         handle._undo.append(lambda attn=attn, original=original: attn.set_processor(original))

@@ -1,0 +1,42 @@
+"""Patch-parallel CLEAR inference: each rank holds a strip of image rows, only a band is exchanged.
+
+``parallelize(flux_transformer, radius=16)`` on every rank of a process group (``init_distributed``
+under torchrun, or ``spawn`` for local processes), then call the model with the same full inputs
+on every rank. ``strip_clear_attention`` is the attention-level function. See docs/parallel.md.
+"""
+
+from .launch import ParallelLaunchError, free_port, init_distributed, spawn
+from .patch import (
+    CommCounter,
+    ParallelError,
+    StripPlan,
+    layer_comm_bytes,
+    step_comm_bytes,
+    strip_attention,
+    strip_clear_attention,
+)
+
+__all__ = [
+    "CommCounter",
+    "ParallelError",
+    "ParallelHandle",
+    "ParallelLaunchError",
+    "StripPlan",
+    "free_port",
+    "init_distributed",
+    "layer_comm_bytes",
+    "parallelize",
+    "spawn",
+    "step_comm_bytes",
+    "strip_attention",
+    "strip_clear_attention",
+]
+
+
+def __getattr__(name: str):
+    # The FLUX adapter imports diffusers; load it only when asked for.
+    if name in ("parallelize", "ParallelHandle"):
+        from . import flux
+
+        return getattr(flux, name)
+    raise AttributeError(f"module 'cleardit.parallel' has no attribute {name!r}")
