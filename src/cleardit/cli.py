@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--layers", type=_positive_int, default=FLUX_DEV["layers"], help="attention layers (57)")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)
+
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

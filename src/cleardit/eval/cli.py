@@ -1,0 +1,125 @@
+"""``cleardit eval``: ``add_eval_parser(subparsers)`` registers ``eval images`` and ``eval plot``.
+
+Each subcommand's ``func`` takes the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES
+from .weights import ENV_WEIGHTS_DIR
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _number(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
+def cmd_eval_images(args: argparse.Namespace) -> int:
+    from .images import evaluate_folders
+    from .report import format_table, write_report, write_results
+
+    quiet = bool(args.quiet)
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    result = evaluate_folders(
+        args.ref,
+        args.test,
+        args.metrics,
+        batch_size=args.batch_size,
+        device=args.device,
+        weights_dir=args.weights_dir,
+        strict=args.strict,
+        clip_model=args.clip_model,
+        dino_model=args.dino_model,
+        progress=not quiet,
+        log=log,
+    )
+    extra = {"radius": args.radius} if args.radius is not None else None
+    print(format_table({**result.to_dict(), **(extra or {})}))
+    if args.output:
+        files = write_results(result, args.output, extra=extra)
+        log("wrote " + ", ".join(str(p) for p in files.values()))
+    if args.report:
+        files = write_report(result, args.report, samples=args.samples, extra=extra)
+        log("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def cmd_eval_plot(args: argparse.Namespace) -> int:
+    from .report import plot_metrics_vs_radius
+
+    path = plot_metrics_vs_radius(args.results, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` (with ``images`` and ``plot``) to an argparse sub-parser collection."""
+    ev = subparsers.add_parser(
+        "eval",
+        help="image metrics between two folders (PSNR, MS-SSIM, LPIPS, CLIP-I, DINO, FID, IS)",
+        description="Evaluation metrics. See docs/evaluation.md.",
+    )
+    ev.set_defaults(func=lambda _args: (ev.print_help(), 0)[1])
+    sub = ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+    images = sub.add_parser(
+        "images",
+        help="metrics between a reference folder and a test folder, images paired by file name",
+        description=(
+            "Pairs images by file name (png/jpg/webp) and computes paired metrics (psnr, ms_ssim, lpips, "
+            "clip_i, dino: mean over pairs) and set metrics (fid: reference vs test set; is: test set). "
+            "Learned metrics load weights offline from --weights-dir / $" + ENV_WEIGHTS_DIR + ", the Hugging "
+            "Face cache, then the torch hub cache; a metric whose weights are missing is skipped with a "
+            "message saying what to fetch and where (--strict: an error instead). With only fid/is asked "
+            "for, the folders need not pair (e.g. FID against real photos)."
+        ),
+    )
+    images.add_argument("--ref", required=True, help="folder of reference images (e.g. full attention)")
+    images.add_argument("--test", required=True, help="folder of test images (e.g. CLEAR)")
+    images.add_argument("--output", help="folder for metrics.json, metrics.md and per_pair.csv")
+    images.add_argument(
+        "--metrics",
+        default="all",
+        help=f"comma-separated subset of {','.join(METRIC_NAMES)} (default: all)",
+    )
+    images.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per batch (default 8)")
+    images.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    images.add_argument("--weights-dir", help=f"folder with metric weights (default: ${ENV_WEIGHTS_DIR})")
+    images.add_argument("--clip-model", help=f"CLIP model id or folder (default {DEFAULT_CLIP_MODEL})")
+    images.add_argument("--dino-model", help=f"DINO model id or folder (default {DEFAULT_DINO_MODEL})")
+    images.add_argument("--strict", action="store_true", help="fail instead of skipping a metric")
+    images.add_argument("--report", help="folder for report.md / report.html with an image grid")
+    images.add_argument("--samples", type=_positive_int, default=8, help="pairs shown in the report grid (8)")
+    images.add_argument("--radius", type=_number, default=None, help="CLEAR radius to record in the JSON")
+    images.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    images.set_defaults(func=cmd_eval_images)
+
+    plot = sub.add_parser(
+        "plot",
+        help="plot metrics against the CLEAR radius from several metrics.json files",
+        description="Each metrics.json needs a radius field (eval images --radius R).",
+    )
+    plot.add_argument("results", nargs="+", help="metrics.json files")
+    plot.add_argument("--output", required=True, help="PNG file to write")
+    plot.set_defaults(func=cmd_eval_plot)
+    return ev
