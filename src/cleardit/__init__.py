@@ -3,6 +3,7 @@
 from .attention import TokenLayout, attention_flops, clear_attention, count_pairs
 from .config import ClearConfig
 from .models import ClearHandle, linearize, supported_models
+from .pipelines import generate
 from .weights import load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "attention_flops",
     "clear_attention",
     "count_pairs",
+    "generate",
     "linearize",
     "load_weights",
     "save_weights",

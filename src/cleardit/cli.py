@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.set_defaults(func=cmd_flops)
 
     from .eval.cli import add_eval_parser
+    from .pipelines.cli import add_generate_parser
 
+    add_generate_parser(sub)
     add_eval_parser(sub)
     return parser
 

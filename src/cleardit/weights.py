@@ -74,7 +74,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _declared_geometry(path: Path, metadata: dict[str, str]) -> tuple[int | None, int | None, bool]:
+def declared_geometry(path: Path, metadata: dict[str, str]) -> tuple[int | None, int | None, bool]:
     """(radius, down_factor, known) from cleardit metadata, else from a reference-release file name."""
     if metadata.get("format") == FORMAT:
         df = metadata.get("down_factor", "none")
@@ -105,7 +105,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
 
-    radius, down_factor, known = _declared_geometry(path, metadata)
+    radius, down_factor, known = declared_geometry(path, metadata)
     if known and (radius, down_factor) != (cfg.radius, cfg.down_factor):
         raise ValueError(
             f"{path.name} was made for radius={radius}, down_factor={down_factor}, but the model is "

@@ -71,11 +71,11 @@ MINI_SIZES: dict[str, MiniSize] = {
     "mini": MiniSize(
         base_resolution=128,
         vae=dict(
-            block_out_channels=(32, 64, 128),
+            block_out_channels=(32, 64, 64),
             layers_per_block=1,
             latent_channels=8,
             norm_num_groups=32,
-            mid_block_add_attention=True,
+            mid_block_add_attention=False,  # no quadratic VAE attention: decoding stays linear in pixels
         ),
         transformer=dict(
             num_layers=2,

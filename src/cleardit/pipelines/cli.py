@@ -1,0 +1,192 @@
+"""``cleardit generate``: ``add_generate_parser(subparsers)`` registers the subcommand.
+
+Its ``func`` takes the parsed namespace and returns an exit code (0 ok, 2 user error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate, read_prompts
+    from .loading import ModelNotFoundError
+
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
+        result = generate(
+            prompts,
+            model=args.model,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            batch=args.batch,
+            device=args.device,
+            dtype=args.dtype,
+            radius=0 if args.full else args.radius,
+            down_factor=args.down_factor,
+            clear_weights=args.clear_weights,
+            backend=args.backend,
+            highres=args.highres,
+            strength=args.strength,
+            upscale=args.upscale,
+            ntk_factor=args.ntk_factor,
+            proportional_attention=args.proportional_attention,
+            compare=args.compare,
+            warmup=args.warmup,
+            vae_tiling=args.vae_tiling,
+            output=args.output,
+            quiet=args.quiet,
+        )
+    except (ModelNotFoundError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"cleardit generate: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary)
+    return 0
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``generate`` to an argparse sub-parser collection; returns its parser."""
+    gen = subparsers.add_parser(
+        "generate",
+        help="text-to-image at any resolution with CLEAR attention (FLUX-class pipelines, offline)",
+        description=(
+            "Generate images with a FLUX-class diffusers pipeline whose attention is replaced by CLEAR "
+            "(local attention of radius r on the token grid) at the target size. Models load offline only: "
+            "a local folder or a Hugging Face id already in the local cache. PNGs carry all parameters in "
+            "their text metadata. See docs/generate.md."
+        ),
+    )
+    g = gen.add_argument_group("model and prompt")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="diffusers pipeline folder or cached Hugging Face id (e.g. black-forest-labs/FLUX.1-dev); "
+        "default: the shipped mini model (src/cleardit/mini/weights/)",
+    )
+    p = g.add_mutually_exclusive_group(required=True)
+    p.add_argument("--prompt", help="the text prompt")
+    p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
+
+    g = gen.add_argument_group("image")
+    g.add_argument(
+        "--height", type=_int(1), default=None, help="pixels (multiple of VAE scale x 2; default: base size)"
+    )
+    g.add_argument(
+        "--width", type=_int(1), default=None, help="pixels (multiple of VAE scale x 2; default: base size)"
+    )
+    g.add_argument(
+        "--steps", type=_int(1), default=None, help="denoising steps (default: the model's, else 28)"
+    )
+    g.add_argument(
+        "--guidance", type=_float, default=None, help="FLUX guidance (default: the model's, else 3.5)"
+    )
+    g.add_argument(
+        "--seed", type=_int(0), default=0, help="seed of the first image; image i uses seed + i (default 0)"
+    )
+    g.add_argument("--batch", type=_int(1), default=1, help="images per prompt (default 1)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
+    g.add_argument(
+        "--output",
+        default="outputs",
+        help="a folder (NNNNN-<prompt>.png files) or a .png file for one image (default: outputs/)",
+    )
+    g.add_argument(
+        "--vae-tiling", action="store_true", help="VAE in tiles (less memory at very high resolution)"
+    )
+    g.add_argument(
+        "--quiet", action="store_true", help="no progress bars or log lines (the summary still prints)"
+    )
+
+    g = gen.add_argument_group("CLEAR attention")
+    g.add_argument(
+        "--radius",
+        type=_int(0),
+        default=None,
+        help="CLEAR radius in tokens; 0 = original full attention (default: the CLEAR weights' radius, "
+        "else 16)",
+    )
+    g.add_argument("--full", action="store_true", help="original full attention (same as --radius 0)")
+    g.add_argument(
+        "--down-factor", type=_int(1), default=None, help="pooled branch factor (e.g. 4 for *_down_4)"
+    )
+    g.add_argument(
+        "--clear-weights",
+        metavar="FILE",
+        default=None,
+        help="CLEAR checkpoint (reference release clear_local_*.safetensors or cleardit save_weights)",
+    )
+    g.add_argument(
+        "--backend", default="auto", help="attention backend: auto (default), reference, tiled, flex, triton"
+    )
+
+    g = gen.add_argument_group("high resolution")
+    g.add_argument(
+        "--highres",
+        action="store_true",
+        help="two stages: base size with full attention, upscale, re-noise to --strength, "
+        "CLEAR at the target",
+    )
+    g.add_argument(
+        "--strength",
+        type=_positive_float,
+        default=0.7,
+        help="re-noising strength of --highres, in (0, 1] (default 0.7)",
+    )
+    g.add_argument(
+        "--upscale",
+        choices=("image", "latent"),
+        default="image",
+        help="what --highres upscales (default: image)",
+    )
+    g.add_argument("--ntk-factor", type=_positive_float, default=None, help="multiply RoPE theta (e.g. 10)")
+    g.add_argument(
+        "--proportional-attention",
+        action="store_true",
+        help="softmax scale sqrt(log_base(N)/d), base = training sequence length, N = target's",
+    )
+
+    g = gen.add_argument_group("comparison")
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run full attention on the same seeds; write *-full.png and a side-by-side *-compare.png "
+        "with timings, speedup, attention FLOPs, PSNR and MS-SSIM",
+    )
+    g.add_argument("--warmup", action="store_true", help="one untimed 1-step run per attention mode first")
+    gen.set_defaults(func=cmd_generate)
+    return gen

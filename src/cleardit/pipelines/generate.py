@@ -1,0 +1,854 @@
+"""``cleardit.generate``: text-to-image at any resolution with a FLUX-class pipeline and CLEAR attention.
+
+One call loads the model offline (:mod:`.loading`), linearizes its transformer for the target-size
+denoising (radius 0 = the original attention), optionally runs the two-stage high-resolution recipe
+(:mod:`.highres`), optionally runs full attention on the same seeds for a side-by-side comparison
+(timings, attention FLOPs, PSNR, MS-SSIM), and writes PNGs that carry every generation parameter in
+their text metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ClearConfig
+from . import highres as hr
+from .loading import (
+    ModelInfo,
+    base_size,
+    load_pipeline,
+    max_sequence_length,
+    read_model_info,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    size_factor,
+    size_factor_of_folder,
+)
+
+DEFAULT_RADIUS = 16
+UPSCALE_MODES = ("image", "latent")
+# torchmetrics' MS-SSIM defaults: 5 scales with these weights, an 11-px Gaussian window of sigma 1.5.
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class CompareStats:
+    """Full attention vs CLEAR on the same seeds.
+
+    Attributes:
+        clear_seconds, full_seconds: generation time of each run (all prompts; a shared high-res
+            stage 1 counts in both).
+        speedup: full_seconds / clear_seconds.
+        flops_clear, flops_full: attention FLOPs of one transformer forward (all attention layers,
+            one image) at the target size, counted by cleardit.attention.attention_flops.
+        psnr, ms_ssim: per image (dB; MS-SSIM None when torchmetrics is missing).
+        ms_ssim_note: how MS-SSIM was computed (scales/window adapted to small images) or why not.
+        paths: side-by-side images written.
+    """
+
+    clear_seconds: float
+    full_seconds: float
+    speedup: float
+    flops_clear: int
+    flops_full: int
+    psnr: list[float] = field(default_factory=list)
+    ms_ssim: list[float] | None = None
+    ms_ssim_note: str | None = None
+    paths: list[Path] = field(default_factory=list)
+
+    def line(self) -> str:
+        fewer = 100 * (1 - self.flops_clear / self.flops_full) if self.flops_full else 0.0
+        psnr = _mean(self.psnr)
+        text = (
+            f"compare: full attention {self.full_seconds:.2f} s vs CLEAR {self.clear_seconds:.2f} s = "
+            f"{self.speedup:.2f}x speedup; attention FLOPs per step {_fmt_flops(self.flops_full)} vs "
+            f"{_fmt_flops(self.flops_clear)} ({fewer:.1f}% fewer); PSNR {_fmt_db(psnr)}"
+        )
+        if self.ms_ssim is not None:
+            text += f", MS-SSIM {_mean(self.ms_ssim):.4f}"
+        else:
+            text += " (MS-SSIM skipped)"
+        return text
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` made.
+
+    Attributes:
+        images: the generated PIL images (CLEAR, or full attention with radius 0), prompt-major.
+        paths: where they were written (empty without ``output``).
+        metadata: per image, the parameters written into its PNG.
+        seconds: generation time of the main images (model loading excluded; compare runs excluded).
+        steps: denoising steps run for the main images (all prompts, both high-res stages).
+        seconds_per_step: seconds / steps.
+        peak_memory: bytes (CUDA: torch.cuda.max_memory_allocated; CPU: the process's max RSS).
+        memory_source: "cuda max allocated" or "cpu max rss".
+        load_seconds: model loading time.
+        full_images, full_paths: the full-attention images of ``compare``.
+        compare: CompareStats of ``compare``.
+        summary: the one-line summary (plus the compare line).
+    """
+
+    images: list
+    paths: list[Path]
+    metadata: list[dict]
+    seconds: float
+    steps: int
+    seconds_per_step: float
+    peak_memory: int
+    memory_source: str
+    load_seconds: float = 0.0
+    full_images: list | None = None
+    full_paths: list[Path] = field(default_factory=list)
+    compare: CompareStats | None = None
+    summary: str = ""
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _fmt_db(value: float) -> str:
+    return "inf dB (identical)" if math.isinf(value) else f"{value:.2f} dB"
+
+
+def _fmt_flops(flops: float) -> str:
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:,.2f} {unit}"
+    return f"{flops:,.0f} FLOPs"
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file; a clear error if none or unreadable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--prompts {path}: cannot read the file ({exc})") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: the file has no prompts (one prompt per line)")
+    return prompts
+
+
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    items = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not items or any(not isinstance(p, str) for p in items):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if any(not p.strip() for p in items):
+        raise ValueError("prompts must not be empty")
+    return items
+
+
+def _positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise ValueError(
+            f"--{name} must be a positive {'number' if kind is float else 'whole number'}, got {value!r}"
+        )
+
+
+def _declared_clear_geometry(path: Path) -> tuple[int | None, int | None]:
+    """(radius, down_factor) a CLEAR weights file was made for (metadata or reference file name)."""
+    from safetensors import safe_open
+
+    from .. import weights as clear_weights
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--clear-weights {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors has its own error types for corrupt files
+        raise ValueError(f"--clear-weights {path} is not a readable safetensors file ({exc})") from exc
+    radius, down_factor, known = clear_weights.declared_geometry(path, metadata)
+    return (radius, down_factor) if known else (None, None)
+
+
+# ----------------------------------------------------------------------------- attention modes
+class AttentionModes:
+    """Switches a FLUX transformer between its original attention and CLEAR, per denoising run.
+
+    CLEAR weights (``load_weights``) replace the image-stream projections, so the original tensors are
+    kept aside and swapped back whenever full attention runs (high-res stage 1, compare runs): the
+    fine-tuned projections never leak into a full-attention image. This costs one extra copy of
+    those projections (FLUX.1-dev in bf16: about 4.3 GB) only when a weights file is used.
+    """
+
+    def __init__(self, transformer, config: ClearConfig | None, weights: Path | None):
+        self.transformer = transformer
+        self.config = config
+        self.weights = weights
+        self._original: dict[str, torch.Tensor] | None = None
+        self._clear: dict[str, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def clear(self) -> Iterator[None]:
+        from ..models import linearize
+        from ..weights import load_weights
+
+        handle = linearize(self.transformer, config=self.config)
+        params = dict(handle.named_clear_parameters())
+        try:
+            if self.weights is not None:
+                if self._clear is None:
+                    if self._original is None:
+                        self._original = {
+                            k: p.data for k, p in params.items() if not k.endswith("spatial_weight")
+                        }
+                    for k in self._original:
+                        params[k].data = params[k].data.clone()
+                    load_weights(self.transformer, self.weights)
+                    self._clear = {k: p.data for k, p in params.items()}
+                else:
+                    for k, p in params.items():
+                        p.data = self._clear[k]
+            yield
+        finally:
+            if self._original is not None:
+                for k, t in self._original.items():
+                    params[k].data = t
+            handle.restore()
+
+
+# ----------------------------------------------------------------------------- images and metrics
+def _to_array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB between two PIL images (data range 1); inf for identical images."""
+    mse = float(np.mean((_to_array(a) - _to_array(b)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ms_ssim_settings(height: int, width: int) -> tuple[int, int, float]:
+    """(scales, window, sigma) of MS-SSIM for an image size.
+
+    torchmetrics' defaults (5 scales, 11-px window, sigma 1.5) need at least 176 px per side: it
+    requires ``side >= 2**scales`` and ``side // (scales - 1)**2 > window - 1``, and the reflect
+    padding needs the smallest scale wider than half the window. Smaller images keep as many scales
+    as fit with a window of at least 7 px, then allow 5 and 3 px; the window's sigma shrinks with it
+    (1.5 * (window - 1) / 10), and the first ``scales`` standard weights are renormalised to sum 1.
+    """
+    side = min(height, width)
+
+    def fits(n: int, k: int) -> bool:
+        return side >= 2**n and side // max(1, n - 1) ** 2 > k - 1 and side // 2 ** (n - 1) > (k - 1) // 2
+
+    for windows in ((11, 9, 7), (5, 3)):
+        for n in range(5, 0, -1):
+            for k in windows:
+                if fits(n, k):
+                    return n, k, 1.5 * (k - 1) / 10
+    raise ValueError(f"images of {height}x{width} px are too small for MS-SSIM")
+
+
+def ms_ssim(a, b) -> tuple[float | None, str]:
+    """MS-SSIM between two PIL images with torchmetrics (None if not installed), and a note."""
+    try:
+        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+    except ImportError:
+        return None, "MS-SSIM skipped: torchmetrics is not installed (pip install torchmetrics)"
+    ta = torch.from_numpy(_to_array(a)).permute(2, 0, 1)[None]
+    tb = torch.from_numpy(_to_array(b)).permute(2, 0, 1)[None]
+    try:
+        n, k, sigma = ms_ssim_settings(ta.shape[-2], ta.shape[-1])
+    except ValueError as exc:
+        return None, f"MS-SSIM skipped: {exc}"
+    betas = MS_SSIM_BETAS[:n]
+    betas = tuple(b / sum(betas) for b in betas)
+    value = multiscale_structural_similarity_index_measure(
+        tb, ta, data_range=1.0, kernel_size=k, sigma=sigma, betas=betas
+    )
+    note = (
+        "MS-SSIM: standard 5 scales, 11-px window"
+        if (n, k) == (5, 11)
+        else (
+            f"MS-SSIM adapted to {ta.shape[-2]}x{ta.shape[-1]} px: {n} scales, "
+            f"{k}-px window (sigma {sigma:.2f})"
+        )
+    )
+    return float(value), note
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def side_by_side(full, clear, lines: Sequence[str], names: tuple[str, str] = ("full attention", "CLEAR")):
+    """``[full | CLEAR]`` with a caption band above each image and ``lines`` of text below both."""
+    from PIL import Image, ImageDraw
+
+    w, h = full.size
+    gap = max(4, w // 64)
+    size = max(11, min(w, h) // 24)
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_width(t: str) -> int:
+        box = probe.textbbox((0, 0), t, font=font)
+        return box[2] - box[0]
+
+    line_h = size + size // 2
+    pad = size // 2
+    width = max(2 * w + gap, max(text_width(t) for t in [*lines, *names]) + 2 * pad)
+    height = line_h + h + pad + line_h * len(lines) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x0 = (width - (2 * w + gap)) // 2
+    for i, (image, name) in enumerate(((full, names[0]), (clear, names[1]))):
+        x = x0 + i * (w + gap)
+        canvas.paste(image.convert("RGB"), (x, line_h))
+        draw.text((x + max(0, (w - text_width(name)) // 2), pad // 2), name, fill="black", font=font)
+    y = line_h + h + pad
+    for t in lines:
+        draw.text((pad, y), t, fill="black", font=font)
+        y += line_h
+    return canvas
+
+
+def save_png(image, path: str | os.PathLike, metadata: dict) -> Path:
+    """Write ``image`` as PNG, ``metadata`` as text chunks (one per key + ``parameters`` JSON), atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, "none" if value is None else str(value))
+    info.add_text("parameters", json.dumps(metadata, default=str))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:limit].strip("-")
+    return slug or "image"
+
+
+def output_paths(output: str | os.PathLike, prompts: list[str], batch: int) -> list[Path]:
+    """Main file of each image: ``output`` itself if it names a .png (one image only), else
+    ``output/NNNNN-<prompt>.png`` numbered after the highest number already in the folder."""
+    output = Path(output)
+    n = len(prompts) * batch
+    if output.suffix.lower() == ".png":
+        if n != 1:
+            raise ValueError(
+                f"--output {output} names one .png file but {n} images will be made "
+                f"({len(prompts)} prompt(s) x batch {batch}); pass a folder instead"
+            )
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} exists and is not a folder; pass a folder or a .png file name")
+    start = 0
+    if output.is_dir():
+        numbers = [int(m.group(1)) for p in output.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+        start = max(numbers, default=-1) + 1
+    return [output / f"{start + i:05d}-{_slug(prompts[i // batch])}.png" for i in range(n)]
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}")
+
+
+# ----------------------------------------------------------------------------- timing and memory
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu max rss"
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- generate
+def generate(
+    prompt: str | Sequence[str],
+    *,
+    model=None,
+    info: ModelInfo | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch: int = 1,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    radius: int | None = None,
+    down_factor: int | None = None,
+    clear_weights: str | os.PathLike | None = None,
+    backend: str = "auto",
+    highres: bool = False,
+    strength: float = 0.7,
+    upscale: str = "image",
+    ntk_factor: float | None = None,
+    proportional_attention: bool = False,
+    compare: bool = False,
+    warmup: bool = False,
+    vae_tiling: bool = False,
+    output: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> GenerationResult:
+    """Generate images with CLEAR attention at any resolution.
+
+    Args:
+        prompt: one prompt or a list; each prompt makes ``batch`` images (seeds ``seed``,
+            ``seed + 1``, ... across all images, so image i is reproducible on its own).
+        model: None (the shipped mini model), a diffusers FLUX pipeline folder, a Hugging Face id
+            in the local cache (never downloaded), or a loaded ``FluxPipeline`` (used as it is).
+        info: overrides the folder's ``cleardit.json`` (base size, text length, defaults).
+        height, width: pixels, multiples of the pipeline's factor (VAE scale x 2: 16 for FLUX);
+            default the model's base size.
+        steps, guidance: denoising steps and FLUX guidance (defaults from cleardit.json, else 28 / 3.5).
+        device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32.
+        radius: CLEAR radius in tokens; 0 = the original full attention; None = the radius of the
+            CLEAR weights in use (``clear_weights`` or the model's own), else 16.
+        down_factor, backend: see ``ClearConfig``.
+        clear_weights: a CLEAR checkpoint (reference release or ``save_weights``), loaded after
+            ``linearize``; its radius / down factor must match (checked).
+        highres: two-stage recipe: stage 1 at about the base area with full attention, upscale
+            (``upscale``: "image" or "latent"), re-noise to ``strength`` and denoise at the target
+            size with CLEAR (``int(steps * strength)`` steps).
+        ntk_factor: multiply RoPE's theta by this at the target size (NTK-scaled RoPE).
+        proportional_attention: softmax scale ``sqrt(log_base(N) / d)`` at the target size,
+            ``base`` = the training sequence length (base-size image tokens + text tokens).
+        compare: also run full attention on the same seeds; write ``*-full.png`` and a side-by-side
+            ``*-compare.png`` (timings, speedup, attention FLOPs, PSNR, MS-SSIM).
+        warmup: one untimed 1-step run per attention mode first (kernel compilation, caches).
+        vae_tiling: decode/encode with the VAE in tiles (less memory at very high resolution).
+        output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
+        quiet: no progress bars or log lines.
+
+    Returns:
+        GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
+    """
+    prompts = _prompts(prompt)
+    _positive("batch", batch)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
+    if steps is not None:
+        _positive("steps", steps)
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
+        raise ValueError(f"--radius must be a whole number >= 0 (0 = full attention), got {radius!r}")
+    if ntk_factor is not None:
+        _positive("ntk-factor", ntk_factor, float)
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    if upscale not in UPSCALE_MODES:
+        raise ValueError(f"--upscale must be one of {UPSCALE_MODES}, got {upscale!r}")
+    if output is not None:
+        output_paths(output, prompts, batch)  # refuse a .png name for several images before any work
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    # -- the model -----------------------------------------------------------------------------
+    folder = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        folder = resolve_model(model)
+        info = info or read_model_info(folder)
+        factor = size_factor_of_folder(folder)
+        if factor is not None:  # size mistakes are reported before loading gigabytes
+            for value, what in ((height, "height"), (width, "width")):
+                if value is not None:
+                    hr.check_size(value, factor, what)
+    info = info or ModelInfo()
+
+    # -- CLEAR settings --------------------------------------------------------------------------
+    weights_path = Path(clear_weights).expanduser() if clear_weights is not None else None
+    if weights_path is not None:
+        file_radius, file_df = _declared_clear_geometry(weights_path)
+        if radius is None:
+            radius = file_radius if file_radius is not None else DEFAULT_RADIUS
+            down_factor = file_df if down_factor is None else down_factor
+    elif (
+        info.clear_weights
+        and folder is not None
+        and radius in (None, info.clear_radius)
+        and (down_factor in (None, info.clear_down_factor))
+    ):
+        weights_path = folder / info.clear_weights
+        radius, down_factor = info.clear_radius or radius, info.clear_down_factor
+    if radius is None:
+        radius = DEFAULT_RADIUS
+    use_clear = radius > 0
+    if not use_clear:
+        if weights_path is not None and clear_weights is not None:
+            raise ValueError(
+                "--clear-weights needs CLEAR attention; drop --full / --radius 0 or the weights file"
+            )
+        if down_factor is not None:
+            raise ValueError("--down-factor needs CLEAR attention (--radius > 0)")
+        if compare:
+            raise ValueError("--compare compares CLEAR with full attention; give a --radius > 0")
+        weights_path = None
+
+    # -- load ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if folder is not None:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        log(f"loading {folder} on {dev} ({str(dt).replace('torch.', '')})")
+        pipe = load_pipeline(folder, dev, dt, progress=not quiet)
+        model_name = str(model) if model is not None else f"cleardit-mini ({folder})"
+    else:
+        pipe = model
+        if not hasattr(pipe, "transformer") or not hasattr(pipe, "vae"):
+            raise TypeError(
+                f"model must be a path, a Hugging Face id or a FluxPipeline, got {type(model).__name__}"
+            )
+        if device is not None or dtype is not None:
+            dev = resolve_device(device) if device is not None else pipe._execution_device
+            pipe.to(dev, resolve_dtype(dtype, dev) if dtype is not None else pipe.transformer.dtype)
+        dev = torch.device(pipe._execution_device)
+        model_name = info.name or type(pipe).__name__
+    load_seconds = time.perf_counter() - t0
+    from ..models import get_handle
+
+    transformer = pipe.transformer
+    if get_handle(transformer) is not None:
+        raise ValueError("the pipeline's transformer is already linearized; call handle.restore() first")
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+
+    factor = size_factor(pipe)
+    base_h, base_w = base_size(pipe, info)
+    height = height or base_h
+    width = width or base_w
+    grid = (hr.check_size(height, factor, "height"), hr.check_size(width, factor, "width"))
+    text_len = max_sequence_length(pipe, info)
+    steps = steps or info.default_steps or 28
+    if guidance is None:
+        guidance = info.default_guidance if info.default_guidance is not None else 3.5
+    cfg = transformer.config
+    head_dim, heads = int(cfg.attention_head_dim), int(cfg.num_attention_heads)
+    layers = int(cfg.num_layers) + int(cfg.num_single_layers)
+
+    s1 = None
+    if highres:
+        if height * width <= base_h * base_w:
+            raise ValueError(
+                f"--highres upscales from the base size {base_h}x{base_w}; the target {height}x{width} "
+                "is not larger (drop --highres, or ask for a larger --height/--width)"
+            )
+        s1 = hr.stage1_size(height, width, base_h, base_w, factor)
+        if hr.stage2_steps(steps, strength) < 1:
+            raise ValueError(
+                f"--steps {steps} x --strength {strength} leaves no denoising step at the target size"
+            )
+
+    scale = None
+    if proportional_attention:
+        base_seq = (base_h // factor) * (base_w // factor) + text_len
+        seq = grid[0] * grid[1] + text_len
+        scale = hr.proportional_scale(seq, base_seq, head_dim)
+    config = (
+        ClearConfig(radius=radius, down_factor=down_factor, backend=backend, scale=scale)
+        if use_clear
+        else None
+    )
+    modes = AttentionModes(transformer, config, weights_path)
+
+    @contextlib.contextmanager
+    def target_mode(clear: bool) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hr.ntk_rope(transformer, ntk_factor))
+            if clear:
+                stack.enter_context(modes.clear())
+            elif scale is not None:
+                stack.enter_context(hr.query_scale(transformer, scale * math.sqrt(head_dim)))
+            yield
+
+    # -- runs ------------------------------------------------------------------------------------
+    img2img = hr.img2img_pipeline(pipe) if highres else None
+    for p in (pipe, img2img):
+        if p is not None:
+            p.set_progress_bar_config(disable=quiet, leave=False)
+    common = dict(guidance_scale=guidance, max_sequence_length=text_len)
+
+    def gens(seeds, states=None):
+        out = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if states is not None:
+            for g, st in zip(out, states, strict=True):
+                g.set_state(st)
+        return out
+
+    def timed(fn):
+        _sync(dev)
+        t = time.perf_counter()
+        value = fn()
+        _sync(dev)
+        return value, time.perf_counter() - t
+
+    if use_clear and weights_path is not None:
+        with modes.clear():  # load and check the CLEAR weights once, before anything is timed
+            pass
+    if warmup:
+        for clear in [True, False] if compare else [use_clear]:
+            with target_mode(clear):
+                pipe(
+                    prompts[0],
+                    height=height,
+                    width=width,
+                    num_inference_steps=1,
+                    output_type="latent",
+                    generator=gens([seed]),
+                    **common,
+                )
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    main_images, full_images = [], []
+    main_seconds = full_seconds = 0.0
+    run_steps = 0
+    n_images = len(prompts) * batch
+    for pi, text in enumerate(prompts):
+        seeds = [seed + pi * batch + b for b in range(batch)]
+        desc = (
+            f"image {pi * batch + 1}/{n_images}"
+            if batch == 1
+            else (f"images {pi * batch + 1}-{pi * batch + batch}/{n_images}")
+        )
+        for p in (pipe, img2img):
+            if p is not None:
+                p.set_progress_bar_config(disable=quiet, leave=False, desc=desc)
+        call = dict(num_images_per_prompt=batch, **common)
+        if not highres:
+
+            def run(clear, seeds=seeds, text=text, call=call):
+                with target_mode(clear):
+                    return pipe(
+                        text,
+                        height=height,
+                        width=width,
+                        num_inference_steps=steps,
+                        generator=gens(seeds),
+                        **call,
+                    ).images
+
+            images, t = timed(lambda: run(use_clear))
+            main_images += images
+            main_seconds += t
+            run_steps += steps
+            if compare:
+                images, t = timed(lambda: run(False))
+                full_images += images
+                full_seconds += t
+            continue
+        # two-stage: stage 1 near the base area with the original attention
+        g1 = gens(seeds)
+        kind = "latent" if upscale == "latent" else "pil"
+        first, t1 = timed(
+            lambda text=text, g1=g1, call=call, kind=kind: (
+                pipe(
+                    text,
+                    height=s1[0],
+                    width=s1[1],
+                    num_inference_steps=steps,
+                    generator=g1,
+                    output_type=kind,
+                    **call,
+                ).images
+            )
+        )
+        states = [g.get_state() for g in g1]
+        init = hr.upscale_latents(pipe, first, s1, (height, width)) if upscale == "latent" else first
+
+        def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
+            with target_mode(clear):
+                return img2img(
+                    text,
+                    image=init,
+                    height=height,
+                    width=width,
+                    strength=strength,
+                    num_inference_steps=steps,
+                    generator=gens(seeds, states),
+                    **call,
+                ).images
+
+        images, t2 = timed(lambda: run2(use_clear))
+        main_images += images
+        main_seconds += t1 + t2
+        run_steps += steps + hr.stage2_steps(steps, strength)
+        if compare:
+            images, t2 = timed(lambda: run2(False))
+            full_images += images
+            full_seconds += t1 + t2
+    peak, memory_source = _peak_memory(dev)
+
+    # -- metadata, files, comparison ------------------------------------------------------------
+    version = _version()
+    weights_name = str(weights_path) if weights_path is not None else None
+
+    def meta(i: int, clear: bool) -> dict:
+        return {
+            "prompt": prompts[i // batch],
+            "seed": seed + i,
+            "steps": steps,
+            "guidance": guidance,
+            "height": height,
+            "width": width,
+            "attention": "clear" if clear else "full",
+            "radius": radius if clear else 0,
+            "down_factor": down_factor if clear else None,
+            "clear_weights": weights_name if clear else None,
+            "backend": backend if clear else None,
+            "model": model_name,
+            "highres": bool(highres),
+            "stage1_size": f"{s1[0]}x{s1[1]}" if s1 else None,
+            "strength": strength if highres else None,
+            "upscale": upscale if highres else None,
+            "ntk_factor": ntk_factor,
+            "proportional_attention": bool(proportional_attention),
+            "attention_scale": scale,
+            "max_sequence_length": text_len,
+            "cleardit_version": version,
+            "Software": f"cleardit {version}",
+        }
+
+    metadata = [meta(i, use_clear) for i in range(n_images)]
+    paths: list[Path] = []
+    full_paths: list[Path] = []
+    if output is not None:
+        paths = output_paths(output, prompts, batch)
+        for image, path, md in zip(main_images, paths, metadata, strict=True):
+            save_png(image, path, md)
+        if compare:
+            full_paths = [_sibling(p, "full") for p in paths]
+            for i, (image, path) in enumerate(zip(full_images, full_paths, strict=True)):
+                save_png(image, path, meta(i, False))
+
+    stats = None
+    if compare:
+        from ..attention import TokenLayout, attention_flops
+
+        layout = TokenLayout(text_len, grid[0], grid[1], down_factor=down_factor)
+        flops_clear = attention_flops(layout, radius, heads, head_dim) * layers
+        flops_full = attention_flops(TokenLayout(text_len, grid[0], grid[1]), None, heads, head_dim) * layers
+        stats = CompareStats(
+            clear_seconds=main_seconds,
+            full_seconds=full_seconds,
+            speedup=full_seconds / main_seconds if main_seconds > 0 else float("inf"),
+            flops_clear=flops_clear,
+            flops_full=flops_full,
+            ms_ssim=[],
+        )
+        for f_img, c_img in zip(full_images, main_images, strict=True):
+            stats.psnr.append(psnr(f_img, c_img))
+            value, stats.ms_ssim_note = ms_ssim(f_img, c_img)
+            if value is None:
+                stats.ms_ssim = None
+            elif stats.ms_ssim is not None:
+                stats.ms_ssim.append(value)
+        if stats.ms_ssim_note and (stats.ms_ssim is None or "adapted" in stats.ms_ssim_note):
+            log(stats.ms_ssim_note)
+        if paths:
+            name = f"CLEAR r={radius}" + (f" df={down_factor}" if down_factor else "")
+            for i, path in enumerate(paths):
+                lines = [
+                    f"full attention: {full_seconds:.2f} s, {_fmt_flops(flops_full)} attention/step",
+                    f"{name}: {main_seconds:.2f} s ({stats.speedup:.2f}x speedup), "
+                    f"{_fmt_flops(flops_clear)} attention/step",
+                    f"PSNR {_fmt_db(stats.psnr[i])}"
+                    + (f", MS-SSIM {stats.ms_ssim[i]:.4f}" if stats.ms_ssim is not None else ""),
+                ]
+                board = side_by_side(full_images[i], main_images[i], lines, ("full attention", name))
+                stats.paths.append(
+                    save_png(board, _sibling(path, "compare"), {**meta(i, True), "compare": True})
+                )
+
+    if use_clear:
+        attention = f"CLEAR r={radius}" + (f" df={down_factor}" if down_factor else "")
+        attention += (
+            f" with {weights_path.name}" if weights_path is not None else " (no CLEAR weights: training-free)"
+        )
+    else:
+        attention = "full attention"
+    extras = [
+        s
+        for s in (
+            f"highres from {s1[0]}x{s1[1]}, strength {strength}, {upscale} upscale" if highres else "",
+            f"NTK x{ntk_factor:g}" if ntk_factor not in (None, 1) else "",
+            f"proportional attention scale {scale:.4f}" if scale is not None else "",
+        )
+        if s
+    ]
+    where = ""
+    if paths:
+        where = f" -> {paths[0]}" if len(paths) == 1 else f" -> {paths[0].parent}/"
+    summary = (
+        f"generated {n_images} image{'s' if n_images != 1 else ''} of {height}x{width} px "
+        f"in {main_seconds:.2f} s "
+        f"({main_seconds / run_steps:.3f} s/step, {run_steps} steps), peak memory {_fmt_bytes(peak)} "
+        f"({memory_source}); {attention}"
+        + "".join(f"; {e}" for e in extras)
+        + f"; model loaded in {load_seconds:.1f} s{where}"
+    )
+    if stats is not None:
+        summary += "\n" + stats.line()
+    return GenerationResult(
+        images=main_images,
+        paths=paths,
+        metadata=metadata,
+        seconds=main_seconds,
+        steps=run_steps,
+        seconds_per_step=main_seconds / run_steps,
+        peak_memory=peak,
+        memory_source=memory_source,
+        load_seconds=load_seconds,
+        full_images=full_images if compare else None,
+        full_paths=full_paths,
+        compare=stats,
+        summary=summary,
+    )

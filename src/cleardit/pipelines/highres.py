@@ -1,0 +1,132 @@
+"""High-resolution tricks of the CLEAR reference notebooks, as small reusable pieces.
+
+* Two-stage "SDEdit" upscaling: generate near the model's base size with full attention, upscale
+  the image (or the latents), re-noise to ``strength`` and denoise at the target size with CLEAR.
+  diffusers' ``FluxImg2ImgPipeline`` built from the same components does the re-noising.
+* NTK-scaled RoPE: the rotary base ``theta`` multiplied by a factor while generating.
+* Proportional attention: softmax scale ``sqrt(log_base(N) / d)``, ``base`` the sequence length the
+  model was trained at, ``N`` the one at the target size (equal to 1/sqrt(d) at the base size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def check_size(pixels: int, factor: int, what: str) -> int:
+    """Tokens along one side; a ValueError naming the nearest valid sizes if not a multiple of ``factor``."""
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
+        raise ValueError(f"--{what} must be a positive whole number of pixels, got {pixels!r}")
+    if pixels % factor:
+        lo = pixels // factor * factor
+        hi = lo + factor
+        nearest = f"{hi}" if lo == 0 else f"{lo} or {hi}"
+        raise ValueError(
+            f"--{what} {pixels} is not a multiple of {factor} (pixels per token: VAE scale x 2); "
+            f"nearest valid sizes: {nearest}"
+        )
+    return pixels // factor
+
+
+def stage1_size(height: int, width: int, base_height: int, base_width: int, factor: int) -> tuple[int, int]:
+    """Stage-1 size of the two-stage recipe: the target's aspect ratio at about the base area.
+
+    Rounded to multiples of ``factor`` and never larger than the target.
+    """
+    area = base_height * base_width
+    h = math.sqrt(area * height / width)
+    w = area / h
+    h1 = max(factor, min(height, int(round(h / factor)) * factor))
+    w1 = max(factor, min(width, int(round(w / factor)) * factor))
+    return h1, w1
+
+
+def proportional_scale(seq_len: int, base_seq_len: int, head_dim: int) -> float:
+    """Softmax scale ``sqrt(log_base(N) / d)`` for ``N = seq_len`` tokens, ``base = base_seq_len``."""
+    if base_seq_len < 2 or seq_len < 2:
+        raise ValueError(
+            f"proportional attention needs sequence lengths >= 2, got {seq_len} and {base_seq_len}"
+        )
+    return math.sqrt(math.log(seq_len) / math.log(base_seq_len) / head_dim)
+
+
+@contextlib.contextmanager
+def ntk_rope(transformer: nn.Module, factor: float | None) -> Iterator[None]:
+    """Multiply a FLUX transformer's RoPE ``theta`` by ``factor`` inside the block (None/1: no change)."""
+    if factor is None or factor == 1:
+        yield
+        return
+    if not factor > 0:
+        raise ValueError(f"--ntk-factor must be positive, got {factor}")
+    pos_embed = getattr(transformer, "pos_embed", None)
+    if pos_embed is None or not hasattr(pos_embed, "theta"):
+        raise ValueError(
+            f"{type(transformer).__name__} has no pos_embed.theta; NTK-scaled RoPE needs a FLUX model"
+        )
+    original = pos_embed.theta
+    pos_embed.theta = original * factor
+    try:
+        yield
+    finally:
+        pos_embed.theta = original
+
+
+@contextlib.contextmanager
+def query_scale(transformer: nn.Module, multiplier: float | None) -> Iterator[None]:
+    """Scale every attention query by ``multiplier`` (FLUX: after its q-norm; RoPE is linear, so this
+    is the same as multiplying the softmax scale). Used for full attention, whose processor has no
+    scale argument; CLEAR takes its scale from ``ClearConfig(scale=...)`` instead."""
+    if multiplier is None or multiplier == 1:
+        yield
+        return
+    hooks = []
+
+    def hook(_module, _args, output):
+        return output * multiplier
+
+    try:
+        for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+            for name in ("norm_q", "norm_added_q"):
+                norm = getattr(block.attn, name, None)
+                if norm is None:
+                    if name == "norm_q":
+                        raise ValueError(
+                            "proportional attention for full attention needs FLUX's q-norm layers"
+                        )
+                    continue
+                hooks.append(norm.register_forward_hook(hook))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def upscale_latents(
+    pipe, packed: torch.Tensor, size: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
+    """Packed FLUX latents of a ``size`` image -> unpacked latents of a ``target`` image (bicubic)."""
+    latents = pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
+    th, tw = (2 * (t // (pipe.vae_scale_factor * 2)) for t in target)
+    return F.interpolate(latents.float(), size=(th, tw), mode="bicubic", align_corners=False).to(
+        latents.dtype
+    )
+
+
+def img2img_pipeline(pipe):
+    """A ``FluxImg2ImgPipeline`` sharing every module of ``pipe`` (no copies)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    img2img = FluxImg2ImgPipeline(**pipe.components)
+    img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    return img2img
+
+
+def stage2_steps(steps: int, strength: float) -> int:
+    """Denoising steps the img2img stage runs (diffusers: int(steps * strength))."""
+    return min(int(steps * strength), steps)
