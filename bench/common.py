@@ -1,0 +1,133 @@
+"""Helpers shared by the bench/ scripts (see shared/BENCHMARKS.md for the rules they follow).
+
+* ``machine_header(device)``: the lines that state the machine at the top of every table;
+* ``Timer(device)`` and ``alternate(contenders, timer, reps, warmup)``: contenders run in turn
+  (A B A B ...) after a warm-up, and each gets its median time, so that noise from a shared machine
+  hits all of them alike;
+* ``print_table(header, rows)``: a ``|``-separated table (the last line a script prints after it
+  is its headline);
+* small formatting helpers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_header(device: torch.device | str = "cpu") -> str:
+    """Multi-line description of the machine: CPU, cores, threads, torch, device, date, load."""
+    device = torch.device(device)
+    lines = [
+        f"machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"software: python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.system()} {platform.release()}",
+    ]
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
+    else:
+        lines.append(f"device: {device.type}")
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        lines.append(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}, load average {load}")
+    except OSError:
+        lines.append(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    return "\n".join(lines)
+
+
+class Timer:
+    """Wall-clock time of one call, synchronising the device before and after."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+
+def alternate_samples(
+    contenders: dict[str, Callable[[], object]],
+    timer: Timer | None = None,
+    reps: int = 5,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
+    """Run every contender ``warmup`` times, then ``reps`` rounds of A B C ...; all times in seconds."""
+    timer = timer or Timer()
+    for _ in range(warmup):
+        for fn in contenders.values():
+            timer(fn)
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            samples[name].append(timer(fn))
+    return samples
+
+
+def alternate(
+    contenders: dict[str, Callable[[], object]],
+    timer: Timer | None = None,
+    reps: int = 5,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds per contender, measured alternately (see ``alternate_samples``)."""
+    samples = alternate_samples(contenders, timer, reps=reps, warmup=warmup)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def spread(times: Sequence[float]) -> float:
+    """(max - min) / median of a list of times: how noisy the measurement was."""
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med > 0 else 0.0
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a ``|``-separated table with aligned columns."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def fmt_ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
