@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="4 cases, bf16 triton only (each shape compiles anew)")
+    ap.add_argument(
+        "--quick", action="store_true", help="4 cases, bf16 triton only (each shape compiles anew)"
+    )
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-
     from common import machine_header, print_table
 
     import cleardit
@@ -61,7 +62,9 @@ def main(argv=None) -> int:
                 print(f"ok   {backend} {dtype} d={dim} {case_id(case)}", flush=True)
             except Exception as exc:  # report every failing case, keep going
                 failures.append(f"{case_id(case)}: {str(exc).splitlines()[0][:160]}")
-        rows.append([backend, str(dtype).replace("torch.", ""), dim, len(cases) - len(failures), len(failures)])
+        rows.append(
+            [backend, str(dtype).replace("torch.", ""), dim, len(cases) - len(failures), len(failures)]
+        )
         for f in failures:
             print(f"FAIL {backend} {dtype} d={dim} {f}")
         if backend == "triton" and failures:

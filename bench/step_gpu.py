@@ -14,7 +14,6 @@ so in its table. `--full-depth` forces the 57-block model everywhere.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,9 @@ from cleardit.models.tiny import FLUX_DEV_CONFIG, TINY_CONFIG, flux_inputs  # no
 class NoAttention:
     """The floor: projections, norms and RoPE as usual, then the attention op itself skipped (out = v)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
 
         from cleardit.models.flux import project_qkv
@@ -59,9 +60,33 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def set_processors(model, processor_for):
-    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-        block.attn.set_processor(processor_for(block.attn))
+def time_contenders(model, inputs, radius, backend, timer, reps) -> dict[str, float]:
+    """Median step time of full attention, CLEAR and the no-attention floor, run alternately."""
+    layers = [b.attn for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
+    original = [attn.processor for attn in layers]
+    handle = None
+
+    def use(mode):
+        nonlocal handle
+        if handle is not None:
+            handle.restore()
+            handle = None
+        for attn, proc in zip(layers, original, strict=True):
+            attn.set_processor(NoAttention() if mode == "noop" else proc)
+        if mode == "clear":
+            handle = cleardit.linearize(model, radius=radius, backend=backend)
+
+    def step(mode):
+        use(mode)
+        with torch.no_grad():
+            model(**inputs)
+
+    try:
+        return alternate(
+            {m: (lambda m=m: step(m)) for m in ("full", "clear", "noop")}, timer, reps=reps, warmup=1
+        )
+    finally:
+        use("full")
 
 
 def main(argv=None) -> int:
@@ -93,37 +118,18 @@ def main(argv=None) -> int:
         key = (cfg["num_layers"], cfg["num_single_layers"])
         if key not in model_cache:
             model_cache.clear()
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             model_cache[key] = build_model(cfg, device, dtype)
         model = model_cache[key]
         text_len = 512 if not args.dry_run else 8
         inputs = flux_inputs(model, grid, grid, text_len=text_len, device=device, dtype=dtype)
-        original = {id(b.attn): b.attn.processor for b in [*model.transformer_blocks, *model.single_transformer_blocks]}
-        state = {"handle": None}
-
-        def use(mode):
-            if state["handle"] is not None:
-                state["handle"].restore()
-                state["handle"] = None
-            if mode == "full":
-                set_processors(model, lambda attn: original[id(attn)])
-            elif mode == "noop":
-                set_processors(model, lambda attn: NoAttention())
-            else:
-                set_processors(model, lambda attn: original[id(attn)])
-                state["handle"] = cleardit.linearize(model, radius=args.radius, backend=args.backend)
-
-        def step(mode):
-            use(mode)
-            with torch.no_grad():
-                model(**inputs)
-
         timer = Timer(device)
-        times = alternate({m: (lambda m=m: step(m)) for m in ("full", "clear", "noop")}, timer, reps=args.reps, warmup=1)
-        use("full")
+        times = time_contenders(model, inputs, args.radius, args.backend, timer, args.reps)
         layers = cfg["num_layers"] + cfg["num_single_layers"]
         heads, d = cfg["num_attention_heads"], cfg["attention_head_dim"]
         layout = TokenLayout(text_len, grid, grid)
+        flop_cut = attention_flops(layout, None, heads, d) / attention_flops(layout, args.radius, heads, d)
         rows.append(
             [
                 f"{size}px ({grid}^2)" + (" [2+4 blocks]" if reduced else f" [{layers} blocks]"),
@@ -132,19 +138,27 @@ def main(argv=None) -> int:
                 f"{times['noop'] * 1e3:.1f}",
                 f"{times['full'] / times['clear']:.2f}x",
                 f"{times['clear'] / times['noop']:.2f}",
-                f"{attention_flops(layout, None, heads, d) / attention_flops(layout, args.radius, heads, d):.0f}x",
+                f"{flop_cut:.0f}x",
             ]
         )
         del inputs
-    header = ["size", "full ms", f"CLEAR r={args.radius} ms", "no-attn ms", "speedup", "CLEAR/floor", "FLOP cut"]
+    header = [
+        "size",
+        "full ms",
+        f"CLEAR r={args.radius} ms",
+        "no-attn ms",
+        "speedup",
+        "CLEAR/floor",
+        "FLOP cut",
+    ]
     print_table(header, rows)
     last = rows[-1]
-    print(f"headline: at {last[0]} CLEAR r={args.radius} is {last[4]} faster than full attention; "
-          f"CLEAR step / no-attention floor = {last[5]}")
+    print(
+        f"headline: at {last[0]} CLEAR r={args.radius} is {last[4]} faster than full attention; "
+        f"CLEAR step / no-attention floor = {last[5]}"
+    )
     return 0
 
 
 if __name__ == "__main__":
-    if os.environ.get("CLEARDIT_BENCH_DEBUG"):
-        torch.set_printoptions(precision=4)
     sys.exit(main())

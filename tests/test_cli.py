@@ -23,7 +23,11 @@ def test_flops_rejects_sizes_that_are_not_multiples_of_16(capsys):
 
 
 def test_help_and_info_run_as_a_program():
-    out = subprocess.run([sys.executable, "-m", "cleardit", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cleardit", "--help"], capture_output=True, text=True, check=True
+    )
     assert "flops" in out.stdout and "info" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "cleardit", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cleardit", "info"], capture_output=True, text=True, check=True
+    )
     assert "backends" in out.stdout and "tiled" in out.stdout

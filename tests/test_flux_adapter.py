@@ -34,13 +34,19 @@ class DenseMaskProcessor:
                     mask[i, j] = (yi - yj) ** 2 + (xi - xj) ** 2 < radius**2
         self.mask = mask
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
+    ):
         from diffusers.models.embeddings import apply_rotary_emb
 
         def heads(x):
             return x.unflatten(-1, (-1, attn.head_dim))
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k, v = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         q, k = attn.norm_q(q), attn.norm_k(k)
         if encoder_hidden_states is not None:
             eq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
@@ -49,7 +55,9 @@ class DenseMaskProcessor:
             q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
+        )
         out = out.transpose(1, 2).flatten(2, 3)
         if encoder_hidden_states is None:
             return out
@@ -77,7 +85,7 @@ def test_small_radius_equals_hand_written_dense_mask(model, backend, height, wid
     for b in [*model.transformer_blocks, *model.single_transformer_blocks]:
         b.attn.set_processor(dense)
     expected = run(model, inputs)
-    for b, p in zip([*model.transformer_blocks, *model.single_transformer_blocks], originals):
+    for b, p in zip([*model.transformer_blocks, *model.single_transformer_blocks], originals, strict=True):
         b.attn.set_processor(p)
     cleardit.linearize(model, radius=radius, backend=backend)
     torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=0)
@@ -124,7 +132,7 @@ def test_down_factor_adds_one_pooling_weight_per_layer(model):
 
 def test_nonsquare_batch_and_text_length_follow_the_inputs(model):
     cleardit.linearize(model, radius=4, backend="tiled")
-    for (h, w, t, b) in [(3, 17, 2, 1), (16, 6, 7, 3)]:
+    for h, w, t, b in [(3, 17, 2, 1), (16, 6, 7, 3)]:
         out = run(model, flux_inputs(model, h, w, text_len=t, batch=b))
         assert out.shape == (b, h * w, model.config.in_channels)
         assert torch.isfinite(out).all()

@@ -226,27 +226,6 @@ def test_rejects_bad_inputs():
     assert tk.triton_available()
 
 
-# ---- scripts -------------------------------------------------------------------------------------
-
-
-def test_gpu_benchmark_dry_run():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "attention_gpu.py"), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-    header = next(i for i, line in enumerate(lines) if line.startswith("grid") and "TFLOP/s" in line)
-    table = [line.split() for line in lines[header + 1 :] if line[0].isdigit()]
-    assert {row[3] for row in table} == {"sdpa", "triton", "flex"}, proc.stdout
-    assert all(float(row[4]) > 0 for row in table), proc.stdout  # every contender was timed
-    assert all("FAILED" not in line for line in lines)
-    assert lines[-1].startswith("HEADLINE"), lines[-1]
-
-
 @pytest.mark.slow
 def test_kernels_compile_for_h100():
     """Compile (not run) every kernel for sm_90 in a process without the interpreter: catches what

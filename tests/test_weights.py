@@ -20,8 +20,12 @@ def reference_release_tensors(model, down_factor=None, seed=0):
     for i, block in enumerate(model.single_transformer_blocks):
         for proj in ("to_q", "to_k", "to_v"):
             lin = block.attn.get_submodule(proj)
-            tensors[f"single_transformer_blocks.{i}.attn.{proj}.weight"] = torch.randn(lin.weight.shape, generator=g)
-            tensors[f"single_transformer_blocks.{i}.attn.{proj}.bias"] = torch.randn(lin.bias.shape, generator=g)
+            tensors[f"single_transformer_blocks.{i}.attn.{proj}.weight"] = torch.randn(
+                lin.weight.shape, generator=g
+            )
+            tensors[f"single_transformer_blocks.{i}.attn.{proj}.bias"] = torch.randn(
+                lin.bias.shape, generator=g
+            )
     if down_factor:
         for prefix in [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))] + [
             f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))

@@ -69,7 +69,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
     rows = [
         ("allowed pairs", f"{result['pairs_full']:,}", f"{result['pairs_clear']:,}"),
         ("per layer", _format_flops(full), _format_flops(clear)),
-        (f"whole model ({args.layers})", _format_flops(full * args.layers), _format_flops(clear * args.layers)),
+        (
+            f"whole model ({args.layers})",
+            _format_flops(full * args.layers),
+            _format_flops(clear * args.layers),
+        ),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "full attention", "")])
@@ -77,7 +81,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     print(f"{'':<{w0}}  {'full attention':>{w1}}  {name:>{w2}}")
     for label, a, b in rows:
         print(f"{label:<{w0}}  {a:>{w1}}  {b:>{w2}}")
-    print(f"CLEAR computes {100 * (1 - clear / full):.2f}% fewer attention FLOPs ({full / clear:,.1f}x fewer)")
+    print(
+        f"CLEAR computes {100 * (1 - clear / full):.2f}% fewer attention FLOPs ({full / clear:,.1f}x fewer)"
+    )
     return 0
 
 
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, devices and available attention backends")
     info.set_defaults(func=cmd_info)
 
-    check = sub.add_parser("check", help="self-check: backends agree, and CLEAR vs full timing on a small FLUX")
+    check = sub.add_parser(
+        "check", help="self-check: backends agree, and CLEAR vs full timing on a small FLUX"
+    )
     check.add_argument("--grid", type=_positive_int, default=96, help="token grid side for the timing (96)")
     check.add_argument("--radius", type=_positive_int, default=8, help="CLEAR radius for the timing (8)")
     check.add_argument("--reps", type=_positive_int, default=2, help="timed repetitions (2)")
@@ -139,14 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention FLOPs of full vs CLEAR attention (FLUX.1-dev geometry by default)",
         description="Exact allowed-pair counts and attention FLOPs (4 * head_dim * heads * pairs).",
     )
-    flops.add_argument("--height", type=_positive_int, default=1024, help="image height in pixels (default 1024)")
-    flops.add_argument("--width", type=_positive_int, default=1024, help="image width in pixels (default 1024)")
+    flops.add_argument(
+        "--height", type=_positive_int, default=1024, help="image height in pixels (default 1024)"
+    )
+    flops.add_argument(
+        "--width", type=_positive_int, default=1024, help="image width in pixels (default 1024)"
+    )
     flops.add_argument("--radius", type=_positive_int, default=16, help="CLEAR radius in tokens (default 16)")
     flops.add_argument("--down-factor", type=_positive_int, default=None, help="pooled branch factor")
     flops.add_argument("--text-len", type=int, default=FLUX_DEV["text_len"], help="text tokens (default 512)")
     flops.add_argument("--heads", type=_positive_int, default=FLUX_DEV["heads"], help="attention heads (24)")
     flops.add_argument("--head-dim", type=_positive_int, default=FLUX_DEV["head_dim"], help="head dim (128)")
-    flops.add_argument("--layers", type=_positive_int, default=FLUX_DEV["layers"], help="attention layers (57)")
+    flops.add_argument(
+        "--layers", type=_positive_int, default=FLUX_DEV["layers"], help="attention layers (57)"
+    )
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)
 

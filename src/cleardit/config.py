@@ -33,7 +33,9 @@ class ClearConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
         if self.down_factor is not None and (
-            isinstance(self.down_factor, bool) or not isinstance(self.down_factor, int) or self.down_factor < 1
+            isinstance(self.down_factor, bool)
+            or not isinstance(self.down_factor, int)
+            or self.down_factor < 1
         ):
             raise ValueError(f"down_factor must be a positive integer or None, got {self.down_factor!r}")
         if self.backend not in BACKENDS + ("auto",):

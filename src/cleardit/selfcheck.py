@@ -70,6 +70,9 @@ def run_check(grid: int = 96, radius: int = 8, reps: int = 2) -> int:
         f"2. one forward of a small FLUX at {grid}x{grid} tokens ({grid * 16}x{grid * 16} px), "
         f"auto backend = {choose_backend(layout, device)}:"
     )
-    print(f"  full attention {full_t:.3f} s | CLEAR r={radius} {clear_t:.3f} s | {ratio:.1f}x fewer attention pairs")
+    print(
+        f"  full attention {full_t:.3f} s | CLEAR r={radius} {clear_t:.3f} s | "
+        f"{ratio:.1f}x fewer attention pairs"
+    )
     print(f"  speedup of the whole forward: {full_t / clear_t:.2f}x")
     return 0

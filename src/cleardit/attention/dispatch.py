@@ -114,7 +114,9 @@ def clear_attention(
         pooled_k = pool_image_tokens(k, layout, pool_weight)
         pooled_v = pool_image_tokens(v, layout, pool_weight)
     elif pool_weight is not None:
-        raise ValueError("pool_weight was given but the layout has no down_factor; set TokenLayout.down_factor")
+        raise ValueError(
+            "pool_weight was given but the layout has no down_factor; set TokenLayout.down_factor"
+        )
 
     out, lse = impl(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse)
     return (out, lse) if return_lse else out

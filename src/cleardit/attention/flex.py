@@ -50,7 +50,9 @@ def clear_mask_mod(layout: TokenLayout, radius: int, device: torch.device):
 
 
 @functools.lru_cache(maxsize=32)
-def clear_block_mask(layout: TokenLayout, radius: int, device: torch.device, block_size: int = 128) -> BlockMask:
+def clear_block_mask(
+    layout: TokenLayout, radius: int, device: torch.device, block_size: int = 128
+) -> BlockMask:
     """The block mask for (layout, radius, device), built once and cached."""
     n = layout.seq_len
     return create_block_mask(
@@ -61,6 +63,9 @@ def clear_block_mask(layout: TokenLayout, radius: int, device: torch.device, blo
         n + layout.pooled_len,
         device=device,
         BLOCK_SIZE=block_size,
+        # Eager construction materialises the mask through vmap (257 GiB asked at 2K on an H200);
+        # the compiled builder works block by block.
+        _compile=torch.device(device).type == "cuda",
     )
 
 
@@ -89,8 +94,10 @@ def flex_clear_attention(
     return_lse: bool,
     compile: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, pooled_k) if t is not None
+    if (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v, pooled_k) if t is not None)
     ):
         raise NotImplementedError(
             "the flex backend has no backward pass on the CPU (a FlexAttention limit); "

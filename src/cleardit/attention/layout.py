@@ -152,8 +152,10 @@ class TokenLayout:
 
 def check_radius(radius: int) -> int:
     """Return radius as int, or raise a ValueError that names it."""
-    if isinstance(radius, bool) or not isinstance(radius, (int,)) and not (
-        isinstance(radius, float) and radius.is_integer()
+    if (
+        isinstance(radius, bool)
+        or not isinstance(radius, (int,))
+        and not (isinstance(radius, float) and radius.is_integer())
     ):
         raise TypeError(f"radius must be a positive integer (token units), got {radius!r}")
     radius = int(radius)

@@ -39,7 +39,9 @@ def linearize(
     """
     adapters = _adapters()
     name = type(model).__name__
-    adapter = next((fn for cls, fn in adapters.items() if cls in {c.__name__ for c in type(model).__mro__}), None)
+    adapter = next(
+        (fn for cls, fn in adapters.items() if cls in {c.__name__ for c in type(model).__mro__}), None
+    )
     if adapter is None or not isinstance(model, nn.Module):
         raise TypeError(
             f"cleardit cannot linearize a {name}; supported models: {', '.join(supported_models())} "

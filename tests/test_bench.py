@@ -1,0 +1,32 @@
+"""The GPU benchmark suite dry-runs on the CPU (Triton under TRITON_INTERPRET=1, tiny sizes)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout[proc.stdout.index("summary") :]
+    assert "triton kernel PASSES" in summary
+    assert "headline: at" in summary  # STEP-GPU's last line
+
+    # ATTN-GPU: every contender timed, correctness checks passed, headline last
+    lines = [line.strip() for line in (tmp_path / "attn_gpu.log").read_text().splitlines() if line.strip()]
+    header = next(i for i, line in enumerate(lines) if line.startswith("grid") and "TFLOP/s" in line)
+    table = [line.split() for line in lines[header + 1 :] if line[0].isdigit()]
+    assert {row[3] for row in table} == {"sdpa", "triton", "flex"}
+    assert all(float(row[4]) > 0 for row in table)
+    assert all("FAILED" not in line for line in lines)
+    assert lines[-1].startswith("HEADLINE")
+    # STEP-GPU: one row per size with the three contenders' times
+    step = (tmp_path / "step_gpu.log").read_text()
+    assert step.count("[4 blocks]") >= 3  # two table rows + the headline
