@@ -1,0 +1,679 @@
+"""The ``tiled`` backend: CLEAR attention in pure PyTorch, linear memory, the default on CPU.
+
+The work is split in three parts, each one attention-kernel call (or a few), merged exactly
+through their log-sum-exps (one softmax per query, as in the reference):
+
+* text queries x all text and image keys: one dense call, no mask;
+* image queries x (text keys + pooled keys): one dense call per group of heads, no mask;
+* image queries x image keys: query tiles of ``th x tw`` tokens (4 x 8) against the rectangle
+  of keys their discs can reach (the tile plus a halo of r-1, clipped to the grid), with a mask.
+
+The local part gathers nothing per tile. The grid is cut into vertical strips of width ``tw``;
+each strip plus its left/right halo is copied once into ``ext[strip, row, col]`` (1 + 2(r-1)/tw
+times the keys). The keys of one tile are then a *contiguous* run of ``(th + 2(r-1)) x
+(tw + 2(r-1))`` rows of that buffer, and the next tile down the strip is the same run shifted by
+``th`` rows, so all tiles form one overlapping strided view that the kernel reads in place.
+Interior tiles share one mask (a stride-0 broadcast over tiles and heads); tiles that touch the
+border (or are cut by it) are grouped into a few more regions, each with one broadcast mask.
+Heads are processed in groups (as many as fit a scratch budget) folded into the kernel's batch
+dimension, so a call covers all tiles of a region for all heads of the group: few, large calls.
+
+The kernel is PyTorch's fused CPU flash-attention op (``aten::_scaled_dot_product_flash_attention
+_for_cpu``): it returns the log-sum-exp the merge needs and its backward recomputes probabilities
+from it. On other devices, for other dtypes, or if that private op is missing, a plain
+matmul + softmax version of the same two functions runs instead (``USE_FUSED_CPU_KERNEL``).
+
+The backward is hand-written (a ``torch.autograd.Function``): the kernel's backward runs on each
+part with the *joint* output and log-sum-exp, which makes each part's gradient exactly its share
+of the joint softmax's gradient; window gradients are folded back onto the grid. A gradient
+flowing into the returned log-sum-exp is supported (one extra kernel call per part).
+
+Why these shapes (measured on a 2-core AMD EPYC, fp32, 4 heads, d=128, 128x128 grid, T=256):
+the fused kernel cuts a batch entry with fewer than 192 queries into blocks of 32 queries, so a
+4 x 8 tile runs the same GEMM shape as an 8 x 8 one with a smaller window (396 vs 484 keys at
+r=8); 4 x 8 was fastest for r in {8, 16, 32} (against 8x8, 2x16, 4x16, 4x4, 8x16, 16x16).
+The backward uses 8 x 8 tiles in calls of at most 16384 window rows, which keeps the per-window
+key/value gradients in cache until they are folded.
+
+Few, large calls also matter on a shared machine: every parallel region waits for its slowest
+thread, so when other processes hold a core each small op can stall for a scheduler slice.
+
+Scratch tensors (tile-ordered copies of q, k, v and their gradients) live in a per-thread
+workspace reused between calls: on the CPU a fresh large allocation costs page faults worth
+several copies (20% of the forward at r=16). ``release_workspace()`` frees it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+
+import torch
+
+from .layout import TokenLayout
+
+__all__ = ["tiled_attention", "tile_shape", "release_workspace"]
+
+_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Set to False (e.g. by tests) to force the plain-matmul kernels everywhere.
+USE_FUSED_CPU_KERNEL = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The two kernels every part is built from: attention with a float mask, returning (out, lse),
+# and its backward given the (joint) output and log-sum-exp. Shapes [B, H, L, E]; mask
+# broadcastable to [B, H, Lq, Lk] or None; lse float32 [B, H, Lq].
+# ---------------------------------------------------------------------------------------------
+def _fused_ok(q: torch.Tensor) -> bool:
+    return (
+        USE_FUSED_CPU_KERNEL
+        and _FLASH_FWD is not None
+        and _FLASH_BWD is not None
+        and q.device.type == "cpu"
+        and q.dtype in _FLASH_DTYPES
+    )
+
+
+def _attn_fwd(q, k, v, mask, scale):
+    if _fused_ok(q):
+        return _FLASH_FWD(q, k, v, attn_mask=mask, scale=scale)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s.add_(mask.to(acc))
+    lse = torch.logsumexp(s, dim=-1)
+    p = s.sub_(lse.unsqueeze(-1)).exp_()
+    return torch.matmul(p, v.to(acc)).to(q.dtype), lse.float()
+
+
+def _attn_bwd(dout, q, k, v, out, lse, mask, scale):
+    """Gradients of one attention part; ``out``/``lse`` are the joint ones of the whole softmax."""
+    if _fused_ok(q):
+        return _FLASH_BWD(dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, gf = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s.add_(mask.to(acc))
+    p = s.sub_(lse.to(acc).unsqueeze(-1)).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), gf)
+    delta = (gf * out.to(acc)).sum(-1, keepdim=True)
+    ds = torch.matmul(gf, vf.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
+    dq = torch.matmul(ds, kf)
+    dk = torch.matmul(ds.transpose(-1, -2), qf)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _lse_grad_parts(dlse, q, k, lse, mask, scale, zeros_v=None):
+    """(dq, dk) of sum_i dlse_i * lse_i for one part: dS_ij = P_ij * dlse_i.
+
+    Uses the kernel's backward with zero values: dP = 0 and D_i = dout_i . out_i = -dlse_i
+    when dout_i = dlse_i * e_0 and out_i = -e_0.
+    """
+    shape = (*dlse.shape, q.shape[-1])
+    g = torch.zeros(shape, dtype=q.dtype, device=q.device)
+    g[..., 0] = dlse
+    o = torch.zeros(shape, dtype=q.dtype, device=q.device)
+    o[..., 0] = -1.0
+    if zeros_v is None:
+        zeros_v = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dq, dk, _ = _attn_bwd(g, q, k, zeros_v, o, lse, mask, scale)
+    return dq, dk
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace: reused scratch buffers (never returned to the caller, never saved for backward).
+# ---------------------------------------------------------------------------------------------
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (name, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers the tiled backend keeps between calls (in this thread)."""
+    _WORKSPACE.buffers.clear()
+
+
+# Set to False to allocate scratch tensors afresh on every call (no memory kept between calls).
+RETAIN_WORKSPACE = True
+
+
+def _scratch(name, shape, dtype, device):
+    if device.type == "cpu" and RETAIN_WORKSPACE:
+        return _WORKSPACE.get(name, shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: everything that depends only on the geometry, cached per (layout, radius, tile, device).
+# Image tensors inside are [H*W, d] in raster order ("raster views"); tile-major layouts are
+# permuted to raster order once per head.
+# ---------------------------------------------------------------------------------------------
+def tile_shape(radius: int, height: int, width: int, backward: bool = False) -> tuple[int, int]:
+    """Query tile (th, tw) for this radius, clipped to the grid. Chosen by measurement (see module doc)."""
+    th, tw = _TILE_RULE(radius, backward)
+    return min(th, height), min(tw, width)
+
+
+def _default_tile_rule(radius: int, backward: bool) -> tuple[int, int]:
+    return (8, 8) if backward else (4, 8)
+
+
+_TILE_RULE = _default_tile_rule
+
+
+def _groups(signatures: list, part: list) -> list[tuple[int, int, bool]]:
+    """Split 0..n-1 into ranges (start, end, uniform).
+
+    A uniform range shares one signature (one broadcast mask); other indices are gathered into
+    non-uniform ranges, never mixing different ``part`` values (partial-tile sizes).
+    """
+    runs: list[list] = []
+    for i, sig in enumerate(signatures):
+        if runs and runs[-1][2] == sig:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, sig])
+    groups: list[tuple[int, int, bool]] = []
+    for start, end, _ in runs:
+        uniform = end - start >= 2
+        if not uniform and groups and not groups[-1][2] and part[groups[-1][0]] == part[start]:
+            groups[-1] = (groups[-1][0], end, False)
+        else:
+            groups.append((start, end, uniform))
+    return groups
+
+
+class _Region:
+    """Tiles (strips s0:s1) x (tile rows t0:t1) sharing one mask, broadcast over strips and heads.
+
+    Every tile of a region has its first ``hq`` rows and ``wq`` columns inside the grid.
+    """
+
+    def __init__(self, s0, s1, t0, t1, hq, wq, allowed):
+        self.s0, self.s1, self.t0, self.t1, self.hq, self.wq = s0, s1, t0, t1, hq, wq
+        self.allowed = allowed  # bool [1, 1 or T, tq, win]
+        self._masks: dict = {}
+
+    def mask(self, dtype, device):
+        key = (dtype, device)
+        m = self._masks.get(key)
+        if m is None:
+            m = torch.zeros(self.allowed.shape, dtype=dtype, device=device)
+            m.masked_fill_(~self.allowed.to(device), float("-inf"))
+            self._masks[key] = m
+        return m
+
+
+class _Call:
+    """One kernel call: tiles (s0:s1, t0:t1) of a region, for a group of heads."""
+
+    def __init__(self, reg: _Region, s0, s1, t0, t1):
+        self.reg, self.s0, self.s1, self.t0, self.t1 = reg, s0, s1, t0, t1
+        self.hq, self.wq = reg.hq, reg.wq
+
+    def mask(self, dtype, device, heads):
+        m = self.reg.mask(dtype, device)
+        if m.shape[1] > 1:
+            m = m[:, self.t0 - self.reg.t0 : self.t1 - self.reg.t0]
+        return m.expand((self.s1 - self.s0) * heads, self.t1 - self.t0, *m.shape[2:])
+
+
+class _Plan:
+    def __init__(self, layout: TokenLayout, radius: int, tile: tuple[int, int], device):
+        hh, ww = layout.height, layout.width
+        th, tw = min(tile[0], hh), min(tile[1], ww)
+        ry, rx = min(radius - 1, hh - 1), min(radius - 1, ww - 1)
+        nty, ns = -(-hh // th), -(-ww // tw)
+        self.H, self.W = hh, ww
+        self.th, self.tw, self.ry, self.rx = th, tw, ry, rx
+        self.nty, self.ns = nty, ns
+        self.wh, self.wx = th + 2 * ry, tw + 2 * rx  # key window rows, cols (= strip buffer width)
+        self.hx = nty * th + 2 * ry  # strip buffer rows
+        self.tq, self.win = th * tw, self.wh * self.wx
+        self.n_slots, self.n_ext = ns * nty * self.tq, ns * self.hx * self.wx  # rows per head
+        # row / column blocks of tiles: (first, end, valid rows or cols per tile)
+        self.t_blocks = [(0, hh // th, th)] + ([(hh // th, nty, hh - (hh // th) * th)] if hh % th else [])
+        self.s_blocks = [(0, ww // tw, tw)] + ([(ww // tw, ns, ww - (ww // tw) * tw)] if ww % tw else [])
+        self.t_blocks = [b for b in self.t_blocks if b[1] > b[0]]
+        self.s_blocks = [b for b in self.s_blocks if b[1] > b[0]]
+        # strips whose whole window lies inside the grid (one strided copy for all of them)
+        lo = -(-rx // tw)
+        hi = (ww - self.wx + rx) // tw + 1
+        self.inner = (lo, max(lo, min(hi, ns)))
+        self.phases = -(-self.wx // tw)  # strips this far apart have disjoint windows
+        if layout.tile is None:
+            self.r2s = self.s2r = None
+        else:
+            self.r2s = layout.raster_to_sequence(device)
+            self.s2r = layout.sequence_to_raster(device)
+
+        # masks: disc pattern x key validity x query validity, grouped into regions
+        ii = torch.arange(th).view(th, 1, 1, 1)
+        jj = torch.arange(tw).view(1, tw, 1, 1)
+        aa = torch.arange(self.wh).view(1, 1, self.wh, 1)
+        cc = torch.arange(self.wx).view(1, 1, 1, self.wx)
+        disc = (ii + ry - aa) ** 2 + (jj + rx - cc) ** 2 < radius * radius  # [th, tw, wh, wx]
+
+        def key_rows(t):
+            rows = t * th - ry + torch.arange(self.wh)
+            return (rows >= 0) & (rows < hh)
+
+        def key_cols(s):
+            cols = s * tw - rx + torch.arange(self.wx)
+            return (cols >= 0) & (cols < ww)
+
+        hq_of = [min(th, hh - t * th) for t in range(nty)]
+        wq_of = [min(tw, ww - s * tw) for s in range(ns)]
+        row_sig = [(tuple(key_rows(t).tolist()), hq_of[t]) for t in range(nty)]
+        col_sig = [(tuple(key_cols(s).tolist()), wq_of[s]) for s in range(ns)]
+        self.regions: list[_Region] = []
+        for t0, t1, t_uni in _groups(row_sig, hq_of):
+            t_idx = [t0] if t_uni else list(range(t0, t1))
+            rk = torch.stack([key_rows(t) for t in t_idx])  # [T, wh]
+            hq = hq_of[t0]
+            for s0, s1, s_uni in _groups(col_sig, wq_of):
+                wq = wq_of[s0]
+                # padded query slots (outside the grid) see their whole window: finite, then dropped
+                qpad = (torch.arange(th) >= hq).view(th, 1) | (torch.arange(tw) >= wq).view(1, tw)
+                # a mask must not vary across strips (it is broadcast over strips x heads)
+                for a, b in [(s0, s1)] if s_uni else [(s, s + 1) for s in range(s0, s1)]:
+                    ck = key_cols(a)
+                    allowed = disc[None] & rk[:, None, None, :, None] & ck[None, None, None, None, :]
+                    allowed = allowed | qpad[None, :, :, None, None]  # [T, th, tw, wh, wx]
+                    allowed = allowed.reshape(1, len(t_idx), self.tq, self.win)
+                    self.regions.append(_Region(a, b, t0, t1, hq, wq, allowed))
+
+    def calls(self, heads: int, max_rows: int | None) -> list[_Call]:
+        """Kernel calls for a group of heads, each with at most ``max_rows`` window rows (None: any)."""
+        out = []
+        for reg in self.regions:
+            n_s, n_t = reg.s1 - reg.s0, reg.t1 - reg.t0
+            ct, cs = n_t, n_s
+            if max_rows is not None:
+                ct = min(n_t, max(1, max_rows // (heads * self.win)))
+                cs = max(1, max_rows // (heads * ct * self.win))
+            for a in range(reg.t0, reg.t1, ct):
+                for c in range(reg.s0, reg.s1, cs):
+                    out.append(_Call(reg, c, min(reg.s1, c + cs), a, min(reg.t1, a + ct)))
+        return out
+
+    # ---- raster <-> sequence order (image tensors are [heads, HW, e]) -------------------------
+    def raster(self, x_seq: torch.Tensor, name: str) -> torch.Tensor:
+        """Image tokens in sequence order -> raster order (a view when the layout is raster)."""
+        if self.r2s is None:
+            return x_seq
+        out = _scratch(name, x_seq.shape, x_seq.dtype, x_seq.device)
+        return torch.index_select(x_seq, 1, self.r2s, out=out)
+
+    def unraster(self, x_rast: torch.Tensor, x_seq: torch.Tensor) -> None:
+        if self.r2s is not None:
+            x_seq.copy_(x_rast.index_select(1, self.s2r))
+
+    # ---- strided views --------------------------------------------------------------------------
+    def rview(self, x: torch.Tensor, c) -> torch.Tensor:
+        """Raster [g, HW, e] -> view [S, g, T, hq, wq, e] of the tiles of call/region ``c``."""
+        sg, sr, se = x.stride()
+        off = x.storage_offset() + (c.s0 * self.tw + c.t0 * self.th * self.W) * sr
+        shape = (c.s1 - c.s0, x.shape[0], c.t1 - c.t0, c.hq, c.wq, x.shape[2])
+        strides = (self.tw * sr, sg, self.th * self.W * sr, self.W * sr, sr, se)
+        return x.as_strided(shape, strides, off)
+
+    def tview(self, x_t: torch.Tensor, c: _Call) -> torch.Tensor:
+        """Kernel output [S*g, T, tq, e] -> [S, g, T, hq, wq, e] valid part."""
+        x = x_t.unflatten(0, (c.s1 - c.s0, -1)).unflatten(3, (self.th, self.tw))
+        return x[:, :, :, : c.hq, : c.wq]
+
+    def to_tiles(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Raster [g, HW, e] -> scratch [ns, g, nty, tq, e] in tile order; padded slots are zero."""
+        g, e = x.shape[0], x.shape[2]
+        out = _scratch(name, (self.ns, g, self.nty, self.th, self.tw, e), x.dtype, x.device)
+        if self.H % self.th:
+            out[:, :, -1].zero_()
+        if self.W % self.tw:
+            out[-1].zero_()
+        for s0, s1, wq in self.s_blocks:
+            for t0, t1, hq in self.t_blocks:
+                blk = _Call(_Region(s0, s1, t0, t1, hq, wq, None), s0, s1, t0, t1)
+                out[s0:s1, :, t0:t1, :hq, :wq] = self.rview(x, blk)
+        return out.view(self.ns, g, self.nty, self.tq, e)
+
+    def tiles_of(self, x_t: torch.Tensor, c: _Call) -> torch.Tensor:
+        """Tile-ordered scratch [ns, g, nty, tq, e] -> [S*g, T, tq, e] view for one call."""
+        return x_t[c.s0 : c.s1, :, c.t0 : c.t1].flatten(0, 1)
+
+    def _strip_cols(self, s):
+        """(first grid column, first buffer column, width) of strip s inside the grid."""
+        x0 = s * self.tw - self.rx
+        lo, hi = max(0, x0), min(self.W, x0 + self.wx)
+        return lo, lo - x0, hi - lo
+
+    def _strips_view(self, x: torch.Tensor, s0, s1, step=1) -> torch.Tensor:
+        """Raster [g, HW, d] -> view [S, g, H, wx, d] of whole windows of strips s0, s0+step, ... < s1."""
+        sg, sr, se = x.stride()
+        off = x.storage_offset() + (s0 * self.tw - self.rx) * sr
+        n = len(range(s0, s1, step))
+        shape = (n, x.shape[0], self.H, self.wx, x.shape[2])
+        return x.as_strided(shape, (step * self.tw * sr, sg, self.W * sr, sr, se), off)
+
+    def to_ext(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Raster keys [g, HW, d] -> zero-padded strip buffer [ns, g, hx, wx, d] (scratch)."""
+        g, d, ry, hh = x.shape[0], x.shape[2], self.ry, self.H
+        ext = _scratch(name, (self.ns, g, self.hx, self.wx, d), x.dtype, x.device)
+        ext[:, :, :ry].zero_()
+        ext[:, :, ry + hh :].zero_()
+        lo, hi = self.inner
+        if hi > lo:
+            ext[lo:hi, :, ry : ry + hh] = self._strips_view(x, lo, hi)
+        img = x.unflatten(1, (hh, self.W))
+        for s in [*range(0, lo), *range(hi, self.ns)]:
+            g0, b0, n = self._strip_cols(s)
+            band = ext[s, :, ry : ry + hh]
+            band[:, :, :b0].zero_()
+            band[:, :, b0 + n :].zero_()
+            band[:, :, b0 : b0 + n] = img[:, :, g0 : g0 + n]
+        return ext
+
+    def fold_ext(self, ext: torch.Tensor, x: torch.Tensor) -> None:
+        """x (raster [g, HW, d]) += the in-grid part of strip buffer ext (overlapping strips summed)."""
+        ry, hh = self.ry, self.H
+        lo, hi = self.inner
+        for p in range(self.phases):
+            if lo + p < hi:
+                self._strips_view(x, lo + p, hi, self.phases).add_(
+                    ext[lo + p : hi : self.phases, :, ry : ry + hh]
+                )
+        img = x.unflatten(1, (hh, self.W))
+        for s in [*range(0, lo), *range(hi, self.ns)]:
+            g0, b0, n = self._strip_cols(s)
+            img[:, :, g0 : g0 + n] += ext[s, :, ry : ry + hh, b0 : b0 + n]
+
+    def windows(self, ext: torch.Tensor, c: _Call) -> torch.Tensor:
+        """Strip buffer [ns, g, hx, wx, d] -> overlapping view [S*g, T, win, d] of the key windows."""
+        g, d = ext.shape[1], ext.shape[-1]
+        hx, wx, th = self.hx, self.wx, self.th
+        off = ext.storage_offset() + (c.s0 * g * hx * wx + c.t0 * th * wx) * d
+        shape = ((c.s1 - c.s0) * g, c.t1 - c.t0, self.win, d)
+        return ext.as_strided(shape, (hx * wx * d, th * wx * d, d, 1), off)
+
+    def fold_windows(self, ext: torch.Tensor, c: _Call, win: torch.Tensor) -> None:
+        """ext += window gradients [S*g, T, win, d] (overlapping windows summed)."""
+        g, d = ext.shape[1], ext.shape[-1]
+        hx, wx, th = self.hx, self.wx, self.th
+        win = win.unflatten(2, (self.wh, wx))
+        n_b, n_t = (c.s1 - c.s0) * g, c.t1 - c.t0
+        for a0 in range(0, self.wh, th):
+            a1 = min(self.wh, a0 + th)
+            off = ext.storage_offset() + (c.s0 * g * hx * wx + (c.t0 * th + a0) * wx) * d
+            dst = ext.as_strided((n_b, n_t, a1 - a0, wx, d), (hx * wx * d, th * wx * d, wx * d, d, 1), off)
+            dst.add_(win[:, :, a0:a1])
+
+
+# Most key-window rows (over all heads of a group) per kernel call in the backward, which writes
+# one key/value gradient per window row: bounded calls keep them in cache until folded.
+_BACKWARD_CALL_ROWS = 16384
+# Scratch bytes per group of heads processed together (more heads per call = fewer, larger calls).
+_GROUP_BYTES = 256 * 2**20
+
+
+def _group_size(plan: _Plan, heads: int, d: int, itemsize: int, backward: bool) -> int:
+    rows = (4 * plan.n_slots + 4 * plan.n_ext) if backward else (plan.n_slots + 2 * plan.n_ext)
+    return max(1, min(heads, _GROUP_BYTES // (rows * d * itemsize)))
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def _get_plan(layout: TokenLayout, radius: int, device, backward: bool = False) -> _Plan:
+    tile = tile_shape(radius, layout.height, layout.width, backward)
+    key = (layout.height, layout.width, layout.tile, radius, tile, str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(layout, radius, tile, device)
+        _PLANS[key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------------------------
+def _global_kv(k, v, pooled_k, pooled_v, layout, bi, heads):
+    """Keys/values every image query sees densely: text then pooled, [1, g, T+P, d] each (or None)."""
+    ks, vs = [], []
+    if layout.text_len:
+        ks.append(k[bi, heads, layout.text_slice])
+        vs.append(v[bi, heads, layout.text_slice])
+    if pooled_k is not None:
+        ks.append(pooled_k[bi, heads])
+        vs.append(pooled_v[bi, heads])
+    if not ks:
+        return None, None
+    if len(ks) == 1:
+        return ks[0][None], vs[0][None]
+    return torch.cat(ks, 1)[None], torch.cat(vs, 1)[None]
+
+
+def _head_groups(nh: int, g: int):
+    return [slice(h0, min(nh, h0 + g)) for h0 in range(0, nh, g)]
+
+
+def _forward(q, k, v, pooled_k, pooled_v, layout, plan, scale):
+    bsz, nh, n, d = q.shape
+    dtype, device = q.dtype, q.device
+    out = torch.empty((bsz, nh, n, d), dtype=dtype, device=device)
+    lse = torch.empty((bsz, nh, n), dtype=torch.float32, device=device)
+    ts, isl = layout.text_slice, layout.image_slice
+
+    if layout.text_len:
+        o_t, l_t = _attn_fwd(q[:, :, ts], k, v, None, scale)
+        out[:, :, ts] = o_t
+        lse[:, :, ts] = l_t
+
+    hw = plan.H * plan.W
+    group = _group_size(plan, nh, d, q.element_size(), backward=False)
+    for bi in range(bsz):
+        for heads in _head_groups(nh, group):
+            g = heads.stop - heads.start
+            q_r = plan.raster(q[bi, heads, isl], "q_r")
+            k_r = plan.raster(k[bi, heads, isl], "k_r")
+            v_r = plan.raster(v[bi, heads, isl], "v_r")
+            if plan.r2s is None:
+                o_r, l_r = out[bi, heads, isl], lse[bi, heads, isl]
+            else:
+                o_r = _scratch("o_r", (g, hw, d), dtype, device)
+                l_r = _scratch("l_r", (g, hw), torch.float32, device)
+            q_t = plan.to_tiles(q_r, "q_t")
+            k_x = plan.to_ext(k_r, "k_x")
+            v_x = plan.to_ext(v_r, "v_x")
+            kg, vg = _global_kv(k, v, pooled_k, pooled_v, layout, bi, heads)
+            if kg is not None:
+                o_g, l_g = _attn_fwd(q_r[None], kg, vg, None, scale)
+                o_g, l_g = o_g[0], l_g[0].unsqueeze(-1)
+            for c in plan.calls(g, None):
+                o_l, l_l = _attn_fwd(
+                    plan.tiles_of(q_t, c),
+                    plan.windows(k_x, c),
+                    plan.windows(v_x, c),
+                    c.mask(dtype, device, g),
+                    scale,
+                )
+                o_l = plan.tview(o_l, c)
+                l_l = plan.tview(l_l.unsqueeze(-1), c)
+                o_dst = plan.rview(o_r, c)
+                l_dst = plan.rview(l_r.unsqueeze(-1), c)
+                if kg is None:
+                    o_dst.copy_(o_l)
+                    l_dst.copy_(l_l)
+                    continue
+                l_gr = plan.rview(l_g, c)
+                torch.logaddexp(l_l, l_gr, out=l_dst)
+                w_g = (l_gr - l_dst).exp_()
+                torch.lerp(o_l, plan.rview(o_g, c), w_g.to(dtype), out=o_dst)
+            plan.unraster(o_r, out[bi, heads, isl])
+            plan.unraster(l_r, lse[bi, heads, isl])
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, scale):
+    bsz, nh, n, d = q.shape
+    dtype, device = q.dtype, q.device
+    ts, isl, t_len = layout.text_slice, layout.image_slice, layout.text_len
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq = torch.empty((bsz, nh, n, d), dtype=dtype, device=device)
+
+    if t_len:
+        q_txt, l_txt = q[:, :, ts], lse[:, :, ts]
+        dq_t, dk, dv = _attn_bwd(dout[:, :, ts], q_txt, k, v, out[:, :, ts], l_txt, None, scale)
+        if dlse is not None:
+            dq_x, dk_x = _lse_grad_parts(dlse[:, :, ts], q_txt, k, l_txt, None, scale)
+            dq_t = dq_t + dq_x
+            dk = dk + dk_x
+        dq[:, :, ts] = dq_t
+    else:
+        dk = torch.zeros((bsz, nh, n, d), dtype=dtype, device=device)
+        dv = torch.zeros((bsz, nh, n, d), dtype=dtype, device=device)
+    dpk = dpv = None
+    if pooled_k is not None:
+        dpk = torch.empty_like(pooled_k)
+        dpv = torch.empty_like(pooled_v)
+
+    hw = plan.H * plan.W
+    group = _group_size(plan, nh, d, q.element_size(), backward=True)
+    for bi in range(bsz):
+        for heads in _head_groups(nh, group):
+            g = heads.stop - heads.start
+            q_r = plan.raster(q[bi, heads, isl], "q_r")
+            k_r = plan.raster(k[bi, heads, isl], "k_r")
+            v_r = plan.raster(v[bi, heads, isl], "v_r")
+            g_r = plan.raster(dout[bi, heads, isl], "g_r")
+            o_r = plan.raster(out[bi, heads, isl], "o_r")
+            l_r = plan.raster(lse[bi, heads, isl], "l_r")
+            dl_r = plan.raster(dlse[bi, heads, isl], "dl_r") if dlse is not None else None
+            q_t = plan.to_tiles(q_r, "q_t")
+            g_t = plan.to_tiles(g_r, "g_t")
+            o_t = plan.to_tiles(o_r, "o_t")
+            l_t = plan.to_tiles(l_r.unsqueeze(-1), "l_t")[..., 0]
+            dl_t = plan.to_tiles(dl_r.unsqueeze(-1), "dl_t")[..., 0] if dl_r is not None else None
+            k_x = plan.to_ext(k_r, "k_x")
+            v_x = plan.to_ext(v_r, "v_x")
+
+            kg, vg = _global_kv(k, v, pooled_k, pooled_v, layout, bi, heads)
+            if kg is not None:
+                args = (q_r[None], kg)
+                dq_r, dkg, dvg = _attn_bwd(g_r[None], *args, vg, o_r[None], l_r[None], None, scale)
+                if dl_r is not None:
+                    dq_x, dk_x = _lse_grad_parts(dl_r[None], *args, l_r[None], None, scale)
+                    dq_r = dq_r + dq_x
+                    dkg = dkg + dk_x
+                dq_r, dkg, dvg = dq_r[0], dkg[0], dvg[0]
+                if t_len:
+                    dk[bi, heads, ts] += dkg[:, :t_len]
+                    dv[bi, heads, ts] += dvg[:, :t_len]
+                if dpk is not None:
+                    dpk[bi, heads] = dkg[:, t_len:]
+                    dpv[bi, heads] = dvg[:, t_len:]
+            else:
+                dq_r = _scratch("dq_r", (g, hw, d), dtype, device).zero_()
+
+            dk_x = _scratch("dk_x", k_x.shape, dtype, device).zero_()
+            dv_x = _scratch("dv_x", v_x.shape, dtype, device).zero_()
+            zero_x = None
+            if dl_t is not None:  # values for the log-sum-exp gradient calls (see _lse_grad_parts)
+                zero_x = _scratch("zero_x", v_x.shape, dtype, device).zero_()
+            for c in plan.calls(g, _BACKWARD_CALL_ROWS):
+                mask = c.mask(dtype, device, g)
+                qw, gw, ow, lw = (plan.tiles_of(x, c) for x in (q_t, g_t, o_t, l_t))
+                kw, vw = plan.windows(k_x, c), plan.windows(v_x, c)
+                dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
+                if dl_t is not None:
+                    zw = plan.windows(zero_x, c)
+                    dq_x, dk_x2 = _lse_grad_parts(plan.tiles_of(dl_t, c), qw, kw, lw, mask, scale, zw)
+                    dq_w = dq_w + dq_x
+                    dk_w = dk_w + dk_x2
+                plan.rview(dq_r, c).add_(plan.tview(dq_w, c))
+                plan.fold_windows(dk_x, c, dk_w)
+                plan.fold_windows(dv_x, c, dv_w)
+            if plan.r2s is None:
+                dq[bi, heads, isl] = dq_r
+                plan.fold_ext(dk_x, dk[bi, heads, isl])
+                plan.fold_ext(dv_x, dv[bi, heads, isl])
+            else:
+                plan.unraster(dq_r, dq[bi, heads, isl])
+                for ext, grad in ((dk_x, dk), (dv_x, dv)):
+                    acc = _scratch("acc_r", (g, hw, d), dtype, device).zero_()
+                    plan.fold_ext(ext, acc)
+                    grad[bi, heads, isl] += acc.index_select(1, plan.s2r)
+    return dq, dk, dv, dpk, dpv
+
+
+class _TiledClear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pooled_k, pooled_v, layout, radius, scale):
+        plan = _get_plan(layout, radius, q.device)
+        out, lse = _forward(q, k, v, pooled_k, pooled_v, layout, plan, scale)
+        ctx.save_for_backward(q, k, v, pooled_k, pooled_v, out, lse)
+        ctx.layout, ctx.radius, ctx.scale = layout, radius, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, pooled_k, pooled_v, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 8
+        plan = _get_plan(ctx.layout, ctx.radius, q.device, backward=True)
+        dq, dk, dv, dpk, dpv = _backward(
+            dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, ctx.layout, plan, ctx.scale
+        )
+        return dq, dk, dv, dpk, dpv, None, None, None
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    radius: int,
+    pooled_k: torch.Tensor | None,
+    pooled_v: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLEAR attention with tiles plus halo; same contract as ``reference_attention``.
+
+    Args:
+        q, k, v: [B, heads, N, d], N = layout.seq_len.
+        pooled_k, pooled_v: [B, heads, P, d] pooled image keys/values, or None.
+        scale: softmax scale.
+        return_lse: also return the natural-log log-sum-exp [B, heads, N] (float32).
+    Memory is linear in N: no N x N (or image x image) tensor is ever formed.
+    """
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = _TiledClear.apply(q, k, v, pooled_k, pooled_v, layout, int(radius), float(scale))
+    return out, (lse if return_lse else None)
