@@ -10,7 +10,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-import importlib  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -25,9 +24,6 @@ from cleardit.attention import TokenLayout, clear_attention, count_pairs, pool_i
 from cleardit.attention import triton_kernels as tk  # noqa: E402
 from cleardit.attention.reference import allowed_mask, reference_attention  # noqa: E402
 from tests.helpers import assert_close, make_inputs  # noqa: E402
-
-if "Interpreted" not in type(tk._clear_fwd_kernel).__name__:
-    tk = importlib.reload(tk)  # imported earlier without the interpreter: rebuild the kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
