@@ -1,0 +1,192 @@
+"""MINI-ADHERENCE: prompt adherence of the mini model at its base size and at 2x / 4x, full attention
+vs CLEAR r=8, measured on generated images.
+
+Prompts are held-out scenes (``cleardit.mini.train.heldout_scenes``: a scene stream the trainer
+never trains on); image i of every row uses the same prompt and generator seed ``seed + i``, so the
+rows differ only in resolution and attention. Every image is made by ``cleardit.generate`` (the model
+loaded once) and scored by ``cleardit.mini.adherence`` (shapes limited to the three the model was
+trained on). Scores: "facts" = mean fraction of the caption's facts an image satisfies; "strict" =
+images with every fact right; then the rate per kind of fact. A "VAE only" row per resolution
+encodes and decodes the rendered scene itself: the ceiling the decoder allows.
+
+Square sizes are base * scale (128, 256, 512 px for the shipped model). With ``--highres`` the
+CLEAR rows above the base size also run the two-stage recipe (stage 1 near the base size with full
+attention, then CLEAR at the target; see docs/generate.md).
+
+    python bench/mini_adherence.py                     # shipped model, 20 prompts, 20 steps, 1x 2x 4x
+    python bench/mini_adherence.py --quick             # 4 prompts, 8 steps, 1x 2x: < 60 s on 2 cores
+    python bench/mini_adherence.py --model DIR --n 50 --highres --json out/adherence.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_header, print_table  # noqa: E402
+
+from cleardit.mini.adherence import adherence  # noqa: E402
+from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
+from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
+from cleardit.pipelines import generate  # noqa: E402
+from cleardit.pipelines.loading import (  # noqa: E402
+    ModelNotFoundError,
+    base_size,
+    load_pipeline,
+    read_model_info,
+    resolve_model,
+)
+
+KINDS = ("object present", "shape", "size", "background colours", "background pattern")
+
+
+def _scales(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected scales >= 1, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
+    """Adherence of the rendered scenes after a VAE encode + decode (no diffusion)."""
+    vae = pipe.vae
+    out = []
+    with torch.no_grad():
+        for s in scenes:
+            img = render(s, height, width)
+            x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)[None]
+            x = x.to(vae.device, vae.dtype)
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample[0].float().clamp(-1, 1).cpu()
+            out.append(adherence(rec, s, shapes=BASIC_SHAPES))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped mini model)")
+    ap.add_argument("--n", type=_positive, default=None, help="held-out prompts (default 20; --quick 4)")
+    ap.add_argument("--steps", type=_positive, default=None, help="denoising steps (default 20; --quick 8)")
+    ap.add_argument(
+        "--scales", type=_scales, default=None, help="sizes as multiples of the base (default 1,2,4)"
+    )
+    ap.add_argument("--radius", type=_positive, default=8, help="CLEAR radius in tokens (default 8)")
+    ap.add_argument("--seed", type=int, default=0, help="held-out scene stream and first generator seed")
+    ap.add_argument("--highres", action="store_true", help="also CLEAR + the two-stage recipe above the base")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="4 prompts, 8 steps, scales 1,2")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    n = args.n or (4 if args.quick else 20)
+    steps = args.steps or (8 if args.quick else 20)
+    scales = args.scales or ([1, 2] if args.quick else [1, 2, 4])
+
+    try:
+        folder = resolve_model(args.model)
+    except (ModelNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    info = read_model_info(folder)
+    device = torch.device(args.device)
+    pipe = load_pipeline(folder, device, torch.float32, progress=False)
+    base_h, base_w = base_size(pipe, info)
+    scenes = heldout_scenes(n, args.seed)
+    prompts = [s.caption() for s in scenes]
+
+    print(machine_header(device))
+    print(
+        f"model: {folder}; {n} held-out prompts (seed {args.seed}), {steps} steps, base {base_h}x{base_w}, "
+        f"CLEAR r={args.radius}"
+    )
+    rows, results = [], []
+
+    def add(size, label, scored, seconds):
+        s = summarize_adherence(scored)
+        per_image = f"{seconds / n:.2f}" if seconds is not None else "-"
+        rows.append(
+            [f"{size[0]}x{size[1]}", label, f"{s['percent']:.1f}", f"{s['strict_percent']:.1f}"]
+            + [f"{s['by_fact_percent'][k]:.0f}" for k in KINDS]
+            + [per_image]
+        )
+        results.append({"height": size[0], "width": size[1], "attention": label, **s, "seconds": seconds})
+
+    for scale in scales:
+        h, w = base_h * scale, base_w * scale
+        add((h, w), "VAE only", vae_roundtrip(pipe, scenes, h, w), None)
+        modes = [("full", 0, False), (f"CLEAR r={args.radius}", args.radius, False)]
+        if args.highres and scale > 1:
+            modes.append((f"CLEAR r={args.radius} + highres", args.radius, True))
+        for label, radius, highres in modes:
+            t0 = time.perf_counter()
+            res = generate(
+                prompts,
+                model=pipe,
+                info=info,
+                height=h,
+                width=w,
+                steps=steps,
+                seed=args.seed,
+                radius=radius,
+                highres=highres,
+                quiet=True,
+            )
+            seconds = time.perf_counter() - t0
+            scored = [adherence(im, s, shapes=BASIC_SHAPES) for im, s in zip(res.images, scenes, strict=True)]
+            add((h, w), label, scored, seconds)
+            print(
+                f"  {h}x{w} {label}: {rows[-1][2]}% of facts ({seconds:.0f} s)", file=sys.stderr, flush=True
+            )
+
+    print()
+    print_table(
+        [
+            "size",
+            "attention",
+            "facts %",
+            "strict %",
+            "present",
+            "shape",
+            "size",
+            "bg colours",
+            "bg pattern",
+            "s/image",
+        ],
+        rows,
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"model": str(folder), "n": n, "steps": steps, "rows": results}, indent=2)
+        )
+    top = max(scales)
+    by = {(r["height"], r["attention"]): r["percent"] for r in results}
+    full, clear = by[(base_h * top, "full")], by[(base_h * top, f"CLEAR r={args.radius}")]
+    print(
+        f"headline: at {top}x base ({base_h * top}x{base_w * top}) CLEAR r={args.radius} keeps "
+        f"{clear:.1f}% of the prompts' facts vs {full:.1f}% with full attention (base size, full attention: "
+        f"{by[(base_h, 'full')]:.1f}%)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1081 @@
+"""Train the shipped mini text-to-image model: ``python -m cleardit.mini.train``.
+
+The model is the real diffusers ``FluxPipeline`` of :mod:`cleardit.mini.pipeline` (AutoencoderKL,
+FluxTransformer2DModel, CLIP + T5 text encoders, the word-level tokenizers of :mod:`.vocab`), trained
+from scratch on the procedural scenes of :mod:`.dataset` in two stages:
+
+1. **VAE**: reconstruction (L1 + L2) plus a small KL term on 64 px crops of scenes rendered at a
+   few sizes (0.5x to 1.5x the base resolution, square and not). The VAE's ``shift_factor`` and
+   ``scaling_factor`` are then set from the mean and standard deviation of the latents of
+   held-apart base-resolution images (``register_to_config``).
+2. **DiT**: the transformer and both text encoders, jointly, with FLUX's rectified-flow objective
+   on VAE latents of scenes with their captions: ``x_t = (1 - sigma) x0 + sigma * noise``, target
+   ``noise - x0``, ``sigma`` = sigmoid of a normal sample, shifted per resolution exactly as the
+   pipeline's scheduler shifts it at inference (``mu`` from the image token count). Each step draws
+   one resolution from a mix (base 128 px, 192 px, 256 px, 384 px, 128x256 and 128x512 strips both
+   ways), with the batch scaled to keep the pixels per step about constant, so the RoPE positions
+   of a 4x-base (512 px) image have been seen along each axis. An exponential moving average
+   (EMA) of the weights is what gets shipped.
+
+Then the EMA pipeline is saved with ``save_mini_pipeline`` (plus ``cleardit.json``) and its prompt
+adherence is measured on held-out scenes at the base resolution (``cleardit.generate`` +
+:mod:`.adherence`); everything goes into ``training_log.json``.
+
+Determinism and resuming: every random choice of step ``s`` (scenes, resolution, crops, noise,
+timesteps) is drawn from generators seeded by ``(seed, stage, s)``, never from a running stream, and
+the learning rate is a function of the step. A checkpoint (models, optimizer, EMA, step, losses,
+RNG states) is written atomically every ``--checkpoint-minutes`` and at each stage end; ``--resume``
+continues from it and reaches bit-identical weights to an uninterrupted run. SIGINT / SIGTERM
+save a checkpoint at the next step boundary; a SIGKILL loses only the work since the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import ProceduralDataset, Scene
+from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
+from .train_state import (
+    CHECKPOINT_FORMAT,
+    atomic_torch_save,
+    atomic_write_text,
+    check_same_config,
+    checkpoint_path,
+    load_checkpoint,
+    rng_states,
+    set_rng_states,
+)
+from .vocab import MAX_TEXT_TOKENS
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "weights"
+DEFAULT_WORK_DIR = Path("out") / "mini-train"
+LOG_FILE = "training_log.json"
+LOG_FORMAT = "cleardit-mini-train-log-v1"
+STAGES = ("vae", "dit", "export", "done")
+_STREAMS = {"vae": 1, "dit": 2, "stats": 3, "eval": 4}
+_DATASET_SIZE = 2**62  # scene index space of a stream: steps * batch never reaches it
+
+# Resolution mix of the DiT stage: (height factor, width factor, weight), factors of the base
+# resolution. The strips give RoPE positions up to 4x base along each axis at a strip's cost.
+FULL_MIX: tuple[tuple[float, float, float], ...] = (
+    (1.0, 1.0, 0.50),
+    (1.5, 1.5, 0.14),
+    (2.0, 2.0, 0.10),
+    (3.0, 3.0, 0.04),
+    (1.0, 2.0, 0.05),
+    (2.0, 1.0, 0.05),
+    (1.0, 4.0, 0.06),
+    (4.0, 1.0, 0.06),
+)
+QUICK_MIX: tuple[tuple[float, float, float], ...] = (
+    (1.0, 1.0, 0.6),
+    (1.5, 1.5, 0.2),
+    (1.0, 2.0, 0.1),
+    (2.0, 1.0, 0.1),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (compared on ``--resume``).
+
+    Attributes:
+        size: the mini size to train ("mini": the shipped model; "tiny": tests).
+        seed: seeds the initialisation and every per-step random choice.
+        vae_steps, dit_steps: optimizer steps of each stage.
+        batch: DiT images per step at the base resolution (fewer at larger sizes: same pixels).
+        vae_batch, vae_crop: VAE crops per step and their side in pixels.
+        vae_render_scales: scenes for the VAE are rendered at these factors of the base resolution
+            (height and width drawn apart, at least ``vae_crop``), then cropped.
+        vae_lr, dit_lr: peak AdamW learning rates (linear warm-up, cosine decay to 10%).
+        warmup_steps: warm-up steps of each stage (capped at a tenth of the stage).
+        kl_weight: weight of the mean per-element KL term of the VAE loss.
+        vae_logvar_init: initial bias of the encoder's log-variance outputs: a small posterior
+            noise (std e^(-3) ~ 0.05) from the start, so the decoder sees signal rather than unit
+            noise and the VAE leaves its "predict the mean colour" plateau sooner.
+        dit_mix: (height factor, width factor, weight) of each DiT training resolution.
+        train_text_encoders: train CLIP and T5 with the transformer (else they stay random, frozen).
+        ema_decay: decay of the weight EMA (warmed up as (1 + s) / (10 + s)).
+        grad_clip: global gradient-norm clip.
+        logit_mean, logit_std: sigma = sigmoid(N(logit_mean, logit_std)) before the resolution shift.
+        stats_images: base-resolution images whose latents set the VAE scaling and shift.
+    """
+
+    size: str = "mini"
+    seed: int = 0
+    vae_steps: int = 2000
+    dit_steps: int = 1200
+    batch: int = 32
+    vae_batch: int = 8
+    vae_crop: int = 64
+    vae_render_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
+    vae_lr: float = 2e-3
+    dit_lr: float = 8e-4
+    warmup_steps: int = 100
+    kl_weight: float = 1e-4
+    vae_logvar_init: float = -6.0
+    dit_mix: tuple[tuple[float, float, float], ...] = FULL_MIX
+    train_text_encoders: bool = True
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    stats_images: int = 64
+
+    def __post_init__(self):
+        if self.size not in MINI_SIZES:
+            raise ValueError(f"size must be one of {sorted(MINI_SIZES)}, got {self.size!r}")
+        for name in ("vae_steps", "dit_steps", "batch", "vae_batch", "vae_crop", "stats_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        factor = self.vae_factor
+        if self.vae_crop % factor:
+            raise ValueError(f"vae_crop must be a multiple of the VAE factor {factor}, got {self.vae_crop}")
+        if not self.dit_mix or any(w <= 0 or fh <= 0 or fw <= 0 for fh, fw, w in self.dit_mix):
+            raise ValueError(
+                f"dit_mix needs (height factor, width factor, weight > 0) rows, got {self.dit_mix}"
+            )
+
+    @property
+    def base(self) -> int:
+        return MINI_SIZES[self.size].base_resolution
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(MINI_SIZES[self.size].vae["block_out_channels"]) - 1)
+
+    @property
+    def size_factor(self) -> int:
+        """Pixels per transformer token side (VAE factor x the 2x2 packing)."""
+        return 2 * self.vae_factor
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as stored in checkpoints
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out (not part of the weights; free to change on ``--resume``).
+
+    Attributes:
+        output: the folder the trained pipeline is saved to.
+        work_dir: checkpoints and logs of the run.
+        minutes_budget: total wall-clock budget: the VAE stage stops at ``vae_budget_share`` of it,
+            the DiT stage ``export_reserve_minutes`` before it (logged as stopped early).
+        checkpoint_minutes: checkpoint interval (also at every stage end and on SIGINT/SIGTERM).
+        checkpoint_every: also checkpoint every N steps (tests; 0 = off).
+        log_every: steps per point of the loss curve in the log.
+        eval_images, eval_steps: held-out base-resolution prompts for the final adherence check and
+            their denoising steps (0 images: skip the check).
+        progress: tqdm bars and log lines on stderr.
+    """
+
+    output: Path = DEFAULT_OUTPUT
+    work_dir: Path = DEFAULT_WORK_DIR
+    minutes_budget: float = 55.0
+    vae_budget_share: float = 0.3
+    export_reserve_minutes: float = 3.0
+    checkpoint_minutes: float = 1.5
+    checkpoint_every: int = 0
+    log_every: int = 25
+    eval_images: int = 50
+    eval_steps: int = 20
+    progress: bool = True
+
+
+def full_config(**overrides) -> TrainConfig:
+    """The configuration of the shipped model (``python -m cleardit.mini.train``)."""
+    return TrainConfig(**overrides)
+
+
+def quick_config(**overrides) -> TrainConfig:
+    """``--quick``: a few minutes end to end (an untrained-looking model; for tests and smoke runs)."""
+    cfg = dict(
+        vae_steps=40, dit_steps=60, batch=8, vae_batch=8, warmup_steps=10, dit_mix=QUICK_MIX, stats_images=16
+    )
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: a checkpoint was saved; ``--resume`` continues."""
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by the test hook ``kill_after_steps``: the process 'dies' without saving."""
+
+
+# ----------------------------------------------------------------------------- seeds and data
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed from (seed, *keys), independent streams for different keys."""
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint32)[0])
+
+
+def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """``n`` scenes of the held-out stream of a run of ``seed`` (never used for training)."""
+    ds = ProceduralDataset(n, seed=derive_seed(seed, _STREAMS["eval"]))
+    return [ds.scene(i) for i in range(n)]
+
+
+def _round_to(value: float, factor: int) -> int:
+    return max(factor, int(round(value / factor)) * factor)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What step ``step`` of ``stage`` trains on; a function of (config, stage, step) only.
+
+    ``height``/``width``: rendered size; ``indices``: scene indices in the stage's stream;
+    ``crops``: VAE crop corners (top, left) of side ``crop``; ``noise_seed``: seeds the step's
+    torch generator (VAE posterior samples; DiT noise and timesteps).
+    """
+
+    stage: str
+    step: int
+    height: int
+    width: int
+    indices: tuple[int, ...]
+    noise_seed: int
+    crop: int | None = None
+    crops: tuple[tuple[int, int], ...] | None = None
+
+
+def vae_render_sizes(cfg: TrainConfig) -> list[int]:
+    sizes = {max(cfg.vae_crop, _round_to(cfg.base * s, cfg.vae_factor)) for s in cfg.vae_render_scales}
+    return sorted(sizes)
+
+
+def dit_resolutions(cfg: TrainConfig) -> list[tuple[int, int, float]]:
+    """(height, width, probability) of each DiT training resolution."""
+    total = sum(w for _, _, w in cfg.dit_mix)
+    f = cfg.size_factor
+    return [
+        (_round_to(cfg.base * fh, f), _round_to(cfg.base * fw, f), w / total) for fh, fw, w in cfg.dit_mix
+    ]
+
+
+def dit_batch_size(cfg: TrainConfig, height: int, width: int) -> int:
+    """Images per DiT step at a resolution: ``batch`` at the base size, same pixels elsewhere."""
+    return max(1, min(cfg.batch, int(round(cfg.batch * cfg.base * cfg.base / (height * width)))))
+
+
+def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
+    """The data of one step, a pure function of (``cfg.seed``, ``stage``, ``step``) and the config."""
+    if stage not in ("vae", "dit"):
+        raise ValueError(f"stage must be 'vae' or 'dit', got {stage!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+    sid = _STREAMS[stage]
+    rng = np.random.default_rng([cfg.seed, sid, step])
+    noise_seed = derive_seed(cfg.seed, sid, step, 7)
+    if stage == "vae":
+        sizes = vae_render_sizes(cfg)
+        h, w = (int(sizes[int(i)]) for i in rng.integers(len(sizes), size=2))
+        tops = rng.integers(0, h - cfg.vae_crop + 1, size=cfg.vae_batch)
+        lefts = rng.integers(0, w - cfg.vae_crop + 1, size=cfg.vae_batch)
+        start = step * cfg.vae_batch
+        return BatchPlan(
+            stage,
+            step,
+            h,
+            w,
+            tuple(range(start, start + cfg.vae_batch)),
+            noise_seed,
+            crop=cfg.vae_crop,
+            crops=tuple((int(t), int(le)) for t, le in zip(tops, lefts, strict=True)),
+        )
+    res = dit_resolutions(cfg)
+    k = int(rng.choice(len(res), p=np.asarray([p for _, _, p in res])))
+    h, w, _ = res[k]
+    n = dit_batch_size(cfg, h, w)
+    start = step * cfg.batch
+    return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed)
+
+
+def render_batch(cfg: TrainConfig, plan: BatchPlan) -> tuple[torch.Tensor, list[str]]:
+    """(images B x 3 x H x W in [-1, 1] (VAE: the crops), captions) of a plan."""
+    ds = ProceduralDataset(
+        _DATASET_SIZE, seed=derive_seed(cfg.seed, _STREAMS[plan.stage]), resolution=(plan.height, plan.width)
+    )
+    images, captions = [], []
+    for j, i in enumerate(plan.indices):
+        x, text, _ = ds[i]
+        if plan.crops is not None:
+            t, le = plan.crops[j]
+            x = x[:, t : t + plan.crop, le : le + plan.crop]
+        images.append(x)
+        captions.append(text)
+    return torch.stack(images), captions
+
+
+# ----------------------------------------------------------------------------- schedules
+def learning_rate(peak: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``min(warmup, total // 10)`` steps, then cosine from ``peak`` to ``peak / 10``."""
+    warmup = max(1, min(warmup, total // 10))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def timestep_shift_mu(image_seq_len: int) -> float:
+    """The pipeline scheduler's ``mu`` for an image token count (FLUX's linear rule)."""
+    c = SCHEDULER_CONFIG
+    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return image_seq_len * m + c["base_shift"] - m * c["base_image_seq_len"]
+
+
+def sample_sigmas(n: int, image_seq_len: int, generator: torch.Generator, mean=0.0, std=1.0) -> torch.Tensor:
+    """Training noise levels: logit-normal, then the exponential time shift the scheduler applies."""
+    u = torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
+    e = math.exp(timestep_shift_mu(image_seq_len))
+    return e / (e + (1 / u.clamp(1e-5, 1 - 1e-5) - 1))
+
+
+# ----------------------------------------------------------------------------- model helpers
+def encode_text(pipe, captions: Sequence[str], max_sequence_length: int = MAX_TEXT_TOKENS):
+    """(T5 embeddings B x L x d, CLIP pooled B x d) exactly as FluxPipeline.encode_prompt computes
+    them, but with gradients (no attention masks, CLIP padded to its tokenizer length)."""
+    ids = pipe.tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    ids2 = pipe.tokenizer_2(
+        list(captions),
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    pooled = pipe.text_encoder(ids, output_hidden_states=False).pooler_output
+    embeds = pipe.text_encoder_2(ids2, output_hidden_states=False)[0]
+    return embeds, pooled
+
+
+def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed B x (h/2 * w/2) x 4C, image ids) as FluxPipeline packs latents."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    return packed, ids
+
+
+def _dit_modules(pipe, cfg: TrainConfig) -> dict:
+    mods = {"transformer": pipe.transformer}
+    if cfg.train_text_encoders:
+        mods.update(text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    return mods
+
+
+def _named_params(modules: dict) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(f"{m}.{n}", p) for m, mod in modules.items() for n, p in mod.named_parameters()]
+
+
+MODEL_NAMES = ("vae", "transformer", "text_encoder", "text_encoder_2")
+
+
+# ----------------------------------------------------------------------------- trainer
+class MiniTrainer:
+    """One training run in a work dir. ``run()`` goes through the stages from wherever the work
+    dir's checkpoint left off (or from scratch) and returns the log dict."""
+
+    def __init__(self, cfg: TrainConfig, opts: RunOptions | None = None, *, resume: bool = False):
+        self.cfg = cfg
+        self.opts = opts or RunOptions()
+        self.work_dir = Path(self.opts.work_dir)
+        self.resume = resume
+        self._stop_signal: str | None = None
+        self._steps_this_process = 0
+        self.kill_after_steps: int | None = None  # test hook: SimulatedKill after this many steps
+
+    # -- messages --------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.opts.progress:
+            print(f"[mini-train] {msg}", file=sys.stderr, flush=True)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _fresh_state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "stage": "vae",
+            "step": 0,
+            "losses": {"vae": [], "dit": []},
+            "stage_seconds": {"vae": 0.0, "dit": 0.0, "export": 0.0},
+            "elapsed": 0.0,
+            "stopped_early": {},
+            "latent_stats": None,
+            "optimizer": None,
+            "ema": None,
+            "models": None,
+            "resumes": 0,
+            "eval": None,
+        }
+
+    def _load_or_init(self) -> dict:
+        state = load_checkpoint(self.work_dir)
+        if state is None:
+            if self.resume:
+                self.log(f"--resume: no checkpoint in {self.work_dir} yet, starting from scratch")
+            return self._fresh_state()
+        if not self.resume:
+            raise ValueError(
+                f"the work dir {self.work_dir} already holds a checkpoint (stage {state['stage']}, step "
+                f"{state['step']}); pass --resume to continue it, or another --work-dir (or delete "
+                f"{checkpoint_path(self.work_dir)}) to start over"
+            )
+        check_same_config(self.work_dir, state["config"], self.cfg.to_dict())
+        state["resumes"] = int(state.get("resumes", 0)) + 1
+        self.log(f"resuming {self.work_dir}: stage {state['stage']}, step {state['step']}")
+        return state
+
+    def _save(self, state: dict) -> None:
+        state["models"] = {name: getattr(self.pipe, name).state_dict() for name in MODEL_NAMES}
+        state["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
+        state["ema"] = self.ema
+        state["rng"] = rng_states()
+        state["elapsed"] = self._elapsed()
+        atomic_torch_save(state, checkpoint_path(self.work_dir))
+        self._last_save = time.monotonic()
+        self._elapsed_base, self._t_start = state["elapsed"], time.monotonic()
+        # the log so far, readable while the run goes on
+        atomic_write_text(self.work_dir / LOG_FILE, json.dumps(self.summary(state), indent=2) + "\n")
+
+    def _elapsed(self) -> float:
+        return self._elapsed_base + (time.monotonic() - self._t_start)
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        if self._stop_signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signal.Signals(signum).name
+        self.log(f"{self._stop_signal}: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+    def _install_signals(self):
+        old = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no handlers, a kill still loses little
+            pass
+        return old
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state = self._load_or_init()
+        self._elapsed_base, self._t_start = float(state["elapsed"]), time.monotonic()
+        self._last_save = time.monotonic()
+        self.pipe = build_mini_pipeline(self.cfg.size, seed=self.cfg.seed)
+        self.optimizer = None
+        self.ema = state.get("ema")
+        if state["models"] is not None:
+            for name in MODEL_NAMES:
+                getattr(self.pipe, name).load_state_dict(state["models"][name])
+        else:  # a fresh run: the VAE's posterior starts narrow (see TrainConfig.vae_logvar_init)
+            lc = self.pipe.vae.config.latent_channels
+            with torch.no_grad():
+                self.pipe.vae.encoder.conv_out.bias[lc:] = self.cfg.vae_logvar_init
+        if "rng" in state:
+            set_rng_states(state["rng"])
+        else:
+            torch.manual_seed(self.cfg.seed)
+            np.random.seed(self.cfg.seed % 2**32)
+        if state["stage"] == "done" and not (Path(self.opts.output) / "model_index.json").is_file():
+            self.log(f"the run is finished but {self.opts.output} holds no pipeline: exporting again")
+            state["stage"] = "export"
+        old = self._install_signals()
+        try:
+            while state["stage"] != "done":
+                if state["stage"] == "vae":
+                    self._train_stage(state, "vae")
+                elif state["stage"] == "dit":
+                    self._train_stage(state, "dit")
+                elif state["stage"] == "export":
+                    self._export(state)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        log = self.summary(state)
+        return log
+
+    # -- training stages -------------------------------------------------------------------------
+    def _setup_stage(self, state: dict, stage: str) -> tuple[list, list]:
+        cfg = self.cfg
+        for name in MODEL_NAMES:
+            getattr(self.pipe, name).eval().requires_grad_(False)
+        if stage == "vae":
+            modules = {"vae": self.pipe.vae}
+            lr, wd = cfg.vae_lr, 0.0
+        else:
+            modules = _dit_modules(self.pipe, cfg)
+            lr, wd = cfg.dit_lr, 0.01
+        for mod in modules.values():
+            mod.train().requires_grad_(True)
+        named = _named_params(modules)
+        params = [p for _, p in named]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, eps=1e-8)
+        if state["optimizer"] is not None and state["step"] > 0:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if stage == "dit" and self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in named}
+        return named, params
+
+    def _train_stage(self, state: dict, stage: str) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, opts = self.cfg, self.opts
+        total = cfg.vae_steps if stage == "vae" else cfg.dit_steps
+        peak = cfg.vae_lr if stage == "vae" else cfg.dit_lr
+        named, params = self._setup_stage(state, stage)
+        self._stats = state["latent_stats"]
+        budget = opts.minutes_budget * 60
+        deadline = (
+            budget * opts.vae_budget_share if stage == "vae" else budget - opts.export_reserve_minutes * 60
+        )
+        losses = state["losses"][stage]
+        step_fn = self._vae_step if stage == "vae" else self._dit_step
+        bar = tqdm(
+            total=total,
+            initial=state["step"],
+            desc="VAE" if stage == "vae" else "DiT",
+            disable=not opts.progress,
+            dynamic_ncols=True,
+            leave=True,
+        )
+        t_stage = time.monotonic()
+        seconds_base = state["stage_seconds"][stage]
+        try:
+            while state["step"] < total:
+                step = state["step"]
+                if self._elapsed() >= deadline:
+                    state["stopped_early"][stage] = {
+                        "step": step,
+                        "planned": total,
+                        "reason": f"time budget ({opts.minutes_budget:g} min) reached",
+                    }
+                    self.log(f"{stage}: time budget reached at step {step} of {total}; ending the stage")
+                    break
+                lr = learning_rate(peak, step, total, cfg.warmup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                plan = batch_plan(cfg, stage, step)
+                loss = step_fn(plan)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self.optimizer.step()
+                if stage == "dit":
+                    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                    with torch.no_grad():
+                        for n, p in named:
+                            self.ema[n].lerp_(p.detach(), 1 - decay)
+                losses.append(float(loss.detach()))
+                state["step"] = step + 1
+                state["stage_seconds"][stage] = seconds_base + time.monotonic() - t_stage
+                self._steps_this_process += 1
+                bar.update(1)
+                recent = losses[-20:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", res=f"{plan.height}x{plan.width}")
+                due = time.monotonic() - self._last_save >= opts.checkpoint_minutes * 60
+                if opts.checkpoint_every and state["step"] % opts.checkpoint_every == 0:
+                    due = True
+                if self._stop_signal is not None:
+                    self._save(state)
+                    raise TrainingInterrupted(
+                        f"{self._stop_signal}: checkpoint saved at {stage} step {state['step']} in "
+                        f"{self.work_dir}; run again with --resume to continue"
+                    )
+                if due:
+                    self._save(state)
+                if self.kill_after_steps is not None and self._steps_this_process >= self.kill_after_steps:
+                    raise SimulatedKill(f"simulated kill after {self._steps_this_process} steps")
+        finally:
+            bar.close()
+        # stage end
+        for mod in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+            getattr(self.pipe, mod).eval().requires_grad_(False)
+        self.optimizer = None
+        if stage == "vae":
+            state["latent_stats"] = self._latent_stats()
+            self.log(
+                f"VAE done: scaling_factor {state['latent_stats']['scaling_factor']:.4f}, "
+                f"shift_factor {state['latent_stats']['shift_factor']:.4f}"
+            )
+            state["stage"], state["step"], state["optimizer"] = "dit", 0, None
+        else:
+            state["stage"], state["step"], state["optimizer"] = "export", 0, None
+        self._save(state)
+
+    def _vae_step(self, plan: BatchPlan) -> torch.Tensor:
+        x, _ = render_batch(self.cfg, plan)
+        g = torch.Generator().manual_seed(plan.noise_seed)
+        post = self.pipe.vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = self.pipe.vae.decode(z).sample
+        err = rec - x
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        return err.abs().mean() + err.pow(2).mean() + self.cfg.kl_weight * kl
+
+    def _latents(self, x: torch.Tensor, stats: dict) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.pipe.vae.encode(x).latent_dist.mode()
+        return (z - stats["shift_factor"]) * stats["scaling_factor"]
+
+    def _dit_step(self, plan: BatchPlan) -> torch.Tensor:
+        cfg = self.cfg
+        x, captions = render_batch(cfg, plan)
+        x0 = self._latents(x, self._stats)
+        g = torch.Generator().manual_seed(plan.noise_seed)
+        noise = torch.randn(x0.shape, generator=g)
+        b, _, h, w = x0.shape
+        seq = (h // 2) * (w // 2)
+        sigma = sample_sigmas(b, seq, g, cfg.logit_mean, cfg.logit_std).view(b, 1, 1, 1)
+        xt = (1 - sigma) * x0 + sigma * noise
+        packed, img_ids = pack_latents(xt)
+        target, _ = pack_latents(noise - x0)
+        embeds, pooled = encode_text(self.pipe, captions)
+        tr = self.pipe.transformer
+        guidance = torch.full((b,), 3.5) if tr.config.guidance_embeds else None
+        pred = tr(
+            hidden_states=packed,
+            timestep=sigma.view(b),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3),
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return (pred - target).pow(2).mean()
+
+    def _latent_stats(self) -> dict:
+        """shift = mean and scaling = 1 / std of the VAE latents (posterior means) of base-size scenes."""
+        cfg = self.cfg
+        ds = ProceduralDataset(
+            cfg.stats_images, seed=derive_seed(cfg.seed, _STREAMS["stats"]), resolution=cfg.base
+        )
+        zs = []
+        with torch.no_grad():
+            for start in range(0, len(ds), 16):
+                x = torch.stack([ds[i][0] for i in range(start, min(start + 16, len(ds)))])
+                zs.append(self.pipe.vae.encode(x).latent_dist.mode().double())
+        z = torch.cat(zs)
+        std = float(z.std())
+        return {"shift_factor": float(z.mean()), "scaling_factor": 1.0 / max(std, 1e-6)}
+
+    # -- export and evaluation -------------------------------------------------------------------
+    def _export(self, state: dict) -> None:
+        t0 = time.monotonic()
+        pipe = self.pipe
+        stats = state["latent_stats"]
+        if self.ema is not None:  # the shipped weights are the EMA
+            modules = _dit_modules(pipe, self.cfg)
+            with torch.no_grad():
+                for n, p in _named_params(modules):
+                    p.copy_(self.ema[n])
+        pipe.vae.register_to_config(
+            scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"]
+        )
+        for name in MODEL_NAMES:
+            getattr(pipe, name).eval().requires_grad_(False)
+        output = Path(self.opts.output)
+        save_pipeline_atomically(pipe, output, self.cfg.size, progress=self.opts.progress)
+        self.log(f"saved the pipeline to {output}")
+        state["eval"] = self.evaluate(output, state) if self.opts.eval_images > 0 else None
+        state["stage_seconds"]["export"] = state["stage_seconds"].get("export", 0.0) + time.monotonic() - t0
+        state["stage"] = "done"
+        state["elapsed"] = self._elapsed()
+        log = self.summary(state)
+        atomic_write_text(output / LOG_FILE, json.dumps(log, indent=2) + "\n")
+        self._save(state)
+
+    def evaluate(self, folder: Path, state: dict) -> dict:
+        """Adherence of generated base-size images of held-out scenes (plus the VAE round trip)."""
+        from ..pipelines import generate
+        from .adherence import adherence
+        from .dataset import BASIC_SHAPES
+
+        cfg, n = self.cfg, self.opts.eval_images
+        scenes = heldout_scenes(n, cfg.seed)
+        t0 = time.monotonic()
+        result = generate(
+            [s.caption() for s in scenes],
+            model=str(folder),
+            radius=0,
+            steps=self.opts.eval_steps,
+            seed=cfg.seed,
+            device="cpu",
+            dtype="fp32",
+            quiet=True,
+        )
+        gen_seconds = time.monotonic() - t0
+        gen = summarize_adherence(
+            [adherence(im, s, shapes=BASIC_SHAPES) for im, s in zip(result.images, scenes, strict=True)]
+        )
+        # the VAE alone: encode + decode the rendered scenes (an upper bound for the model)
+        from .dataset import render
+
+        with torch.no_grad():
+            rt = []
+            for s in scenes:
+                img = render(s, cfg.base)
+                x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)[None]
+                rec = self.pipe.vae.decode(self.pipe.vae.encode(x).latent_dist.mode()).sample[0].clamp(-1, 1)
+                rt.append(adherence(rec, s, shapes=BASIC_SHAPES))
+        vae = summarize_adherence(rt)
+        out = {
+            "images": n,
+            "steps": self.opts.eval_steps,
+            "resolution": [cfg.base, cfg.base],
+            "attention": "full",
+            "held_out_stream": "derive_seed(seed, 4), scenes 0..n-1; generator seeds seed + i",
+            "adherence_percent": gen["percent"],
+            "strict_percent": gen["strict_percent"],
+            "by_fact_percent": gen["by_fact_percent"],
+            "vae_roundtrip_percent": vae["percent"],
+            "vae_roundtrip_strict_percent": vae["strict_percent"],
+            "seconds": gen_seconds,
+        }
+        self.log(
+            f"adherence at {cfg.base}x{cfg.base} on {n} held-out prompts: {gen['percent']:.1f}% of facts, "
+            f"{gen['strict_percent']:.1f}% of images fully right (VAE round trip: {vae['percent']:.1f}%)"
+        )
+        return out
+
+    # -- log ---------------------------------------------------------------------------------------
+    def summary(self, state: dict) -> dict:
+        """The training log (written to ``training_log.json`` in the output folder and the work dir)."""
+        import diffusers
+
+        opts = self.opts
+        stages = {}
+        for stage in ("vae", "dit"):
+            losses = state["losses"][stage]
+            every = max(1, opts.log_every)
+            curve = [
+                [min(i + every, len(losses)), float(np.mean(losses[i : i + every]))]
+                for i in range(0, len(losses), every)
+            ]
+            secs = state["stage_seconds"].get(stage, 0.0)
+            stages[stage] = {
+                "steps_done": len(losses),
+                "planned_steps": self.cfg.vae_steps if stage == "vae" else self.cfg.dit_steps,
+                "seconds": secs,
+                "steps_per_second": len(losses) / secs if secs > 0 else None,
+                "stopped_early": state["stopped_early"].get(stage),
+                "loss_every": every,
+                "loss_curve": curve,
+            }
+        output = Path(opts.output)
+        st_bytes = sum(p.stat().st_size for p in output.rglob("*.safetensors")) if output.is_dir() else None
+        log = {
+            "format": LOG_FORMAT,
+            "config": self.cfg.to_dict(),
+            "options": {
+                "minutes_budget": opts.minutes_budget,
+                "checkpoint_minutes": opts.checkpoint_minutes,
+                "eval_images": opts.eval_images,
+                "eval_steps": opts.eval_steps,
+                "output": str(output),
+                "work_dir": str(self.work_dir),
+            },
+            "environment": {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            },
+            "stages": stages,
+            "latent_stats": state["latent_stats"],
+            "total_seconds": float(state["elapsed"]) if state["stage"] == "done" else self._elapsed(),
+            "export_seconds": state["stage_seconds"].get("export", 0.0),
+            "resumes": state.get("resumes", 0),
+            "parameters": count_parameters(self.pipe),
+            "safetensors_bytes": st_bytes,
+            "eval": state.get("eval"),
+        }
+        return log
+
+
+def summarize_adherence(results) -> dict:
+    """Percent of facts satisfied, of images with every fact right, and per kind of fact."""
+    kinds: dict[str, list[bool]] = {
+        "object present": [],
+        "shape": [],
+        "size": [],
+        "background colours": [],
+        "background pattern": [],
+    }
+    for r in results:
+        facts = [ok for _, ok in r.facts]
+        objs, bg = facts[:-2], facts[-2:]
+        kinds["object present"] += objs[0::3]
+        kinds["shape"] += objs[1::3]
+        kinds["size"] += objs[2::3]
+        kinds["background colours"].append(bg[0])
+        kinds["background pattern"].append(bg[1])
+    return {
+        "percent": 100.0 * float(np.mean([r.score for r in results])) if results else float("nan"),
+        "strict_percent": 100.0 * float(np.mean([r.all_ok for r in results])) if results else float("nan"),
+        "by_fact_percent": {k: 100.0 * float(np.mean(v)) if v else None for k, v in kinds.items()},
+    }
+
+
+def save_pipeline_atomically(pipe, output: Path, size: str, *, progress: bool = True) -> Path:
+    """``save_mini_pipeline`` into a temporary sibling folder, then swap it in for ``output``.
+
+    An existing ``output`` must be a pipeline folder (``model_index.json``) or empty: anything else
+    is refused rather than deleted.
+    """
+    from .pipeline import save_mini_pipeline
+
+    output = Path(output)
+    if output.exists():
+        if not output.is_dir():
+            raise ValueError(f"--output {output} exists and is not a folder")
+        if any(output.iterdir()) and not (output / "model_index.json").is_file():
+            raise ValueError(
+                f"--output {output} is a non-empty folder without model_index.json; refusing to replace it "
+                "(pass an empty or new folder, or an earlier output of this trainer)"
+            )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    bars = [m for m in (dlog, tlog) if not progress and m.is_progress_bar_enabled()]
+    for m in bars:
+        m.disable_progress_bar()
+    try:
+        save_mini_pipeline(pipe, tmp, mini_model_info(size, name=f"cleardit-{size}"))
+    finally:
+        for m in bars:
+            m.enable_progress_bar()
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+    return output
+
+
+def train(
+    cfg: TrainConfig | None = None,
+    opts: RunOptions | None = None,
+    *,
+    resume: bool = False,
+    kill_after_steps: int | None = None,
+) -> dict:
+    """Run (or resume) a training run; returns the log dict. See the module docstring."""
+    trainer = MiniTrainer(cfg or full_config(), opts, resume=resume)
+    trainer.kill_after_steps = kill_after_steps
+    return trainer.run()
+
+
+# ----------------------------------------------------------------------------- CLI
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cleardit.mini.train",
+        description="Train the cleardit mini text-to-image model (a diffusers FluxPipeline) on procedural "
+        "scenes: VAE, then transformer + text encoders; resumable, deterministic.",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"pipeline folder to write (default {DEFAULT_OUTPUT})",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"checkpoints and logs (default {DEFAULT_WORK_DIR}; --quick: {DEFAULT_WORK_DIR}-quick)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --work-dir (starts fresh if it has none)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a few minutes end to end: tiny step counts (smoke tests)"
+    )
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument(
+        "--minutes-budget",
+        type=_positive_float,
+        default=None,
+        help="wall-clock budget in minutes (default 55; --quick: 10)",
+    )
+    p.add_argument("--vae-steps", type=_positive_int, default=None)
+    p.add_argument("--dit-steps", type=_positive_int, default=None)
+    p.add_argument(
+        "--batch", type=_positive_int, default=None, help="DiT images per step at the base resolution"
+    )
+    p.add_argument("--vae-batch", type=_positive_int, default=None, help="VAE crops per step")
+    p.add_argument("--size", choices=sorted(MINI_SIZES), default="mini", help="architecture (tiny: tests)")
+    p.add_argument("--checkpoint-minutes", type=_positive_float, default=1.5)
+    p.add_argument(
+        "--eval-images",
+        type=_nonneg_int,
+        default=None,
+        help="held-out prompts for the final adherence check (default 50; --quick: 4; 0: skip)",
+    )
+    p.add_argument(
+        "--eval-steps",
+        type=_positive_int,
+        default=None,
+        help="denoising steps of the check (default 20; --quick: 8)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice, one per core). Resume with the same count: "
+        "other counts change float rounding, so the weights are no longer bit-identical",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    return p
+
+
+def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
+    overrides = {
+        k: v
+        for k, v in dict(
+            size=args.size,
+            seed=args.seed,
+            vae_steps=args.vae_steps,
+            dit_steps=args.dit_steps,
+            batch=args.batch,
+            vae_batch=args.vae_batch,
+        ).items()
+        if v is not None
+    }
+    cfg = quick_config(**overrides) if args.quick else full_config(**overrides)
+    work_dir = args.work_dir or (Path(f"{DEFAULT_WORK_DIR}-quick") if args.quick else DEFAULT_WORK_DIR)
+    opts = RunOptions(
+        output=args.output,
+        work_dir=work_dir,
+        minutes_budget=args.minutes_budget or (10.0 if args.quick else 55.0),
+        export_reserve_minutes=1.0 if args.quick else 3.0,
+        checkpoint_minutes=args.checkpoint_minutes,
+        eval_images=args.eval_images if args.eval_images is not None else (4 if args.quick else 50),
+        eval_steps=args.eval_steps or (8 if args.quick else 20),
+        progress=not args.quiet,
+    )
+    return cfg, opts
+
+
+def format_summary(log: dict) -> str:
+    lines = []
+    for stage in ("vae", "dit"):
+        s = log["stages"][stage]
+        last = s["loss_curve"][-1][1] if s["loss_curve"] else float("nan")
+        rate = f"{s['steps_per_second']:.3f} steps/s" if s["steps_per_second"] else "-"
+        early = " (stopped early by the time budget)" if s["stopped_early"] else ""
+        lines.append(
+            f"{stage.upper()}: {s['steps_done']}/{s['planned_steps']} steps in {s['seconds'] / 60:.1f} min "
+            f"({rate}), final loss {last:.4f}{early}"
+        )
+    mib = (log["safetensors_bytes"] or 0) / 2**20
+    lines.append(f"total {log['total_seconds'] / 60:.1f} min; safetensors {mib:.1f} MiB")
+    ev = log.get("eval")
+    if ev:
+        lines.append(
+            f"adherence at {ev['resolution'][0]}x{ev['resolution'][1]} ({ev['images']} held-out prompts, "
+            f"{ev['steps']} steps): {ev['adherence_percent']:.1f}% of facts, {ev['strict_percent']:.1f}% "
+            f"of images fully right; VAE round trip {ev['vae_roundtrip_percent']:.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg, opts = config_from_args(args)
+        log = train(cfg, opts, resume=args.resume)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_text(Path(opts.work_dir) / LOG_FILE, json.dumps(log, indent=2) + "\n")
+    print(format_summary(log))
+    print(f"model: {opts.output}; log: {Path(opts.output) / LOG_FILE}")
+    return 0
+
+
+def _reexec_with_passive_openmp() -> None:
+    """Restart ``python -m cleardit.mini.train`` with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+
+    torch's CPU build runs its thread pool on OpenMP, whose idle threads spin by default. When other
+    processes keep the cores busy, that spinning made a training step up to 5x slower in trials
+    (idle threads steal the cores the working ones need); passive waiting costs nothing measurable
+    on a quiet machine. OpenMP reads the variable when torch is first imported, hence the restart.
+    Set OMP_WAIT_POLICY yourself (e.g. ACTIVE) to keep your own choice.
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "cleardit.mini.train", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_passive_openmp()
+    sys.exit(main())

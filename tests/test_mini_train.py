@@ -1,0 +1,258 @@
+"""The mini trainer (``python -m cleardit.mini.train``): determinism, checkpoints, resume, CLI errors.
+
+Fast tests train the "tiny" architecture for a handful of steps on the CPU; the slow test runs
+``--quick`` end to end on the real mini architecture and generates an image from the result.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cleardit.mini import train as T
+from cleardit.mini.train_state import checkpoint_path, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models' many small ops are faster without thread hand-offs and do
+    not stall when the machine's cores are busy (bit-identity is compared within one setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides):
+    cfg = dict(size="tiny", vae_steps=4, dit_steps=5, batch=4, vae_batch=2, stats_images=4)
+    cfg.update(overrides)
+    return T.quick_config(**cfg)
+
+
+def opts(tmp_path, name: str, **overrides):
+    o = dict(
+        output=tmp_path / name / "model",
+        work_dir=tmp_path / name / "work",
+        eval_images=0,
+        progress=False,
+        checkpoint_minutes=1000.0,
+    )
+    o.update(overrides)
+    return T.RunOptions(**o)
+
+
+def safetensors_of(folder):
+    return {p.relative_to(folder).as_posix(): load_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# -- data order ------------------------------------------------------------------------------
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    cfg = T.full_config()
+    for stage in ("vae", "dit"):
+        later = T.batch_plan(cfg, stage, 7)
+        for s in range(12):  # other calls in between change nothing
+            T.batch_plan(cfg, stage, s)
+        assert T.batch_plan(cfg, stage, 7) == later
+        assert T.batch_plan(cfg, stage, 8) != later
+        assert T.batch_plan(T.full_config(seed=1), stage, 7) != later
+        # successive steps never reuse a scene
+        a, b = T.batch_plan(cfg, stage, 3), T.batch_plan(cfg, stage, 4)
+        assert not set(a.indices) & set(b.indices)
+    # the rendered batch of a plan is the same whenever it is rendered
+    small = T.quick_config(size="tiny", batch=3, vae_batch=3)
+    for stage in ("vae", "dit"):
+        plan = T.batch_plan(small, stage, 5)
+        x1, c1 = T.render_batch(small, plan)
+        T.render_batch(small, T.batch_plan(small, stage, 6))
+        x2, c2 = T.render_batch(small, plan)
+        assert torch.equal(x1, x2) and c1 == c2
+        assert x1.shape[0] == len(plan.indices) and x1.min() >= -1 and x1.max() <= 1
+        if stage == "vae":
+            assert x1.shape[-2:] == (small.vae_crop, small.vae_crop)
+        else:
+            assert x1.shape[-2:] == (plan.height, plan.width)
+
+
+def test_resolution_mix_and_batch_sizes():
+    cfg = T.full_config()
+    res = T.dit_resolutions(cfg)
+    assert abs(sum(p for _, _, p in res) - 1) < 1e-9
+    sizes = {(h, w) for h, w, _ in res}
+    assert {(128, 128), (256, 256), (128, 512), (512, 128)} <= sizes
+    for h, w, _ in res:
+        assert h % cfg.size_factor == 0 and w % cfg.size_factor == 0
+        n = T.dit_batch_size(cfg, h, w)
+        assert 1 <= n <= cfg.batch and abs(n * h * w - cfg.batch * 128 * 128) <= h * w
+    seen = {(p.height, p.width) for p in (T.batch_plan(cfg, "dit", s) for s in range(300))}
+    assert seen == sizes
+    assert set(T.vae_render_sizes(cfg)) == {64, 96, 128, 192}
+
+
+def test_schedules_match_the_pipeline():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from cleardit.mini.pipeline import SCHEDULER_CONFIG as C
+
+    for n in (16, 256, 1024, 4096):
+        want = calculate_shift(
+            n, C["base_image_seq_len"], C["max_image_seq_len"], C["base_shift"], C["max_shift"]
+        )
+        assert T.timestep_shift_mu(n) == pytest.approx(want)
+    g = torch.Generator().manual_seed(0)
+    s_small = T.sample_sigmas(4000, 256, g)
+    s_big = T.sample_sigmas(4000, 4096, torch.Generator().manual_seed(0))
+    assert 0 < s_small.min() and s_small.max() < 1
+    assert s_big.mean() > s_small.mean()  # larger images: noisier on average, as in the scheduler
+    lr = [T.learning_rate(1.0, s, 100, 10) for s in range(100)]
+    assert (
+        lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.1, abs=1e-3)
+    )
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:], strict=False))
+
+
+def test_encode_text_matches_the_pipeline():
+    from cleardit.mini.pipeline import build_mini_pipeline
+
+    pipe = build_mini_pipeline("tiny")
+    caps = [
+        "a small red circle at the top left on a plain white background",
+        T.heldout_scenes(1)[0].caption(),
+    ]
+    embeds, pooled = T.encode_text(pipe, caps)
+    want_e, want_p, _ = pipe.encode_prompt(caps, max_sequence_length=40)
+    assert torch.equal(embeds, want_e) and torch.equal(pooled, want_p)
+
+
+# -- checkpoints and resume ------------------------------------------------------------------
+
+
+def test_resume_after_kills_is_bit_identical(tmp_path):
+    cfg = tiny_config()
+    ref_log = T.train(cfg, opts(tmp_path, "straight"))
+    ref = load_checkpoint(tmp_path / "straight" / "work")
+    assert ref["stage"] == "done" and len(ref["losses"]["vae"]) == 4 and len(ref["losses"]["dit"]) == 5
+
+    o = opts(tmp_path, "killed", checkpoint_every=2)
+    with pytest.raises(T.SimulatedKill):  # dies after VAE step 3; the checkpoint of step 2 survives
+        T.train(cfg, o, kill_after_steps=3)
+    state = load_checkpoint(o.work_dir)
+    assert (state["stage"], state["step"], len(state["losses"]["vae"])) == ("vae", 2, 2)
+    with pytest.raises(T.SimulatedKill):  # VAE steps 3-4, stage end, DiT steps 1-2
+        T.train(cfg, o, resume=True, kill_after_steps=4)
+    state = load_checkpoint(o.work_dir)
+    assert (state["stage"], state["step"]) == ("dit", 2)
+    log = T.train(cfg, o, resume=True)
+    got = load_checkpoint(o.work_dir)
+
+    assert_same_tensors(got["models"], ref["models"])
+    assert_same_tensors(got["ema"], ref["ema"])
+    assert got["losses"] == ref["losses"] and got["latent_stats"] == ref["latent_stats"]
+    assert_same_tensors(safetensors_of(o.output), safetensors_of(tmp_path / "straight" / "model"))
+    assert log["stages"]["dit"]["loss_curve"] == ref_log["stages"]["dit"]["loss_curve"]
+    assert log["resumes"] == 2
+    # the shipped VAE carries the latent statistics; cleardit.json the base size
+    vae_cfg = json.loads((o.output / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(got["latent_stats"]["scaling_factor"])
+    assert json.loads((o.output / "cleardit.json").read_text())["base_height"] == 64
+    assert (o.output / T.LOG_FILE).is_file()
+
+
+def test_signal_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    cfg = tiny_config(vae_steps=2, dit_steps=2)
+    o = opts(tmp_path, "sig")
+    trainer = T.MiniTrainer(cfg, o)
+    trainer._on_signal(signal.SIGTERM, None)  # as if SIGTERM arrived during the first step
+    with pytest.raises(T.TrainingInterrupted, match="--resume"):
+        trainer.run()
+    assert load_checkpoint(o.work_dir)["step"] == 1
+    assert T.train(cfg, o, resume=True)["stages"]["dit"]["steps_done"] == 2
+
+
+def test_resume_refuses_another_config_and_plain_rerun(tmp_path):
+    o = opts(tmp_path, "cfg", checkpoint_every=1)
+    with pytest.raises(T.SimulatedKill):
+        T.train(tiny_config(), o, kill_after_steps=1)
+    with pytest.raises(ValueError) as err:
+        T.train(tiny_config(seed=3, dit_steps=9), o, resume=True)
+    msg = str(err.value)
+    assert str(o.work_dir) in msg and "seed: work dir has 0, this run asks for 3" in msg
+    assert "dit_steps: work dir has 5, this run asks for 9" in msg
+    with pytest.raises(ValueError, match="pass --resume"):
+        T.train(tiny_config(), o)
+    # a damaged checkpoint is a clear error, not a pickle traceback
+    checkpoint_path(o.work_dir).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable mini-trainer checkpoint"):
+        T.train(tiny_config(), o, resume=True)
+
+
+def test_cli_runs_and_reports_bad_arguments(tmp_path, capsys):
+    base = ["--size", "tiny", "--quick", "--vae-steps", "2", "--dit-steps", "2", "--batch", "2"]
+    base += ["--vae-batch", "2", "--eval-images", "0", "--quiet"]
+    where = ["--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "m")]
+    assert T.main([*base, *where]) == 0
+    out = capsys.readouterr().out
+    assert "VAE: 2/2 steps" in out and "DIT: 2/2 steps" in out
+    assert (tmp_path / "m" / "model_index.json").is_file() and (tmp_path / "w" / T.LOG_FILE).is_file()
+    assert T.main([*base, *where, "--resume"]) == 0  # finished: nothing to do, same summary
+    assert T.main([*base, *where, "--resume", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "seed: work dir has 0, this run asks for 1" in err and str(tmp_path / "w") in err
+    for bad in (["--batch", "0"], ["--minutes-budget", "-1"], ["--seed", "x"], ["--size", "huge"]):
+        with pytest.raises(SystemExit) as exc:
+            T.main(bad)
+        assert exc.value.code == 2
+    assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_output_folder_is_never_clobbered(tmp_path):
+    from cleardit.mini.pipeline import build_mini_pipeline
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        T.save_pipeline_atomically(build_mini_pipeline("tiny"), foreign, "tiny", progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    assert T.main(["--quick", "--output", str(out), "--work-dir", str(work), "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    assert "adherence at 128x128" in summary
+    log = json.loads((out / T.LOG_FILE).read_text())
+    assert log["stages"]["vae"]["steps_done"] == 40 and log["stages"]["dit"]["steps_done"] == 60
+    assert log["eval"]["images"] == 4 and 0 <= log["eval"]["adherence_percent"] <= 100
+    assert log["safetensors_bytes"] <= 25 * 2**20
+    pipe = FluxPipeline.from_pretrained(str(out), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a large red circle in the center on a plain white background",
+        height=128,
+        width=128,
+        num_inference_steps=4,
+        max_sequence_length=40,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (128, 128)
