@@ -88,3 +88,13 @@ def test_lse_is_logsumexp_of_allowed_scores():
     scores = (q[0, 0] @ k[0, 0].T) / 2.0
     expected = torch.stack([scores[i][mask[i]].logsumexp(0) for i in range(layout.seq_len)])
     torch.testing.assert_close(lse[0, 0], expected)
+
+
+def test_auto_picks_dense_for_short_sequences_and_wide_discs_and_tiled_otherwise():
+    from cleardit.attention import choose_backend
+
+    cpu = torch.device("cpu")
+    assert choose_backend(TokenLayout(40, 24, 24), cpu, 8) == "reference"  # 616 tokens
+    assert choose_backend(TokenLayout(40, 48, 48), cpu, 100) == "reference"  # disc covers the grid
+    assert choose_backend(TokenLayout(40, 48, 48), cpu, 8) == "tiled"
+    assert choose_backend(TokenLayout(256, 128, 128), cpu, 10_000) == "tiled"  # too big for a dense mask

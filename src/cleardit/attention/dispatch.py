@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .flops import count_pairs
 from .layout import TokenLayout, check_radius
 from .pooling import pool_image_tokens
 
@@ -55,14 +56,22 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-# Below this many tokens a dense masked SDPA call beats tiling overhead (measured, docs/benchmarks.md).
+# Dense masked SDPA wins when the sequence is short or the disc covers most of the grid; measured
+# on the 2-core CPU (docs/benchmarks.md, "auto"): tiled is 0.5-0.95x dense at ~600 tokens and
+# 1.2-10x from ~2,300 tokens at r=8. Past _DENSE_CAP_TOKENS the N x N mask itself is too big.
 _DENSE_MAX_TOKENS = 1024
+_DENSE_CAP_TOKENS = 4096
+_DENSE_PAIR_FRACTION = 0.5
 
 
-def choose_backend(layout: TokenLayout, device: torch.device) -> str:
-    """The backend ``auto`` picks for this size and device."""
-    if layout.seq_len + layout.pooled_len <= _DENSE_MAX_TOKENS:
+def choose_backend(layout: TokenLayout, device: torch.device, radius: int | None = None) -> str:
+    """The backend ``auto`` picks for this size, radius (if known) and device."""
+    n = layout.seq_len + layout.pooled_len
+    if n <= _DENSE_MAX_TOKENS:
         return "reference"
+    if radius is not None and n <= _DENSE_CAP_TOKENS:
+        if count_pairs(layout, radius) > _DENSE_PAIR_FRACTION * layout.seq_len * n:
+            return "reference"
     if device.type == "cuda" and "triton" in available_backends(device):
         return "triton"
     return "tiled"
@@ -101,7 +110,7 @@ def clear_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "auto":
-        backend = choose_backend(layout, q.device)
+        backend = choose_backend(layout, q.device, radius)
     impl = _load_backend(backend)
 
     pooled_k = pooled_v = None

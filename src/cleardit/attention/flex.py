@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
@@ -109,7 +110,10 @@ def flex_clear_attention(
     block_mask = clear_block_mask(layout, radius, q.device)
     use_compiled = _use_compiled(q.device) if compile is None else compile
     fn = _compiled_flex() if use_compiled else flex_attention
-    if return_lse:
-        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        return out, aux.lse.float()
-    return fn(q, k, v, block_mask=block_mask, scale=scale), None
+    with warnings.catch_warnings():
+        # eager flex is chosen on purpose here (CPU comparison / tests); its advice to compile is noise
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if return_lse:
+            out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            return out, aux.lse.float()
+        return fn(q, k, v, block_mask=block_mask, scale=scale), None
