@@ -7,20 +7,12 @@ import json
 import platform
 import sys
 
+from .argtypes import positive_int
+
 # FLUX.1-dev's attention geometry: pixels per token side (VAE x8, patch x2), 512 T5 tokens,
 # 24 heads of 128, 19 double-stream + 38 single-stream blocks.
 PIXELS_PER_TOKEN = 16
 FLUX_DEV = dict(text_len=512, heads=24, head_dim=128, layers=19 + 38)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
 
 
 def pixels_to_tokens(pixels: int, what: str) -> int:
@@ -137,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", help="self-check: backends agree, and CLEAR vs full timing on a small FLUX"
     )
-    check.add_argument("--grid", type=_positive_int, default=96, help="token grid side for the timing (96)")
-    check.add_argument("--radius", type=_positive_int, default=8, help="CLEAR radius for the timing (8)")
-    check.add_argument("--reps", type=_positive_int, default=2, help="timed repetitions (2)")
+    check.add_argument("--grid", type=positive_int, default=96, help="token grid side for the timing (96)")
+    check.add_argument("--radius", type=positive_int, default=8, help="CLEAR radius for the timing (8)")
+    check.add_argument("--reps", type=positive_int, default=2, help="timed repetitions (2)")
     check.set_defaults(func=cmd_check)
 
     flops = sub.add_parser(
@@ -148,18 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact allowed-pair counts and attention FLOPs (4 * head_dim * heads * pairs).",
     )
     flops.add_argument(
-        "--height", type=_positive_int, default=1024, help="image height in pixels (default 1024)"
+        "--height", type=positive_int, default=1024, help="image height in pixels (default 1024)"
     )
     flops.add_argument(
-        "--width", type=_positive_int, default=1024, help="image width in pixels (default 1024)"
+        "--width", type=positive_int, default=1024, help="image width in pixels (default 1024)"
     )
-    flops.add_argument("--radius", type=_positive_int, default=16, help="CLEAR radius in tokens (default 16)")
-    flops.add_argument("--down-factor", type=_positive_int, default=None, help="pooled branch factor")
+    flops.add_argument("--radius", type=positive_int, default=16, help="CLEAR radius in tokens (default 16)")
+    flops.add_argument("--down-factor", type=positive_int, default=None, help="pooled branch factor")
     flops.add_argument("--text-len", type=int, default=FLUX_DEV["text_len"], help="text tokens (default 512)")
-    flops.add_argument("--heads", type=_positive_int, default=FLUX_DEV["heads"], help="attention heads (24)")
-    flops.add_argument("--head-dim", type=_positive_int, default=FLUX_DEV["head_dim"], help="head dim (128)")
+    flops.add_argument("--heads", type=positive_int, default=FLUX_DEV["heads"], help="attention heads (24)")
+    flops.add_argument("--head-dim", type=positive_int, default=FLUX_DEV["head_dim"], help="head dim (128)")
     flops.add_argument(
-        "--layers", type=_positive_int, default=FLUX_DEV["layers"], help="attention layers (57)"
+        "--layers", type=positive_int, default=FLUX_DEV["layers"], help="attention layers (57)"
     )
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)

@@ -8,18 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..argtypes import positive_int
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES
 from .weights import ENV_WEIGHTS_DIR
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
 
 
 def _number(text: str) -> float | int:
@@ -102,14 +93,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         default="all",
         help=f"comma-separated subset of {','.join(METRIC_NAMES)} (default: all)",
     )
-    images.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per batch (default 8)")
+    images.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch (default 8)")
     images.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     images.add_argument("--weights-dir", help=f"folder with metric weights (default: ${ENV_WEIGHTS_DIR})")
     images.add_argument("--clip-model", help=f"CLIP model id or folder (default {DEFAULT_CLIP_MODEL})")
     images.add_argument("--dino-model", help=f"DINO model id or folder (default {DEFAULT_DINO_MODEL})")
     images.add_argument("--strict", action="store_true", help="fail instead of skipping a metric")
     images.add_argument("--report", help="folder for report.md / report.html with an image grid")
-    images.add_argument("--samples", type=_positive_int, default=8, help="pairs shown in the report grid (8)")
+    images.add_argument("--samples", type=positive_int, default=8, help="pairs shown in the report grid (8)")
     images.add_argument("--radius", type=_number, default=None, help="CLEAR radius to record in the JSON")
     images.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     images.set_defaults(func=cmd_eval_images)

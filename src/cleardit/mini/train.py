@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import nonneg_int, positive_float, positive_int
 from .dataset import ProceduralDataset, Scene
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
@@ -897,34 +898,6 @@ def train(
 
 
 # ----------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -951,36 +924,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="a few minutes end to end: tiny step counts (smoke tests)"
     )
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument(
         "--minutes-budget",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="wall-clock budget in minutes (default 55; --quick: 10)",
     )
-    p.add_argument("--vae-steps", type=_positive_int, default=None)
-    p.add_argument("--dit-steps", type=_positive_int, default=None)
+    p.add_argument("--vae-steps", type=positive_int, default=None)
+    p.add_argument("--dit-steps", type=positive_int, default=None)
     p.add_argument(
-        "--batch", type=_positive_int, default=None, help="DiT images per step at the base resolution"
+        "--batch", type=positive_int, default=None, help="DiT images per step at the base resolution"
     )
-    p.add_argument("--vae-batch", type=_positive_int, default=None, help="VAE crops per step")
+    p.add_argument("--vae-batch", type=positive_int, default=None, help="VAE crops per step")
     p.add_argument("--size", choices=sorted(MINI_SIZES), default="mini", help="architecture (tiny: tests)")
-    p.add_argument("--checkpoint-minutes", type=_positive_float, default=1.5)
+    p.add_argument("--checkpoint-minutes", type=positive_float, default=1.5)
     p.add_argument(
         "--eval-images",
-        type=_nonneg_int,
+        type=nonneg_int,
         default=None,
         help="held-out prompts for the final adherence check (default 50; --quick: 4; 0: skip)",
     )
     p.add_argument(
         "--eval-steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="denoising steps of the check (default 20; --quick: 8)",
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch intra-op threads (default: torch's choice, one per core). Resume with the same count: "
         "other counts change float rounding, so the weights are no longer bit-identical",

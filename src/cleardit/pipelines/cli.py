@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..argtypes import positive_float
+
 
 def _int(minimum: int):
     def parse(text: str) -> int:
@@ -20,16 +22,6 @@ def _int(minimum: int):
         return value
 
     return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def _float(text: str) -> float:
@@ -163,7 +155,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--strength",
-        type=_positive_float,
+        type=positive_float,
         default=0.7,
         help="re-noising strength of --highres, in (0, 1] (default 0.7)",
     )
@@ -173,7 +165,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         default="image",
         help="what --highres upscales (default: image)",
     )
-    g.add_argument("--ntk-factor", type=_positive_float, default=None, help="multiply RoPE theta (e.g. 10)")
+    g.add_argument("--ntk-factor", type=positive_float, default=None, help="multiply RoPE theta (e.g. 10)")
     g.add_argument(
         "--proportional-attention",
         action="store_true",
