@@ -98,3 +98,24 @@ def test_auto_picks_dense_for_short_sequences_and_wide_discs_and_tiled_otherwise
     assert choose_backend(TokenLayout(40, 48, 48), cpu, 100) == "reference"  # disc covers the grid
     assert choose_backend(TokenLayout(40, 48, 48), cpu, 8) == "tiled"
     assert choose_backend(TokenLayout(256, 128, 128), cpu, 10_000) == "tiled"  # too big for a dense mask
+
+
+def test_bad_inputs_to_clear_attention_are_clear_errors():
+    layout = TokenLayout(2, 3, 4)
+    q = k = v = torch.randn(1, 2, layout.seq_len, 8)
+    with pytest.raises(ValueError, match="has 13 tokens but the layout has 14"):
+        clear_attention(q[:, :, :13], k[:, :, :13], v[:, :, :13], layout, 2)
+    with pytest.raises(ValueError, match=r"shaped \[batch, heads, tokens, head_dim\]"):
+        clear_attention(q[0], k[0], v[0], layout, 2)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        clear_attention(q, k[:, :1], v[:, :1], layout, 2)
+    with pytest.raises(ValueError, match="radius must be >= 1"):
+        clear_attention(q, k, v, layout, 0)
+    with pytest.raises(TypeError, match="radius must be a positive integer"):
+        clear_attention(q, k, v, layout, 2.5)
+    with pytest.raises(ValueError, match="pool_weight is None"):
+        clear_attention(q, k, v, TokenLayout(2, 3, 4, down_factor=2), 2)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        clear_attention(q, k, v, layout, 2, backend="fast")
+    with pytest.raises(ValueError, match="at least 1x1"):
+        TokenLayout(2, 0, 4)
