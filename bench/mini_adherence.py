@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, print_table  # noqa: E402
 
+from cleardit.argtypes import positive_int  # noqa: E402
 from cleardit.mini.adherence import adherence  # noqa: E402
 from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
 from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
@@ -57,16 +58,6 @@ def _scales(text: str) -> list[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
     """Adherence of the rendered scenes after a VAE encode + decode (no diffusion)."""
     vae = pipe.vae
@@ -84,12 +75,14 @@ def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped mini model)")
-    ap.add_argument("--n", type=_positive, default=None, help="held-out prompts (default 20; --quick 4)")
-    ap.add_argument("--steps", type=_positive, default=None, help="denoising steps (default 20; --quick 8)")
+    ap.add_argument("--n", type=positive_int, default=None, help="held-out prompts (default 20; --quick 4)")
+    ap.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps (default 20; --quick 8)"
+    )
     ap.add_argument(
         "--scales", type=_scales, default=None, help="sizes as multiples of the base (default 1,2,4)"
     )
-    ap.add_argument("--radius", type=_positive, default=8, help="CLEAR radius in tokens (default 8)")
+    ap.add_argument("--radius", type=positive_int, default=8, help="CLEAR radius in tokens (default 8)")
     ap.add_argument("--seed", type=int, default=0, help="held-out scene stream and first generator seed")
     ap.add_argument("--highres", action="store_true", help="also CLEAR + the two-stage recipe above the base")
     ap.add_argument("--device", default="cpu")
