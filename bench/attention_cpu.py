@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, fmt_ms, machine_header, max_abs_error, print_table  # noqa: E402
+from common import OtherLoad, alternate, fmt_ms, machine_header, max_abs_error, print_table  # noqa: E402
 
 from cleardit.attention import TokenLayout, choose_backend, clear_attention, count_pairs  # noqa: E402
 
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     check_correctness(backend, radii, flex, with_grad=args.backward != "none")
 
     rows, bwd_rows, headline = [], [], None
+    others = OtherLoad()
     for gi, grid in enumerate(grids):
         fwd, first = time_forward(grid, radii, flex, backend, args.reps, args.flex_bytes_per_pair)
         rows += fwd
@@ -255,12 +256,14 @@ def main(argv=None) -> int:
     if bwd_rows:
         print("\nforward + backward (GFLOP/s counted as 14 d per pair):")
         print_table(header, bwd_rows)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"\ntotal {time.perf_counter() - start:.0f} s; load average at the end {load:.2f}")
-    if load > 1.5:
+    share = others.share()
+    busy = "" if share is None else f"; other processes used {100 * share:.0f}% of the CPUs meanwhile"
+    print(f"\ntotal {time.perf_counter() - start:.0f} s{busy}")
+    if share is not None and share > 0.1:
         print(
-            "warning: other processes were running (load > 1.5 on this machine): with 2 threads per "
-            "op, cleardit's many short kernel calls suffer more from lost cores than one dense call"
+            "warning: the machine was busy; cleardit's many short kernel calls lose more than one long "
+            "dense call when another process takes a core (each parallel region waits for its slowest "
+            "thread), so its ratios here are pessimistic"
         )
     grid, r, speedup, ratio = headline
     print(

@@ -72,6 +72,43 @@ class Timer:
         return time.perf_counter() - start
 
 
+class OtherLoad:
+    """Share of the machine's CPU time used by *other* processes between start() and share().
+
+    Reads /proc/stat (Linux); share() returns None elsewhere. A run where others took a large share
+    was measured on a busy machine, whatever the load average (which counts this process too).
+    """
+
+    def __init__(self) -> None:
+        self.start()
+
+    @staticmethod
+    def _busy_total() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        total = sum(fields[:8]) / hz
+        idle = (fields[3] + fields[4]) / hz
+        return total - idle, total
+
+    def start(self) -> None:
+        self._stat = self._busy_total()
+        t = os.times()
+        self._own = t.user + t.system
+
+    def share(self) -> float | None:
+        now = self._busy_total()
+        if now is None or self._stat is None:
+            return None
+        t = os.times()
+        own = t.user + t.system - self._own
+        busy, total = now[0] - self._stat[0], now[1] - self._stat[1]
+        return max(0.0, busy - own) / total if total > 0 else None
+
+
 def alternate_samples(
     contenders: dict[str, Callable[[], object]],
     timer: Timer | None = None,
