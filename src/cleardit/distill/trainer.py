@@ -1,0 +1,421 @@
+"""Attention-only distillation of a CLEAR student from its own full-attention teacher.
+
+The student is the model linearized with CLEAR; only the parameters the reference release trains
+(image-stream to_q/to_k/to_v/to_out and the pooling weights) are trainable. The teacher is the
+same model with its original attention and initial projections (:class:`TeacherView`: no second
+copy of the model). Data is the teacher's own samples (:mod:`.teacher_data`).
+
+Scale-out goes through ``accelerate``: one process, several CPU processes (gloo), several GPUs
+(DDP or DeepSpeed ZeRO-2 from an accelerate config), mixed precision and gradient accumulation.
+
+Determinism: the samples of step ``s`` (an epoch-wise permutation), their noise and noise levels
+are drawn from generators seeded by ``(seed, s, position in the global batch)`` and the learning
+rate is a function of ``s``, so a run does not depend on how many processes share a batch, and a
+resumed run continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_text
+from ..config import ClearConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import (
+    AttentionRecorder,
+    LossWeights,
+    distillation_loss,
+    parse_attention_layers,
+    sample_sigma,
+    single_block_attention,
+)
+from .teacher import TeacherView
+
+LOG_FILE = "train_log.json"
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that decides the trained weights (a resumed run must use the same values).
+
+    Attributes:
+        radius, down_factor, backend: the CLEAR student (``ClearConfig``).
+        steps: optimizer steps.
+        batch_size: samples per optimizer step over all processes and accumulation steps.
+        grad_accum: micro-batches per optimizer step and process.
+        lr, weight_decay, warmup_steps, max_grad_norm: AdamW, linear warm-up then constant.
+        alpha, beta: weights of the output-distillation and attention-consistency terms.
+        attention_layers: single-stream blocks whose attention outputs are matched ("every:4",
+            "none" or "0,4,9").
+        seed: data order, noise and noise levels.
+        mixed_precision: "no", "bf16" or "fp16" (frozen weights are stored in that dtype;
+            trainable ones stay fp32).
+    """
+
+    radius: int
+    down_factor: int | None = None
+    backend: str = "auto"
+    steps: int = 500
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    attention_layers: str = "every:4"
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        for name in ("radius", "steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"--mixed-precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"--alpha and --beta must be >= 0, got {self.alpha}, {self.beta}")
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out (free to change on ``--resume``)."""
+
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class DistillResult:
+    weights: Path
+    steps: int
+    seconds: float
+    trainable_parameters: int
+    frozen_parameters: int
+    losses: list[dict] = field(default_factory=list)
+
+
+def release_file_name(radius: int, down_factor: int | None) -> str:
+    """The reference release's naming, so the file is recognised by ``load_weights`` alone."""
+    return f"clear_local_{radius}" + (f"_down_{down_factor}" if down_factor else "") + ".safetensors"
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = 1469598103934665603
+    for k in keys:
+        h = ((h ^ (k & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(derive_seed(seed, 1, epoch))
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch of ``step``: consecutive slices of per-epoch permutations."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(pos, n)
+        out.append(_epoch_order(seed, epoch, n)[k])
+    return out
+
+
+def learning_rate(cfg: DistillConfig, step: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def load_transformer(model, dtype: torch.dtype) -> tuple[nn.Module, dict, str]:
+    """(transformer, scheduler config, name) from a folder / cached id / None / pipeline / transformer."""
+    if isinstance(model, nn.Module) and hasattr(model, "single_transformer_blocks"):
+        return model, {}, type(model).__name__
+    if hasattr(model, "transformer") and hasattr(model, "scheduler"):
+        return model.transformer, dict(model.scheduler.config), type(model).__name__
+    from diffusers import FluxTransformer2DModel
+
+    from ..pipelines.loading import resolve_model
+
+    folder = resolve_model(model)
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the FLUX transformer of {folder}: {exc}") from exc
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text(encoding="utf-8")) if sched_file.is_file() else {}
+    return transformer, sched, str(model) if model is not None else "cleardit-mini"
+
+
+def _check_data_fits(transformer: nn.Module, data) -> None:
+    cfg = transformer.config
+    item = data[0]
+    checks = [
+        ("text embedding width", item["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+        ("pooled embedding width", item["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
+        ("latent channels x 4", item["latents"].shape[0] * 4, cfg.in_channels),
+    ]
+    for what, got, want in checks:
+        if got != want:
+            raise ValueError(
+                f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                "transformer; make the data with the same --model (cleardit distill data --model ...)"
+            )
+
+
+class Distiller:
+    """One distillation run in ``output``; ``run()`` trains (or resumes) and exports the weights."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        data,
+        output: str | os.PathLike,
+        *,
+        model=None,
+        resume=False,
+        opts: RunOptions | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.cfg, self.opts = cfg, opts or RunOptions()
+        self.data, self.output = data, Path(output)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        world = acc.num_processes
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+                f"({world} x {cfg.grad_accum} = {world * cfg.grad_accum})"
+            )
+        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        self.checkpoint = self.output / "checkpoint.pt"
+        if self.checkpoint.exists() and not resume:
+            raise ValueError(
+                f"{self.output} already holds a distillation run; pass --resume to continue it, "
+                "or another --output"
+            )
+        frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            cfg.mixed_precision
+        ]
+        transformer, self.scheduler_config, self.model_name = load_transformer(model, frozen_dtype)
+        transformer.to(acc.device)
+        _check_data_fits(transformer, data)
+        self.guidance = float(data.manifest.get("guidance") or 3.5)
+        self._build_student(transformer, frozen_dtype)
+        self._resume_state = load_checkpoint(self.checkpoint, asdict(cfg)) if resume else None
+
+    def _build_student(self, transformer: nn.Module, frozen_dtype: torch.dtype) -> None:
+        from ..models import linearize
+
+        cfg = self.cfg
+        transformer.requires_grad_(False)
+        if transformer.dtype != frozen_dtype:
+            transformer.to(frozen_dtype)
+        self.teacher = TeacherView(transformer)
+        self.handle = linearize(
+            transformer,
+            config=ClearConfig(radius=cfg.radius, down_factor=cfg.down_factor, backend=cfg.backend),
+        )
+        self.named_trainable = list(self.handle.named_clear_parameters())
+        for _, p in self.named_trainable:
+            p.data = p.data.float()  # fp32 master copies of what is trained
+            p.requires_grad_(True)
+        self.teacher.freeze_initial(self.handle)
+        if self.opts.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        layers = parse_attention_layers(cfg.attention_layers, len(transformer.single_transformer_blocks))
+        self.recorder = AttentionRecorder(single_block_attention(transformer, layers))
+        self.transformer = transformer
+        self.trainable_count = sum(p.numel() for _, p in self.named_trainable)
+        self.frozen_count = sum(p.numel() for p in transformer.parameters() if not p.requires_grad)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _inputs(self, positions: list[int], indices: list[int], step: int) -> tuple[dict, torch.Tensor]:
+        """Transformer inputs of the samples at ``positions`` of the global batch, and the target."""
+        from diffusers import FluxPipeline
+
+        dev = self.accelerator.device
+        items = [self.data[i] for i in indices]
+        x0 = torch.stack([it["latents"] for it in items]).float()
+        b, c, h, w = x0.shape
+        seq = (h // 2) * (w // 2)
+        noise, sigmas = [], []
+        for pos in positions:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 2, step, pos))
+            noise.append(torch.randn((c, h, w), generator=g))
+            sigmas.append(sample_sigma(g, seq, self.scheduler_config))
+        noise = torch.stack(noise)
+        sigma = torch.tensor(sigmas, dtype=torch.float32)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        target = FluxPipeline._pack_latents(noise - x0, b, c, h, w).to(dev)
+        inputs = dict(
+            hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w).to(dev),
+            timestep=sigma.to(dev),
+            pooled_projections=torch.stack([it["pooled_prompt_embeds"] for it in items]).float().to(dev),
+            encoder_hidden_states=torch.stack([it["prompt_embeds"] for it in items]).float().to(dev),
+            txt_ids=torch.zeros(items[0]["prompt_embeds"].shape[0], 3, device=dev),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, dev, torch.float32),
+            return_dict=False,
+        )
+        if self.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((b,), self.guidance, device=dev)
+        return inputs, target
+
+    def _step(self, model, optimizer, step: int) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batch_indices(step, cfg.batch_size, len(self.data), cfg.seed)
+        per_rank = cfg.batch_size // acc.num_processes
+        sums = torch.zeros(4, device=acc.device)
+        for a in range(cfg.grad_accum):
+            start = acc.process_index * per_rank + a * self.micro
+            positions = list(range(start, start + self.micro))
+            inputs, target = self._inputs(positions, [indices[p] for p in positions], step)
+            with acc.autocast():
+                teacher_pred = self.teacher.run(**inputs)[0]
+            teacher_att = self.recorder.take()
+            with acc.accumulate(model):
+                with acc.autocast():
+                    pred = model(**inputs)[0]
+                terms = distillation_loss(
+                    pred,
+                    teacher_pred,
+                    target,
+                    self.recorder.take(),
+                    teacher_att,
+                    LossWeights(cfg.alpha, cfg.beta),
+                )
+                acc.backward(terms["total"])
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_([p for _, p in self.named_trainable], cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([terms[k].detach().float() for k in ("total", "flow", "output", "attention")])
+        mean = acc.reduce(sums / cfg.grad_accum, reduction="mean")
+        return {
+            "step": step + 1,
+            "lr": lr,
+            **dict(zip(("loss", "flow", "output", "attention"), mean.tolist(), strict=True)),
+        }
+
+    # -- the run -----------------------------------------------------------------------------------
+    def _save(self, step: int, optimizer, log: list[dict], seconds: float) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            params = {n: p.detach().cpu().clone() for n, p in self.named_trainable}
+            save_checkpoint(
+                self.checkpoint, asdict(self.cfg), step, params, optimizer.state_dict(), log, seconds
+            )
+            atomic_write_text(self.output / LOG_FILE, json.dumps(self._log_doc(log, seconds), indent=1))
+        acc.wait_for_everyone()
+
+    def _log_doc(self, log: list[dict], seconds: float) -> dict:
+        return {
+            "format": "cleardit-distill-log-v1",
+            "config": asdict(self.cfg),
+            "model": self.model_name,
+            "data": str(getattr(self.data, "folder", "")),
+            "processes": self.accelerator.num_processes,
+            "trainable_parameters": self.trainable_count,
+            "frozen_parameters": self.frozen_count,
+            "teacher_extra_bytes": self.teacher.extra_bytes,
+            "seconds": seconds,
+            "steps": log,
+        }
+
+    def run(self) -> DistillResult:
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        self.output.mkdir(parents=True, exist_ok=True)
+        trainable = [p for _, p in self.named_trainable]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        state = self._resume_state
+        start, log, seconds = 0, [], 0.0
+        if state is not None:
+            with torch.no_grad():
+                for n, p in self.named_trainable:
+                    p.copy_(state["params"][n].to(p.device))
+            optimizer.load_state_dict(state["optimizer"])
+            start, log, seconds = state["step"], list(state["log"]), float(state["seconds"])
+        model, optimizer = acc.prepare(self.transformer, optimizer)
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):  # noqa: ARG001
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"distill r={cfg.radius}",
+            disable=self.opts.quiet or not acc.is_main_process,
+            dynamic_ncols=True,
+        )
+        t0, seconds0, step = time.monotonic(), seconds, start
+        try:
+            model.train()
+            while step < cfg.steps:
+                entry = self._step(model, optimizer, step)
+                step += 1
+                log.append(entry)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{entry['loss']:.4f}", flow=f"{entry['flow']:.4f}", attn=f"{entry['attention']:.4f}"
+                )
+                seconds = seconds0 + time.monotonic() - t0
+                if stop["signal"] is not None:
+                    self._save(step, optimizer, log, seconds)
+                    raise KeyboardInterrupt(
+                        f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
+                        "run again with --resume to continue"
+                    )
+                if self.opts.checkpoint_every and step % self.opts.checkpoint_every == 0 and step < cfg.steps:
+                    self._save(step, optimizer, log, seconds)
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        self._save(step, optimizer, log, seconds)
+        weights = self.export()
+        return DistillResult(weights, step, seconds, self.trainable_count, self.frozen_count, log)
+
+    def export(self) -> Path:
+        """The trained CLEAR weights in ``save_weights`` format (reference key names), main process."""
+        from ..weights import save_weights
+
+        path = self.output / release_file_name(self.cfg.radius, self.cfg.down_factor)
+        if self.accelerator.is_main_process:
+            save_weights(self.transformer, path)
+        self.accelerator.wait_for_everyone()
+        return path
