@@ -25,7 +25,9 @@ def save_checkpoint(
     optimizer_state: dict,
     log: list[dict],
     seconds: float,
+    deepspeed_state: str | None = None,
 ) -> Path:
+    """Write the checkpoint; ``deepspeed_state`` names the accelerate.save_state folder of DeepSpeed runs."""
     state = {
         "format": FORMAT,
         "config": config,
@@ -34,6 +36,7 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "log": log,
         "seconds": seconds,
+        "deepspeed_state": deepspeed_state,
     }
     return atomic_torch_save(state, path)
 

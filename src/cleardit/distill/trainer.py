@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from .losses import (
 from .teacher import TeacherView
 
 LOG_FILE = "train_log.json"
+DEEPSPEED_STATE = "checkpoint-deepspeed"  # accelerate.save_state folder, DeepSpeed runs only
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -214,6 +216,17 @@ class Distiller:
                 f"({world} x {cfg.grad_accum} = {world * cfg.grad_accum})"
             )
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        self.deepspeed = acc.state.deepspeed_plugin is not None
+        if self.deepspeed:  # no dataloader is prepared, so DeepSpeed is told the micro-batch here
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            if ds.get("gradient_accumulation_steps", cfg.grad_accum) not in (cfg.grad_accum, "auto"):
+                raise ValueError(
+                    f"the DeepSpeed config accumulates {ds['gradient_accumulation_steps']} micro-batches but "
+                    f"--grad-accum is {cfg.grad_accum}; make them equal"
+                )
+            ds["train_micro_batch_size_per_gpu"] = self.micro
+            ds["gradient_accumulation_steps"] = cfg.grad_accum
+            ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW as the client optimizer
         self.checkpoint = self.output / "checkpoint.pt"
         if self.checkpoint.exists() and not resume:
             raise ValueError(
@@ -331,13 +344,33 @@ class Distiller:
     def _save(self, step: int, optimizer, log: list[dict], seconds: float) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        # DeepSpeed partitions the optimizer state: accelerate writes it; checkpoint.pt then points at it
+        ds_state = self._save_deepspeed_state(step) if self.deepspeed else None
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            params = {n: p.detach().cpu().clone() for n, p in self.named_trainable}
+            params = {} if self.deepspeed else {n: p.detach().cpu().clone() for n, p in self.named_trainable}
+            opt_state = {} if self.deepspeed else optimizer.state_dict()
             save_checkpoint(
-                self.checkpoint, asdict(self.cfg), step, params, optimizer.state_dict(), log, seconds
+                self.checkpoint, asdict(self.cfg), step, params, opt_state, log, seconds, ds_state
             )
+            if ds_state:
+                self._drop_old_deepspeed_states(keep=ds_state)
             atomic_write_text(self.output / LOG_FILE, json.dumps(self._log_doc(log, seconds), indent=1))
         acc.wait_for_everyone()
+
+    def _save_deepspeed_state(self, step: int) -> str:
+        """accelerate.save_state into a step-named folder; checkpoint.pt (written after) names it."""
+        acc, name = self.accelerator, f"{DEEPSPEED_STATE}-{step:08d}"
+        if acc.is_main_process and (self.output / name).exists():
+            shutil.rmtree(self.output / name)
+        acc.wait_for_everyone()
+        acc.save_state(str(self.output / name))
+        return name
+
+    def _drop_old_deepspeed_states(self, keep: str) -> None:
+        for old in self.output.glob(f"{DEEPSPEED_STATE}-*"):
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _log_doc(self, log: list[dict], seconds: float) -> dict:
         return {
@@ -366,9 +399,12 @@ class Distiller:
             with torch.no_grad():
                 for n, p in self.named_trainable:
                     p.copy_(state["params"][n].to(p.device))
-            optimizer.load_state_dict(state["optimizer"])
+            if not self.deepspeed:
+                optimizer.load_state_dict(state["optimizer"])
             start, log, seconds = state["step"], list(state["log"]), float(state["seconds"])
         model, optimizer = acc.prepare(self.transformer, optimizer)
+        if state is not None and self.deepspeed:
+            acc.load_state(str(self.output / state["deepspeed_state"]))
         stop = {"signal": None}
 
         def on_signal(signum, frame):  # noqa: ARG001
