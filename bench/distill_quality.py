@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
     def adh(imgs):
         return 100 * float(
-            np.mean([adherence(im, s, shapes=BASIC_SHAPES).score for im, s in zip(imgs, scenes)])
+            np.mean([adherence(im, s, shapes=BASIC_SHAPES).score for im, s in zip(imgs, scenes, strict=True)])
         )
 
     teacher = images(0)
@@ -157,8 +157,8 @@ def main(argv=None) -> int:
         entry = {}
         for name, weights in (("before", None), ("after", runs[radius]["weights"])):
             imgs = images(radius, weights)
-            p = [psnr(t, c) for t, c in zip(teacher, imgs)]
-            m = [ms_ssim(t, c)[0] for t, c in zip(teacher, imgs)]
+            p = [psnr(t, c) for t, c in zip(teacher, imgs, strict=True)]
+            m = [ms_ssim(t, c)[0] for t, c in zip(teacher, imgs, strict=True)]
             entry[name] = {
                 "psnr": float(np.mean(p)),
                 "ms_ssim": float(np.mean(m)) if all(v is not None for v in m) else None,
