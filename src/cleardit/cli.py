@@ -1,4 +1,4 @@
-"""The ``cleardit`` command line: ``cleardit info``, ``cleardit flops``."""
+"""The ``cleardit`` command line: info, flops, check, generate, eval, distill."""
 
 from __future__ import annotations
 
@@ -156,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)
 
+    from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
     from .pipelines.cli import add_generate_parser
 
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_distill_parser(sub)
     return parser
 
 

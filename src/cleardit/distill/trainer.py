@@ -255,11 +255,11 @@ class Distiller:
             transformer,
             config=ClearConfig(radius=cfg.radius, down_factor=cfg.down_factor, backend=cfg.backend),
         )
+        self.teacher.freeze_initial(self.handle)  # in the frozen dtype: the original values exactly
         self.named_trainable = list(self.handle.named_clear_parameters())
         for _, p in self.named_trainable:
             p.data = p.data.float()  # fp32 master copies of what is trained
             p.requires_grad_(True)
-        self.teacher.freeze_initial(self.handle)
         if self.opts.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         layers = parse_attention_layers(cfg.attention_layers, len(transformer.single_transformer_blocks))
