@@ -2,7 +2,8 @@
 
 ``parallelize(flux_transformer, radius=16)`` on every rank of a process group (``init_distributed``
 under torchrun, or ``spawn`` for local processes), then call the model with the same full inputs
-on every rank. ``strip_clear_attention`` is the attention-level function. See docs/parallel.md.
+on every rank. ``strip_clear_attention`` is the attention-level function. ``generate_parallel``
+is ``cleardit generate --devices N``. See docs/parallel.md.
 """
 
 from .launch import ParallelLaunchError, free_port, init_distributed, spawn
@@ -23,6 +24,7 @@ __all__ = [
     "ParallelLaunchError",
     "StripPlan",
     "free_port",
+    "generate_parallel",
     "init_distributed",
     "layer_comm_bytes",
     "parallelize",
@@ -34,9 +36,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The FLUX adapter imports diffusers; load it only when asked for.
+    # The FLUX adapter and the generation job import diffusers; load them only when asked for.
     if name in ("parallelize", "ParallelHandle"):
         from . import flux
 
         return getattr(flux, name)
+    if name == "generate_parallel":
+        from .generate import generate_parallel
+
+        return generate_parallel
     raise AttributeError(f"module 'cleardit.parallel' has no attribute {name!r}")

@@ -7,6 +7,11 @@ band rows it will receive; every attention processor exchanges the band and runs
 ``strip_attention``; a forward hook all-gathers the output strips, so every rank returns the
 full output (``gather_output=False`` returns only the own strip, in raster order).
 
+With ``strip_input=True`` each rank passes only its own rows of ``hidden_states`` (img_ids still
+describe the full grid): a sampler loop can then keep just its strip of the latents for the whole
+denoising and gather them once at the end (``cleardit.parallel.generate`` does this; FLUX's
+scheduler step is token-wise).
+
 By default the band's attention INPUT (the normed hidden states, ``exchange="input"``) is sent
 once per layer and each rank projects it to keys/values itself (to_k, to_v, norm_k, RoPE of the
 band rows): one tensor instead of two, half the bytes of sending keys and values
@@ -43,12 +48,21 @@ EXCHANGES = ("input", "kv")
 class ParallelFluxContext(FluxGeometry):
     """What all processors of one parallel model share: the group, the plan of the forward in flight."""
 
-    def __init__(self, config: ClearConfig, comm: Comm, text_merge: str, exchange: str, gather_output: bool):
+    def __init__(
+        self,
+        config: ClearConfig,
+        comm: Comm,
+        text_merge: str,
+        exchange: str,
+        gather_output: bool,
+        strip_input: bool = False,
+    ):
         super().__init__(config)
         self.comm = comm
         self.text_merge = text_merge
         self.exchange = exchange
         self.gather_output = gather_output
+        self.strip_input = strip_input
         self.plan: StripPlan | None = None
         self.band_rope: tuple = (None, None)  # RoPE (cos, sin) of the rows above / below the strip
 
@@ -170,15 +184,23 @@ def _install_strip_hooks(transformer: nn.Module, ctx: ParallelFluxContext) -> li
         cfg = ctx.config
         plan = StripPlan(height, width, ctx.comm.world, cfg.radius, cfg.down_factor)
         hidden = bound.arguments["hidden_states"]
-        if hidden.shape[1] != height * width:
+        y0, y1 = plan.strip(ctx.comm.rank)
+        lo, hi = plan.needed_rows(ctx.comm.rank)
+        if ctx.strip_input:
+            if hidden.shape[1] != (y1 - y0) * width:
+                raise ValueError(
+                    f"hidden_states has {hidden.shape[1]} image tokens but rank {ctx.comm.rank}'s strip of "
+                    f"the {height}x{width} grid (img_ids) is rows {y0}..{y1 - 1} = {(y1 - y0) * width} "
+                    "tokens; with strip_input=True pass this rank's rows and the full img_ids"
+                )
+        elif hidden.shape[1] != height * width:
             raise ValueError(
                 f"hidden_states has {hidden.shape[1]} image tokens but img_ids describe a "
                 f"{height}x{width} grid; "
                 "every rank must pass the full hidden_states and img_ids (the strip is cut here)"
             )
-        y0, y1 = plan.strip(ctx.comm.rank)
-        lo, hi = plan.needed_rows(ctx.comm.rank)
-        bound.arguments["hidden_states"] = hidden[:, y0 * width : y1 * width]
+        else:
+            bound.arguments["hidden_states"] = hidden[:, y0 * width : y1 * width]
         bound.arguments["img_ids"] = img_ids[y0 * width : y1 * width]
         bound.arguments["txt_ids"] = txt_ids
 
@@ -223,6 +245,7 @@ def parallelize(
     text_merge: str = "exact",
     exchange: str = "input",
     gather_output: bool = True,
+    strip_input: bool = False,
     counter: CommCounter | None = None,
     timeout_s: float | None = None,
 ) -> ParallelHandle:
@@ -239,6 +262,9 @@ def parallelize(
             "average" (the paper's approximation: the mean of the per-rank text outputs).
         exchange: "input" (send the band's attention input, project k/v locally; default) or "kv".
         gather_output: all-gather the output strips so every rank returns the full output.
+        strip_input: every rank passes only its own rows of ``hidden_states``
+            ([B, rows_of_this_rank * W, C], raster order; ``StripPlan(H, W, world, radius).strip``
+            says which) with the full img_ids; default False: the full hidden_states.
         counter: a CommCounter recording the bytes this rank sends (one is created if None).
         timeout_s: per-wait timeout for a peer (default: the process group's timeout).
 
@@ -258,7 +284,7 @@ def parallelize(
         config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend, tile=None)
     config = replace(config, tile=None)
     comm = Comm(group, counter if counter is not None else CommCounter(), timeout_s)
-    ctx = ParallelFluxContext(config, comm, text_merge, exchange, gather_output)
+    ctx = ParallelFluxContext(config, comm, text_merge, exchange, gather_output, strip_input)
     handle = ParallelHandle(model, config, TRAINABLE_PATTERN, context=ctx)
     for layer, attn in enumerate(flux_attention_modules(model)):
         original = attn.processor

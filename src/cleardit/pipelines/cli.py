@@ -6,6 +6,7 @@ Its ``func`` takes the parsed namespace and returns an exit code (0 ok, 2 user e
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from ..argtypes import positive_float
@@ -32,12 +33,18 @@ def _float(text: str) -> float:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..parallel.launch import ParallelLaunchError
     from .generate import generate, read_prompts
     from .loading import ModelNotFoundError
 
+    run = generate
+    if args.devices != 1:
+        from ..parallel.generate import generate_parallel
+
+        run = functools.partial(generate_parallel, devices=args.devices)
     try:
         prompts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
-        result = generate(
+        result = run(
             prompts,
             model=args.model,
             height=args.height,
@@ -66,6 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ModelNotFoundError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"cleardit generate: error: {exc}", file=sys.stderr)
         return 2
+    except ParallelLaunchError as exc:  # a rank crashed or stalled: its message, no parent traceback
+        print(f"cleardit generate: error: {exc}", file=sys.stderr)
+        return 1
     print(result.summary)
     return 0
 
@@ -119,6 +129,14 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--vae-tiling", action="store_true", help="VAE in tiles (less memory at very high resolution)"
+    )
+    g.add_argument(
+        "--devices",
+        type=_int(1),
+        default=1,
+        help="split each image over N local processes in row strips (patch-parallel CLEAR): one GPU "
+        "per process with CUDA (needs N GPUs), else CPU processes; not with --compare/--highres/--full "
+        "(default 1; see docs/parallel.md)",
     )
     g.add_argument(
         "--quiet", action="store_true", help="no progress bars or log lines (the summary still prints)"

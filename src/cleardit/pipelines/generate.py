@@ -196,12 +196,16 @@ class AttentionModes:
     kept aside and swapped back whenever full attention runs (high-res stage 1, compare runs): the
     fine-tuned projections never leak into a full-attention image. This costs one extra copy of
     those projections (FLUX.1-dev in bf16: about 4.3 GB) only when a weights file is used.
+
+    ``install(transformer, config=...) -> handle`` puts CLEAR in (default ``cleardit.linearize``;
+    a patch-parallel rank passes its ``parallelize``).
     """
 
-    def __init__(self, transformer, config: ClearConfig | None, weights: Path | None):
+    def __init__(self, transformer, config: ClearConfig | None, weights: Path | None, install=None):
         self.transformer = transformer
         self.config = config
         self.weights = weights
+        self.install = install
         self._original: dict[str, torch.Tensor] | None = None
         self._clear: dict[str, torch.Tensor] | None = None
 
@@ -210,7 +214,7 @@ class AttentionModes:
         from ..models import linearize
         from ..weights import load_weights
 
-        handle = linearize(self.transformer, config=self.config)
+        handle = (self.install or linearize)(self.transformer, config=self.config)
         params = dict(handle.named_clear_parameters())
         try:
             if self.weights is not None:
@@ -440,6 +444,7 @@ def generate(
     vae_tiling: bool = False,
     output: str | os.PathLike | None = None,
     quiet: bool = False,
+    parallel_rank=None,
 ) -> GenerationResult:
     """Generate images with CLEAR attention at any resolution.
 
@@ -470,6 +475,8 @@ def generate(
         vae_tiling: decode/encode with the VAE in tiles (less memory at very high resolution).
         output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
         quiet: no progress bars or log lines.
+        parallel_rank: set by ``cleardit.parallel.generate_parallel`` in each of its processes (its
+            ``wrap(pipe)`` and ``install``); leave None. Several devices: ``generate_parallel``.
 
     Returns:
         GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
@@ -553,6 +560,8 @@ def generate(
         dev = torch.device(pipe._execution_device)
         model_name = info.name or type(pipe).__name__
     load_seconds = time.perf_counter() - t0
+    if parallel_rank is not None:
+        pipe = parallel_rank.wrap(pipe)
     from ..models import get_handle
 
     transformer = pipe.transformer
@@ -597,7 +606,9 @@ def generate(
         if use_clear
         else None
     )
-    modes = AttentionModes(transformer, config, weights_path)
+    modes = AttentionModes(
+        transformer, config, weights_path, install=parallel_rank.install if parallel_rank else None
+    )
 
     @contextlib.contextmanager
     def target_mode(clear: bool) -> Iterator[None]:
