@@ -1,4 +1,5 @@
-"""``cleardit eval``: ``add_eval_parser(subparsers)`` registers ``eval images`` and ``eval plot``.
+"""``cleardit eval``: ``add_eval_parser(subparsers)`` registers ``eval images``, ``eval model`` and
+``eval plot``.
 
 Each subcommand's ``func`` takes the parsed namespace and returns an exit code.
 """
@@ -55,6 +56,129 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_model(args: argparse.Namespace) -> int:
+    from .model import evaluate_model
+    from .model_report import format_model_table
+
+    result = evaluate_model(
+        args.prompts,
+        model=args.model,
+        radii=args.radius,
+        down_factor=args.down_factor,
+        clear_weights=args.clear_weights or (),
+        output=args.output,
+        metrics=args.metrics,
+        limit=args.limit,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        weights_dir=args.weights_dir,
+        strict=args.strict,
+        clip_model=args.clip_model,
+        dino_model=args.dino_model,
+        report=args.report,
+        samples=args.samples,
+        quiet=args.quiet,
+    )
+    print(format_model_table(result.summary))
+    if not args.quiet:
+        print("wrote " + ", ".join(str(p) for p in result.files.values()), file=sys.stderr)
+    return 0
+
+
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _add_model_parser(sub) -> None:
+    from .model import DEFAULT_OUTPUT
+
+    model = sub.add_parser(
+        "model",
+        help="generate full-attention (teacher) and CLEAR images of the same prompts, then compare them",
+        description=(
+            "Generates the teacher (full attention) and CLEAR images of the same prompts and seeds with "
+            "cleardit generate's code, then computes the metrics of each CLEAR radius against the teacher "
+            "(as eval images does), with attention FLOPs and seconds per image of both. Images already in "
+            "--output with the same generation parameters are reused, so an interrupted run continues "
+            "where it stopped. See docs/evaluation.md."
+        ),
+    )
+    g = model.add_argument_group("generation")
+    g.add_argument(
+        "--prompts",
+        metavar="FILE",
+        default=None,
+        help="one prompt per line (default: the 50 bundled prompts written for the mini model)",
+    )
+    g.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="diffusers pipeline folder or cached Hugging Face id (default: the shipped mini model)",
+    )
+    g.add_argument(
+        "--radius",
+        type=_whole(0),
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="CLEAR radii in tokens, e.g. --radius 4 8 16 (default: the model's CLEAR radius, else 16)",
+    )
+    g.add_argument("--down-factor", type=positive_int, default=None, help="CLEAR pooled branch factor")
+    g.add_argument(
+        "--clear-weights",
+        nargs="+",
+        metavar="FILE",
+        default=None,
+        help="CLEAR weights files, each used for the radius it was made for",
+    )
+    g.add_argument("--height", type=positive_int, default=None, help="pixels (default: base size)")
+    g.add_argument("--width", type=positive_int, default=None, help="pixels (default: base size)")
+    g.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
+    g.add_argument("--guidance", type=_number, default=None, help="FLUX guidance (default: the model's)")
+    g.add_argument("--seed", type=_whole(0), default=0, help="prompt i uses seed + i (default 0)")
+    g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
+    g = model.add_argument_group("evaluation")
+    g.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help=f"folder for the images and results, reused across runs (default: {DEFAULT_OUTPUT})",
+    )
+    g.add_argument(
+        "--metrics", default="all", help=f"comma-separated subset of {','.join(METRIC_NAMES)} (default: all)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="prompts per generation call (saved after each) and pairs per metric batch (default 8)",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--weights-dir", help=f"folder with metric weights (default: ${ENV_WEIGHTS_DIR})")
+    g.add_argument("--clip-model", help=f"CLIP model id or folder (default {DEFAULT_CLIP_MODEL})")
+    g.add_argument("--dino-model", help=f"DINO model id or folder (default {DEFAULT_DINO_MODEL})")
+    g.add_argument("--strict", action="store_true", help="fail instead of skipping a metric")
+    g.add_argument("--report", help="folder for report.md / report.html with a teacher | CLEAR image grid")
+    g.add_argument("--samples", type=positive_int, default=8, help="prompts shown in the report grid (8)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    model.set_defaults(func=cmd_eval_model)
+
+
 def cmd_eval_plot(args: argparse.Namespace) -> int:
     from .report import plot_metrics_vs_radius
 
@@ -64,10 +188,10 @@ def cmd_eval_plot(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``eval`` (with ``images`` and ``plot``) to an argparse sub-parser collection."""
+    """Add ``eval`` (with ``images``, ``model`` and ``plot``) to an argparse sub-parser collection."""
     ev = subparsers.add_parser(
         "eval",
-        help="image metrics between two folders (PSNR, MS-SSIM, LPIPS, CLIP-I, DINO, FID, IS)",
+        help="image metrics (PSNR, MS-SSIM, LPIPS, CLIP-I, DINO, FID, IS) of two folders or of a model",
         description="Evaluation metrics. See docs/evaluation.md.",
     )
     ev.set_defaults(func=lambda _args: (ev.print_help(), 0)[1])
@@ -104,6 +228,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     images.add_argument("--radius", type=_number, default=None, help="CLEAR radius to record in the JSON")
     images.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     images.set_defaults(func=cmd_eval_images)
+
+    _add_model_parser(sub)
 
     plot = sub.add_parser(
         "plot",

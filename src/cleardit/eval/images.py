@@ -188,6 +188,50 @@ def evaluate_folders(
     ref_dir: str | os.PathLike,
     test_dir: str | os.PathLike,
     metrics: str | list[str] | None = None,
+    **options,
+) -> EvalResult:
+    """Compute the metrics (all of them by default) of ``test_dir`` against ``ref_dir``.
+
+    With any paired metric (psnr, ms_ssim, lpips, clip_i, dino) the folders must pair by file
+    name and sizes; with only set metrics (fid, is) they need not (e.g. FID against real photos).
+    ``options`` are those of :func:`evaluate_pairs`.
+    """
+    names = normalize_metric_names(metrics)
+    if any(n not in SET_METRICS for n in names):
+        return evaluate_pairs(pair_folders(ref_dir, test_dir), names, folders=(ref_dir, test_dir), **options)
+    ref_paths = list(list_images(ref_dir).values())
+    test_paths = list(list_images(test_dir).values())
+    return _evaluate(names, None, (ref_paths, test_paths), (ref_dir, test_dir), **options)
+
+
+def evaluate_pairs(
+    pairs: list[ImagePair],
+    metrics: str | list[str] | None = None,
+    *,
+    folders: tuple[str | os.PathLike, str | os.PathLike] | None = None,
+    **options,
+) -> EvalResult:
+    """The metrics of the given (reference, test) pairs, e.g. a chosen subset of two folders.
+
+    ``folders`` (reference, test) is recorded in ``meta``; default: the folders of the first pair.
+    Set metrics (fid, is) use the pairs' reference and test files as the two sets. ``options``:
+    ``batch_size`` (8), ``device``, ``weights_dir``, ``strict``, ``clip_model``, ``dino_model``,
+    ``is_splits`` (10), ``progress`` (True), ``log`` (print). A metric whose weights are missing, or
+    that cannot run on these images (too small, too few), is skipped with a one-line reason in
+    ``result.skipped`` (and logged); ``strict`` raises instead.
+    """
+    if not pairs:
+        raise ValueError("no image pairs to evaluate")
+    names = normalize_metric_names(metrics)
+    folders = folders or (pairs[0].ref.parent, pairs[0].test.parent)
+    return _evaluate(names, list(pairs), None, folders, **options)
+
+
+def _evaluate(
+    names: list[str],
+    pairs: list[ImagePair] | None,
+    sets: tuple[list[Path], list[Path]] | None,
+    folders: tuple[str | os.PathLike, str | os.PathLike],
     *,
     batch_size: int = 8,
     device: str | torch.device | None = None,
@@ -199,29 +243,21 @@ def evaluate_folders(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> EvalResult:
-    """Compute the metrics (all of them by default) of ``test_dir`` against ``ref_dir``.
-
-    With any paired metric (psnr, ms_ssim, lpips, clip_i, dino) the folders must pair by file
-    name and sizes; with only set metrics (fid, is) they need not (e.g. FID against real photos).
-    A metric whose weights are missing, or that cannot run on these images (too small, too few),
-    is skipped with a one-line reason in ``result.skipped`` (and logged); ``strict`` raises instead.
-    """
+    """Run ``names`` over ``pairs`` (paired and set metrics), or over ``sets`` = (reference paths,
+    test paths) when ``pairs`` is None (set metrics only, nothing paired)."""
     from tqdm.auto import tqdm
 
     say = log or (lambda _msg: None)
-    names = normalize_metric_names(metrics)
-    paired = any(n not in SET_METRICS for n in names)
+    paired = pairs is not None
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if paired:
-        pairs = pair_folders(ref_dir, test_dir)
         sizes = check_sizes(pairs)
         counts = (len(pairs), len(pairs))
         min_side = min(min(s) for s in sizes)
     else:
         pairs, sizes = [], []
-        ref_paths = list(list_images(ref_dir).values())
-        test_paths = list(list_images(test_dir).values())
+        ref_paths, test_paths = sets
         counts = (len(ref_paths), len(test_paths))
         min_side = None
     opts = MetricOptions(
@@ -288,8 +324,8 @@ def evaluate_folders(
         except ValueError as exc:
             skip(metric.name, str(exc))
     result.meta = {
-        "ref": str(Path(ref_dir).resolve()),
-        "test": str(Path(test_dir).resolve()),
+        "ref": str(Path(folders[0]).resolve()),
+        "test": str(Path(folders[1]).resolve()),
         "pairs": len(pairs) if paired else None,
         "images": {"ref": counts[0], "test": counts[1]},
         "metrics": names,

@@ -68,6 +68,11 @@ def _json_value(v):
     return v
 
 
+def json_text(data: dict) -> str:
+    """``data`` as indented JSON; +/-inf become the strings ``"inf"`` / ``"-inf"``, NaN is refused."""
+    return json.dumps(_json_value(data), indent=2) + "\n"
+
+
 def _from_json(v):
     if v in ("inf", "-inf"):
         return float(v)
@@ -174,7 +179,7 @@ def write_results(result, out_dir: str | os.PathLike, extra: dict | None = None)
     out = Path(out_dir)
     summary = {**result.to_dict(), **(extra or {})}
     files = {
-        "json": atomic_write_text(out / RESULT_JSON, json.dumps(_json_value(summary), indent=2) + "\n"),
+        "json": atomic_write_text(out / RESULT_JSON, json_text(summary)),
         "markdown": atomic_write_text(out / RESULT_MD, to_markdown(summary)),
     }
     if result.per_pair:
@@ -207,35 +212,70 @@ def make_pair_grid(
 
     Images are shrunk to fit ``thumb`` x ``thumb`` (never enlarged).
     """
-    from PIL import Image, ImageDraw
-
     per_pair = per_pair or {}
-    caption_h, pad = 16, 4
     rows = []
     for i in sample_indices(len(pairs), samples):
         pair = pairs[i]
-        images = []
-        for file in (pair.ref, pair.test):
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                im.thumbnail((thumb, thumb))
-                images.append(im)
         vals = per_pair.get(pair.name, {})
         caption = pair.name + "".join(
             f"   {k}={format_value(k, vals[k])}" for k in ("psnr", "lpips") if k in vals
         )
-        rows.append((caption[:90], images))
-    col_w = max((im.width for _, ims in rows for im in ims), default=thumb)
-    width = 2 * col_w + 3 * pad
-    height = caption_h + pad + sum(caption_h + max(im.height for im in ims) + pad for _, ims in rows)
+        rows.append((caption, [pair.ref, pair.test]))
+    return make_image_grid(rows, ["reference", "test"], path, thumb=thumb)
+
+
+def _wrap(draw, text: str, width: int) -> list[str]:
+    """``text`` split at spaces into lines no wider than ``width`` pixels (a long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def make_image_grid(
+    rows: list[tuple[str, list[str | os.PathLike]]],
+    headers: list[str],
+    path: str | os.PathLike,
+    *,
+    thumb: int = 256,
+) -> Path:
+    """A PNG grid: a header line (one label per column), then per row a caption and its images.
+
+    ``rows``: (caption, image files), one file per header. Images are shrunk to fit ``thumb`` x
+    ``thumb`` (never enlarged); captions wrap at the grid's width. Written atomically.
+    """
+    from PIL import Image, ImageDraw
+
+    if any(len(files) != len(headers) for _, files in rows):
+        raise ValueError(f"every grid row needs {len(headers)} images (one per column: {headers})")
+    line_h, pad = 14, 4
+    loaded = []
+    for caption, files in rows:
+        images = []
+        for file in files:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+                im.thumbnail((thumb, thumb))
+                images.append(im)
+        loaded.append((caption, images))
+    col_w = max([im.width for _, ims in loaded for im in ims] or [thumb])
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    col_w = max(col_w, *(int(probe.textlength(h)) + pad for h in headers))
+    width = len(headers) * (col_w + pad) + pad
+    wrapped = [(_wrap(probe, caption, width - 2 * pad), ims) for caption, ims in loaded]
+    height = line_h + pad + sum(len(c) * line_h + max(im.height for im in ims) + pad for c, ims in wrapped)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, pad), "reference", fill="black")
-    draw.text((2 * pad + col_w, pad), "test", fill="black")
-    y = caption_h + pad
-    for caption, images in rows:
-        draw.text((pad, y), caption, fill="dimgray")
-        y += caption_h
+    for col, header in enumerate(headers):
+        draw.text((pad + col * (col_w + pad), pad), header, fill="black")
+    y = line_h + pad
+    for lines, images in wrapped:
+        for line in lines:
+            draw.text((pad, y), line, fill="dimgray")
+            y += line_h
         for col, im in enumerate(images):
             canvas.paste(im, (pad + col * (col_w + pad), y))
         y += max(im.height for im in images) + pad
