@@ -218,7 +218,7 @@ def test_devices_below_one_is_refused(tiny_dir, capsys):
     with pytest.raises(SystemExit) as info:
         run(tiny_dir, "--devices 0")
     assert info.value.code == 2
-    assert "--devices: expected a number >= 1, got 0" in capsys.readouterr().err
+    assert "--devices: expected a whole number >= 1, got '0'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--devices must be a whole number >= 1, got -1"):
         generate_parallel(PROMPT, devices=-1, model=tiny_dir)
 

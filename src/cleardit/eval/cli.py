@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..argtypes import positive_int
+from ..argtypes import nonneg_int, positive_int
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES
 from .weights import ENV_WEIGHTS_DIR
 
@@ -91,19 +91,6 @@ def cmd_eval_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _whole(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _add_model_parser(sub) -> None:
     from .model import DEFAULT_OUTPUT
 
@@ -133,7 +120,7 @@ def _add_model_parser(sub) -> None:
     )
     g.add_argument(
         "--radius",
-        type=_whole(0),
+        type=nonneg_int,
         nargs="+",
         default=None,
         metavar="R",
@@ -151,7 +138,7 @@ def _add_model_parser(sub) -> None:
     g.add_argument("--width", type=positive_int, default=None, help="pixels (default: base size)")
     g.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     g.add_argument("--guidance", type=_number, default=None, help="FLUX guidance (default: the model's)")
-    g.add_argument("--seed", type=_whole(0), default=0, help="prompt i uses seed + i (default 0)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="prompt i uses seed + i (default 0)")
     g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
     g = model.add_argument_group("evaluation")
     g.add_argument(

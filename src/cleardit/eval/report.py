@@ -9,17 +9,16 @@ interrupted run never leaves a half-written result. JSON has no infinity: a PSNR
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import html
 import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes, atomic_write_text
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 LABELS = {
@@ -32,27 +31,6 @@ LABELS = {
     "is": "IS",
 }
 RESULT_JSON, RESULT_MD, PER_PAIR_CSV = "metrics.json", "metrics.md", "per_pair.csv"
-
-
-# ----------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- values

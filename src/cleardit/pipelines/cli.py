@@ -9,20 +9,7 @@ import argparse
 import functools
 import sys
 
-from ..argtypes import positive_float
-
-
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
+from ..argtypes import nonneg_int, positive_float, positive_int
 
 
 def _float(text: str) -> float:
@@ -105,21 +92,30 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
     g = gen.add_argument_group("image")
     g.add_argument(
-        "--height", type=_int(1), default=None, help="pixels (multiple of VAE scale x 2; default: base size)"
+        "--height",
+        type=positive_int,
+        default=None,
+        help="pixels (multiple of VAE scale x 2; default: base size)",
     )
     g.add_argument(
-        "--width", type=_int(1), default=None, help="pixels (multiple of VAE scale x 2; default: base size)"
+        "--width",
+        type=positive_int,
+        default=None,
+        help="pixels (multiple of VAE scale x 2; default: base size)",
     )
     g.add_argument(
-        "--steps", type=_int(1), default=None, help="denoising steps (default: the model's, else 28)"
+        "--steps", type=positive_int, default=None, help="denoising steps (default: the model's, else 28)"
     )
     g.add_argument(
         "--guidance", type=_float, default=None, help="FLUX guidance (default: the model's, else 3.5)"
     )
     g.add_argument(
-        "--seed", type=_int(0), default=0, help="seed of the first image; image i uses seed + i (default 0)"
+        "--seed",
+        type=nonneg_int,
+        default=0,
+        help="seed of the first image; image i uses seed + i (default 0)",
     )
-    g.add_argument("--batch", type=_int(1), default=1, help="images per prompt (default 1)")
+    g.add_argument("--batch", type=positive_int, default=1, help="images per prompt (default 1)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
     g.add_argument(
@@ -132,7 +128,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--devices",
-        type=_int(1),
+        type=positive_int,
         default=1,
         help="split each image over N local processes in row strips (patch-parallel CLEAR): one GPU "
         "per process with CUDA (needs N GPUs), else CPU processes; not with --compare/--highres/--full "
@@ -145,14 +141,14 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g = gen.add_argument_group("CLEAR attention")
     g.add_argument(
         "--radius",
-        type=_int(0),
+        type=nonneg_int,
         default=None,
         help="CLEAR radius in tokens; 0 = original full attention (default: the CLEAR weights' radius, "
         "else 16)",
     )
     g.add_argument("--full", action="store_true", help="original full attention (same as --radius 0)")
     g.add_argument(
-        "--down-factor", type=_int(1), default=None, help="pooled branch factor (e.g. 4 for *_down_4)"
+        "--down-factor", type=positive_int, default=None, help="pooled branch factor (e.g. 4 for *_down_4)"
     )
     g.add_argument(
         "--clear-weights",
