@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -323,13 +324,15 @@ def test_weights_go_to_the_radius_they_declare_and_the_models_own_weights_are_us
 def test_eval_model_on_the_shipped_mini_model_with_20_prompts(tmp_path, capsys):
     """Issue acceptance: ``cleardit eval model`` on the mini model with 20 prompts runs.
 
-    Uses the default model (src/cleardit/mini/weights/, which the mini trainer writes), the bundled
+    Uses the default model (src/cleardit/mini/weights/, which the mini trainer writes; or the folder
+    in CLEARDIT_MINI_MODEL), the bundled
     prompts and two radii at the base size (128 px = 16x16 tokens).
     """
     out, report = tmp_path / "out", tmp_path / "report"
+    model = os.environ.get("CLEARDIT_MINI_MODEL")  # another mini-model folder (e.g. before one is shipped)
     code = cleardit.cli.main(
-        ["eval", "model", "--limit", "20", "--radius", "4", "8", "--output", str(out),
-         "--report", str(report), "--quiet"]
+        ["eval", "model", *(["--model", model] if model else []), "--limit", "20", "--radius", "4", "8",
+         "--output", str(out), "--report", str(report), "--quiet"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "eval_model.json").read_text())
