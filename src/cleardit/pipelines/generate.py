@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_bytes
 from ..config import ClearConfig
 from . import highres as hr
 from .loading import (
@@ -350,18 +350,7 @@ def save_png(image, path: str | os.PathLike, metadata: dict) -> Path:
     info.add_text("parameters", json.dumps(metadata, default=str))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _slug(text: str, limit: int = 40) -> str:
