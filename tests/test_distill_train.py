@@ -198,3 +198,16 @@ def test_batches_cover_each_epoch_once_and_do_not_depend_on_the_step_split():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     assert batch_indices(2, batch, n, seed=3) == batch_indices(2, batch, n, seed=3)
     assert batch_indices(0, batch, n, seed=3) != batch_indices(0, batch, n, seed=4)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    """Checkpointing re-runs the CLEAR processors during backward, after the forward hooks ran."""
+    results = []
+    for flag in (False, True):
+        model = tiny_transformer()
+        data = FakeTeacherData(model)
+        opts = RunOptions(checkpoint_every=0, gradient_checkpointing=flag, quiet=True)
+        Distiller(CFG, data, tmp_path / f"gc{flag}", model=model, opts=opts).run()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n, p in results[0].items():
+        torch.testing.assert_close(results[1][n], p, rtol=0, atol=1e-6)

@@ -200,7 +200,8 @@ def _install_token_order(transformer: nn.Module, geometry: FluxGeometry) -> list
 
     def post_hook(module, args, kwargs, output):
         inverse = state.pop("inverse", None)
-        geometry.layout = None
+        # geometry.layout stays set: gradient checkpointing re-runs the blocks (and so the
+        # processors) during backward, after this hook, and needs the layout of that forward.
         if inverse is None or output is None:  # output is None when forward raised
             return output
         if isinstance(output, tuple):
