@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, print_table  # noqa: E402
 
-from cleardit.argtypes import positive_int  # noqa: E402
+from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
 from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data  # noqa: E402
 from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions  # noqa: E402
 from cleardit.mini.adherence import adherence  # noqa: E402
@@ -40,16 +40,6 @@ from cleardit.pipelines.loading import base_size, load_pipeline, read_model_info
 
 TRAIN_STREAM_SEED = 777  # a scene stream of its own: neither the mini trainer's nor the held-out one
 EVAL_SEED0 = 100_000  # generator seeds of the evaluation images (teacher data uses 0 ..)
-
-
-def _radii(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated radii, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected radii >= 1, got {text!r}")
-    return values
 
 
 def picture_grid(rows: list[list], labels: list[str], path: Path) -> Path:
@@ -74,7 +64,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="pipeline folder (default: the shipped mini model)")
     ap.add_argument("--scale", type=positive_int, default=2, help="training/eval size = scale x base (2)")
-    ap.add_argument("--radii", type=_radii, default=None, help="CLEAR radii (default 8,4)")
+    ap.add_argument("--radii", type=positive_int_list, default=None, help="CLEAR radii (default 8,4)")
     ap.add_argument("--train-prompts", type=positive_int, default=None, help="teacher samples (512)")
     ap.add_argument("--eval-prompts", type=positive_int, default=None, help="held-out prompts (24)")
     ap.add_argument("--teacher-steps", type=positive_int, default=None, help="denoising steps (20)")

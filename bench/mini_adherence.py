@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, print_table  # noqa: E402
 
-from cleardit.argtypes import positive_int  # noqa: E402
+from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
 from cleardit.mini.adherence import adherence  # noqa: E402
 from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
 from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
@@ -46,16 +46,6 @@ from cleardit.pipelines.loading import (  # noqa: E402
 )
 
 KINDS = ("object present", "shape", "size", "background colours", "background pattern")
-
-
-def _scales(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected scales >= 1, got {text!r}")
-    return values
 
 
 def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
@@ -80,7 +70,10 @@ def main(argv=None) -> int:
         "--steps", type=positive_int, default=None, help="denoising steps (default 20; --quick 8)"
     )
     ap.add_argument(
-        "--scales", type=_scales, default=None, help="sizes as multiples of the base (default 1,2,4)"
+        "--scales",
+        type=positive_int_list,
+        default=None,
+        help="sizes as multiples of the base (default 1,2,4)",
     )
     ap.add_argument("--radius", type=positive_int, default=8, help="CLEAR radius in tokens (default 8)")
     ap.add_argument("--seed", type=int, default=0, help="held-out scene stream and first generator seed")

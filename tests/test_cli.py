@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from cleardit.cli import main
 
 
@@ -31,3 +33,22 @@ def test_help_and_info_run_as_a_program():
         [sys.executable, "-m", "cleardit", "info"], capture_output=True, text=True, check=True
     )
     assert "backends" in out.stdout and "tiled" in out.stdout
+
+
+def test_shared_argument_types():
+    import argparse
+
+    from cleardit.argtypes import nonneg_float, nonneg_int, positive_int, positive_int_list
+
+    assert positive_int("3") == 3 and nonneg_int("0") == 0
+    assert positive_int_list("8, 4") == [8, 4] and nonneg_float("0") == 0.0
+    for fn, bad, message in (
+        (positive_int, "0", "expected a whole number >= 1, got '0'"),
+        (nonneg_int, "x", "expected a whole number >= 0, got 'x'"),
+        (positive_int_list, "8,0", "expected comma-separated whole numbers >= 1, got '8,0'"),
+        (positive_int_list, "a", "expected comma-separated whole numbers, got 'a'"),
+        (nonneg_float, "-1", "expected a number >= 0, got '-1'"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError) as err:
+            fn(bad)
+        assert str(err.value) == message

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..argtypes import nonneg_int, positive_float, positive_int
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+from ..argtypes import nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def cmd_distill_train(args: argparse.Namespace) -> int:
@@ -82,11 +72,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--grad-accum", type=positive_int, default=1, help="micro-batches per step and process (1)"
     )
     p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (1e-4)")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0)
     p.add_argument("--warmup-steps", type=nonneg_int, default=0)
     p.add_argument("--max-grad-norm", type=positive_float, default=1.0)
-    p.add_argument("--alpha", type=_nonneg_float, default=0.5, help="output distillation weight (0.5)")
-    p.add_argument("--beta", type=_nonneg_float, default=0.5, help="attention consistency weight (0.5)")
+    p.add_argument("--alpha", type=nonneg_float, default=0.5, help="output distillation weight (0.5)")
+    p.add_argument("--beta", type=nonneg_float, default=0.5, help="attention consistency weight (0.5)")
     p.add_argument(
         "--attention-layers",
         default="every:4",
