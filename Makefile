@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch on this kind of machine; set TORCH_SPEC="torch" (or a CUDA build) elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_PROMPT ?= a large red circle at the top left and a small blue square at the bottom right on a yellow and white vertical striped background
+DEMO_OUTPUT ?= out/demo
 
 .PHONY: install demo test test-slow bench bench-quick bench-parallel lint format clean
 
@@ -16,9 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The shipped mini model at 4x its base size (512 px = 64x64 tokens), CLEAR r=8 vs full attention.
 demo: install
-	$(VENV)/bin/cleardit flops --height 8192 --width 8192 --radius 8
-	$(VENV)/bin/cleardit check
+	$(VENV)/bin/cleardit generate --prompt "$(DEMO_PROMPT)" --height 512 --width 512 --radius 8 \
+		--compare --output $(DEMO_OUTPUT)
+	@echo "demo images in $(DEMO_OUTPUT)/: CLEAR, *-full.png (full attention), *-compare.png (side by side)"
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -21,6 +21,7 @@ attention, then CLEAR at the target; see docs/generate.md).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -81,6 +82,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="4 prompts, 8 steps, scales 1,2")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument(
+        "--grid",
+        type=Path,
+        default=None,
+        help="also save a PNG grid: the first --grid-images prompts (columns), the rendered scene and "
+        "every size x attention row",
+    )
+    ap.add_argument("--grid-images", type=positive_int, default=6)
+    ap.add_argument("--grid-tile", type=positive_int, default=192, help="tile side in the grid (px)")
     args = ap.parse_args(argv)
     n = args.n or (4 if args.quick else 20)
     steps = args.steps or (8 if args.quick else 20)
@@ -104,6 +114,8 @@ def main(argv=None) -> int:
         f"CLEAR r={args.radius}"
     )
     rows, results = [], []
+    k = min(args.grid_images, n)
+    grid_rows = [("scene", [render(s, base_h) for s in scenes[:k]])]
 
     def add(size, label, scored, seconds):
         s = summarize_adherence(scored)
@@ -138,6 +150,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t0
             scored = [adherence(im, s, shapes=BASIC_SHAPES) for im, s in zip(res.images, scenes, strict=True)]
             add((h, w), label, scored, seconds)
+            grid_rows.append((f"{h}x{w} {label}", res.images[:k]))
             print(
                 f"  {h}x{w} {label}: {rows[-1][2]}% of facts ({seconds:.0f} s)", file=sys.stderr, flush=True
             )
@@ -163,6 +176,9 @@ def main(argv=None) -> int:
         args.json.write_text(
             json.dumps({"model": str(folder), "n": n, "steps": steps, "rows": results}, indent=2)
         )
+    if args.grid is not None:
+        save_grid(args.grid, grid_rows, args.grid_tile)
+        print(f"grid: {args.grid}")
     top = max(scales)
     by = {(r["height"], r["attention"]): r["percent"] for r in results}
     full, clear = by[(base_h * top, "full")], by[(base_h * top, f"CLEAR r={args.radius}")]
@@ -172,6 +188,30 @@ def main(argv=None) -> int:
         f"{by[(base_h, 'full')]:.1f}%)"
     )
     return 0
+
+
+def save_grid(path: Path, rows: list, tile: int) -> None:
+    """Rows of images (numpy or PIL), each resized to ``tile`` px, labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    from cleardit.atomic import atomic_write_bytes
+
+    label_w, pad = 190, 4
+    cols = max(len(images) for _, images in rows)
+    canvas = Image.new("RGB", (label_w + cols * (tile + pad), len(rows) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        y = r * (tile + pad)
+        draw.text((4, y + tile // 2 - 6), label, fill="black")
+        for c, im in enumerate(images):
+            im = Image.fromarray(np.asarray(im)) if not isinstance(im, Image.Image) else im
+            canvas.paste(
+                im.convert("RGB").resize((tile, tile), Image.LANCZOS), (label_w + c * (tile + pad), y)
+            )
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

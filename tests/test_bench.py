@@ -30,3 +30,29 @@ def test_gpu_suite_dry_run(tmp_path):
     # STEP-GPU: one row per size with the three contenders' times
     step = (tmp_path / "step_gpu.log").read_text()
     assert step.count("[4 blocks]") >= 3  # two table rows + the headline
+
+
+def test_mini_adherence_bench_on_the_shipped_model(tmp_path):
+    """bench/mini_adherence.py end to end: table, JSON rows per size x attention, picture grid."""
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "adherence.json"
+    grid = tmp_path / "grid.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "mini_adherence.py"), "--n", "2", "--steps", "2",
+         "--scales", "1,2", "--highres", "--json", str(out), "--grid", str(grid), "--grid-tile", "64"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "headline: at 2x base (256x256)" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    labels = [(r["height"], r["attention"]) for r in rows]
+    assert labels == [
+        (128, "VAE only"), (128, "full"), (128, "CLEAR r=8"),
+        (256, "VAE only"), (256, "full"), (256, "CLEAR r=8"), (256, "CLEAR r=8 + highres"),
+    ]  # fmt: skip
+    assert all(0 <= r["percent"] <= 100 for r in rows)
+    with Image.open(grid) as im:  # scene row + 5 generated rows, 2 columns of 64 px tiles
+        assert im.size[1] == 6 * (64 + 4) and im.size[0] > 2 * 64

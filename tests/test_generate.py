@@ -85,8 +85,8 @@ def test_default_model_missing(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "missing")
     assert cli("--prompt", PROMPT, "--output", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err
-    assert "has not been trained and shipped yet" in err and "--model" in err
-    with pytest.raises(loading.ModelNotFoundError, match="has not been trained"):
+    assert "the shipped mini model is missing" in err and "--model" in err
+    with pytest.raises(loading.ModelNotFoundError, match="mini.train"):
         generate(PROMPT)
 
 
@@ -342,3 +342,43 @@ def test_mini_sizes():
     assert pipe.vae_scale_factor * 2 == 8 and mini_model_info("mini").base_height == 128
     with pytest.raises(ValueError, match="size must be one of"):
         build_mini_pipeline("huge")
+
+
+# -- classifier-free guidance ---------------------------------------------------------------------
+
+
+def test_true_cfg_changes_the_image_and_is_recorded(tiny_dir, tmp_path):
+    plain, guided = tmp_path / "plain.png", tmp_path / "guided.png"
+    assert run(tiny_dir, "--radius 2", output=plain) == 0
+    assert run(tiny_dir, "--radius 2 --true-cfg 3 --negative-prompt blue", output=guided) == 0
+    assert not np.array_equal(pixels(plain), pixels(guided))
+    params = json.loads(png_text(guided)["parameters"])
+    assert params["true_cfg"] == 3 and params["negative_prompt"] == "blue"
+    assert json.loads(png_text(plain)["parameters"])["true_cfg"] == 1.0
+
+
+def test_true_cfg_default_from_model_info_and_bad_values(tiny_dir, tiny_pipe):
+    info = mini_model_info("tiny", default_true_cfg=2.5)
+    a = generate(PROMPT, model=tiny_pipe, info=info, radius=0, quiet=True)
+    b = generate(PROMPT, model=tiny_pipe, info=info, radius=0, true_cfg=2.5, quiet=True)
+    c = generate(PROMPT, model=tiny_pipe, info=info, radius=0, true_cfg=1, quiet=True)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+    for bad in (0.5, "2", True):
+        with pytest.raises(ValueError, match="--true-cfg must be a number >= 1"):
+            generate(PROMPT, model=tiny_pipe, radius=0, true_cfg=bad, quiet=True)
+
+
+# -- the shipped model ----------------------------------------------------------------------------
+
+
+def test_shipped_default_model(tmp_path):
+    """No --model: the mini model in the package (it ships with the repository)."""
+    assert (loading.DEFAULT_MODEL_DIR / "model_index.json").is_file(), "the shipped mini model is missing"
+    size = sum(p.stat().st_size for p in loading.DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    assert size <= 25 * 2**20
+    kw = dict(steps=2, radius=4, height=128, width=192, device="cpu", output=tmp_path, quiet=True)
+    result = generate(PROMPT, **kw)
+    assert result.images[0].size == (192, 128)
+    params = json.loads(png_text(result.paths[0])["parameters"])
+    assert params["model"].startswith("cleardit-mini") and params["radius"] == 4

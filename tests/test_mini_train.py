@@ -230,6 +230,62 @@ def test_output_folder_is_never_clobbered(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_caption_dropout_is_planned_and_applied():
+    cfg = T.full_config(caption_dropout=0.25)
+    plans = [T.batch_plan(cfg, "dit", s) for s in range(200)]
+    share = sum(len(p.dropped) for p in plans) / sum(len(p.indices) for p in plans)
+    assert 0.2 < share < 0.3
+    assert all(0 <= j < len(p.indices) for p in plans for j in p.dropped)
+    # the scenes and sizes do not depend on the dropout (it is drawn after them)
+    no_dropout = T.full_config(caption_dropout=0.0)
+    same = [T.batch_plan(no_dropout, "dit", s) for s in range(20)]
+    assert [(p.height, p.indices) for p in plans[:20]] == [(p.height, p.indices) for p in same]
+    small = T.quick_config(size="tiny", batch=6, caption_dropout=0.5)
+    plan = next(p for p in (T.batch_plan(small, "dit", s) for s in range(50)) if 0 < len(p.dropped) < 6)
+    _, captions = T.render_batch(small, plan)
+    assert all((c == "") == (j in plan.dropped) for j, c in enumerate(captions))
+
+
+def test_config_checks_and_overrides():
+    with pytest.raises(ValueError, match="caption_dropout must be in"):
+        T.full_config(caption_dropout=1.0)
+    with pytest.raises(ValueError, match="true_cfg > 1 needs caption_dropout > 0"):
+        T.full_config(caption_dropout=0.0, true_cfg=3.0)
+    with pytest.raises(ValueError, match="true_cfg must be >= 1"):
+        T.full_config(true_cfg=0.5)
+    got = T.parse_overrides(["dit_lr=1e-3", "dit_mix=[[1, 1, 1]]", "train_text_encoders=false"])
+    assert got == {"dit_lr": 1e-3, "dit_mix": ((1, 1, 1),), "train_text_encoders": False}
+    assert T.full_config(**got).dit_mix == ((1, 1, 1),)
+    with pytest.raises(ValueError, match="FIELD one of"):
+        T.parse_overrides(["learning_rate=1"])
+    with pytest.raises(ValueError, match="VALUE must be JSON"):
+        T.parse_overrides(["dit_lr=fast"])
+
+
+def test_noise_shift_is_trained_and_saved(tmp_path):
+    """The training noise levels and the exported scheduler use the same (config) shift."""
+    cfg = tiny_config(shift_base=1.7, shift_max=2.4, true_cfg=2.0)
+    o = opts(tmp_path, "shift")
+    T.train(cfg, o)
+    sched = json.loads((o.output / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["base_shift"] == 1.7 and sched["max_shift"] == 2.4
+    assert json.loads((o.output / "cleardit.json").read_text())["default_true_cfg"] == 2.0
+    flux = dict(T.SCHEDULER_CONFIG)
+    mine = dict(flux, base_shift=1.7, max_shift=2.4)
+    g = torch.Generator().manual_seed(0)
+    s_flux = T.sample_sigmas(2000, 256, g, scheduler_config=flux)
+    s_mine = T.sample_sigmas(2000, 256, torch.Generator().manual_seed(0), scheduler_config=mine)
+    assert s_mine.mean() > s_flux.mean() + 0.1  # a larger shift: noisier training samples
+    low = T.sample_sigmas(
+        4000, 256, torch.Generator().manual_seed(1), scheduler_config=mine, uniform_share=0.4
+    )
+    assert (s_mine < 0.3).float().mean() < 0.01 and 0.08 < (low < 0.3).float().mean() < 0.16
+    flat = T.sample_sigmas(4000, 256, torch.Generator().manual_seed(2), uniform_share=1.0)
+    assert abs(float(flat.mean()) - 0.5) < 0.03 and 0 < flat.min() and flat.max() < 1
+    with pytest.raises(ValueError, match="sigma_uniform_share must be in"):
+        T.full_config(sigma_uniform_share=1.5)
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 

@@ -124,15 +124,17 @@ def _clear_weights(tiny_dir, path) -> None:
 
 
 def test_python_api_three_ranks_with_clear_weights_and_pooled_branch(tiny_dir, tmp_path):
+    """Also with classifier-free guidance: every rank encodes the negative prompt too."""
     weights = tmp_path / "clear_r2_df2.safetensors"
     _clear_weights(tiny_dir, weights)
     prompts = [PROMPT, "a blue square at the bottom right"]
-    kw = dict(model=tiny_dir, height=64, width=112, seed=5, quiet=True)
+    kw = dict(model=tiny_dir, height=64, width=112, seed=5, true_cfg=2.5, quiet=True)
     reference = generate(prompts, clear_weights=weights, **kw)  # radius 2, df 2 from the file
     result = generate_parallel(prompts, devices=3, clear_weights=weights, **kw)
     diff = max_pixel_diff(reference.images, result.images)
     assert diff <= 1, f"3 ranks differ from 1 rank by {diff}/255"
     assert result.metadata == reference.metadata and result.metadata[0]["down_factor"] == 2
+    assert result.metadata[0]["true_cfg"] == 2.5
     untrained = generate(prompts, radius=2, down_factor=2, **kw)
     assert max_pixel_diff(untrained.images, result.images) > 10  # the weights file was used
     assert result.devices == 3 and result.launch == "gloo on cpu" and result.paths == []

@@ -11,7 +11,8 @@ from scratch on the procedural scenes of :mod:`.dataset` in two stages:
 2. **DiT**: the transformer and both text encoders, jointly, with FLUX's rectified-flow objective
    on VAE latents of scenes with their captions: ``x_t = (1 - sigma) x0 + sigma * noise``, target
    ``noise - x0``, ``sigma`` = sigmoid of a normal sample, shifted per resolution exactly as the
-   pipeline's scheduler shifts it at inference (``mu`` from the image token count). Each step draws
+   pipeline's scheduler shifts it at inference (``mu`` from the image token count; a much larger
+   shift than FLUX's, saved with the model), plus a share of uniform noise levels. Each step draws
    one resolution from a mix (base 128 px, 192 px, 256 px, 384 px, 128x256 and 128x512 strips both
    ways), with the batch scaled to keep the pixels per step about constant, so the RoPE positions
    of a 4x-base (512 px) image have been seen along each axis. An exponential moving average
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int
+from ..distill.losses import timestep_shift_mu as _shift_mu
 from .dataset import ProceduralDataset, Scene
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
@@ -113,6 +115,18 @@ class TrainConfig:
         grad_clip: global gradient-norm clip.
         logit_mean, logit_std: sigma = sigmoid(N(logit_mean, logit_std)) before the resolution shift.
         stats_images: base-resolution images whose latents set the VAE scaling and shift.
+        shift_base, shift_max: the scheduler's ``mu`` (noise-level shift ``exp(mu)``) at 256 and 4,096
+            image tokens, saved in the pipeline's scheduler config and used for the training noise
+            levels. FLUX.1 uses 0.5 / 1.15; the mini scenes (flat colours, a few shapes) stay
+            recognisable under much more noise, so at FLUX's shift the transformer could denoise
+            almost every training sample without reading the caption and never learned to.
+        sigma_uniform_share: share of DiT samples whose noise level is uniform in (0, 1) instead of
+            shifted logit-normal. At the shift above almost no sample falls below sigma = 0.4
+            (about 1%), where the last sampling steps run; the uniform share trains those.
+        caption_dropout: share of DiT training captions replaced by the empty prompt, so the model
+            also learns the unconditional prediction that classifier-free guidance needs.
+        true_cfg: the classifier-free guidance scale written to ``cleardit.json`` as the model's
+            default (``cleardit generate --true-cfg``) and used by the final adherence check.
     """
 
     size: str = "mini"
@@ -135,6 +149,11 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     stats_images: int = 64
+    caption_dropout: float = 0.1
+    shift_base: float = 2.0
+    shift_max: float = 2.7
+    sigma_uniform_share: float = 0.4
+    true_cfg: float = 1.0
 
     def __post_init__(self):
         if self.size not in MINI_SIZES:
@@ -148,6 +167,16 @@ class TrainConfig:
         factor = self.vae_factor
         if self.vae_crop % factor:
             raise ValueError(f"vae_crop must be a multiple of the VAE factor {factor}, got {self.vae_crop}")
+        if not 0 <= self.sigma_uniform_share <= 1:
+            raise ValueError(f"sigma_uniform_share must be in [0, 1], got {self.sigma_uniform_share!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if self.true_cfg < 1:
+            raise ValueError(f"true_cfg must be >= 1 (1 = no guidance), got {self.true_cfg!r}")
+        if self.true_cfg > 1 and self.caption_dropout == 0:
+            raise ValueError(
+                "true_cfg > 1 needs caption_dropout > 0 (the unconditional prediction is never trained)"
+            )
         if not self.dit_mix or any(w <= 0 or fh <= 0 or fw <= 0 for fh, fw, w in self.dit_mix):
             raise ValueError(
                 f"dit_mix needs (height factor, width factor, weight > 0) rows, got {self.dit_mix}"
@@ -185,6 +214,8 @@ class RunOptions:
         eval_images, eval_steps: held-out base-resolution prompts for the final adherence check and
             their denoising steps (0 images: skip the check).
         progress: tqdm bars and log lines on stderr.
+        device: where the models train ("cpu", "cuda", ...). Data and random draws stay on the CPU,
+            so the batches are the same everywhere; the float results differ slightly by device.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -198,6 +229,7 @@ class RunOptions:
     eval_images: int = 50
     eval_steps: int = 20
     progress: bool = True
+    device: str = "cpu"
 
 
 def full_config(**overrides) -> TrainConfig:
@@ -244,7 +276,8 @@ class BatchPlan:
 
     ``height``/``width``: rendered size; ``indices``: scene indices in the stage's stream;
     ``crops``: VAE crop corners (top, left) of side ``crop``; ``noise_seed``: seeds the step's
-    torch generator (VAE posterior samples; DiT noise and timesteps).
+    torch generator (VAE posterior samples; DiT noise and timesteps); ``dropped``: batch positions
+    whose caption is replaced by the empty prompt (DiT).
     """
 
     stage: str
@@ -255,6 +288,7 @@ class BatchPlan:
     noise_seed: int
     crop: int | None = None
     crops: tuple[tuple[int, int], ...] | None = None
+    dropped: tuple[int, ...] = ()
 
 
 def vae_render_sizes(cfg: TrainConfig) -> list[int]:
@@ -306,7 +340,8 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
     h, w, _ = res[k]
     n = dit_batch_size(cfg, h, w)
     start = step * cfg.batch
-    return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed)
+    dropped = tuple(int(j) for j in np.flatnonzero(rng.random(n) < cfg.caption_dropout))
+    return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed, dropped=dropped)
 
 
 def render_batch(cfg: TrainConfig, plan: BatchPlan) -> tuple[torch.Tensor, list[str]]:
@@ -321,7 +356,7 @@ def render_batch(cfg: TrainConfig, plan: BatchPlan) -> tuple[torch.Tensor, list[
             t, le = plan.crops[j]
             x = x[:, t : t + plan.crop, le : le + plan.crop]
         images.append(x)
-        captions.append(text)
+        captions.append("" if j in plan.dropped else text)
     return torch.stack(images), captions
 
 
@@ -335,18 +370,29 @@ def learning_rate(peak: float, step: int, total: int, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def timestep_shift_mu(image_seq_len: int) -> float:
+def timestep_shift_mu(image_seq_len: int, scheduler_config: dict = SCHEDULER_CONFIG) -> float:
     """The pipeline scheduler's ``mu`` for an image token count (FLUX's linear rule)."""
-    c = SCHEDULER_CONFIG
-    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return image_seq_len * m + c["base_shift"] - m * c["base_image_seq_len"]
+    return _shift_mu(image_seq_len, scheduler_config)
 
 
-def sample_sigmas(n: int, image_seq_len: int, generator: torch.Generator, mean=0.0, std=1.0) -> torch.Tensor:
-    """Training noise levels: logit-normal, then the exponential time shift the scheduler applies."""
+def sample_sigmas(
+    n: int,
+    image_seq_len: int,
+    generator: torch.Generator,
+    mean=0.0,
+    std=1.0,
+    scheduler_config: dict = SCHEDULER_CONFIG,
+    uniform_share: float = 0.0,
+) -> torch.Tensor:
+    """Training noise levels: logit-normal, then the exponential time shift the scheduler applies;
+    a ``uniform_share`` of them uniform in (0, 1) instead (every level gets trained)."""
     u = torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
-    e = math.exp(timestep_shift_mu(image_seq_len))
-    return e / (e + (1 / u.clamp(1e-5, 1 - 1e-5) - 1))
+    e = math.exp(timestep_shift_mu(image_seq_len, scheduler_config))
+    shifted = e / (e + (1 / u.clamp(1e-5, 1 - 1e-5) - 1))
+    if uniform_share <= 0:
+        return shifted
+    pick = torch.rand(n, generator=generator) < uniform_share
+    return torch.where(pick, torch.rand(n, generator=generator).clamp(1e-5, 1 - 1e-5), shifted)
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -367,8 +413,9 @@ def encode_text(pipe, captions: Sequence[str], max_sequence_length: int = MAX_TE
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    pooled = pipe.text_encoder(ids, output_hidden_states=False).pooler_output
-    embeds = pipe.text_encoder_2(ids2, output_hidden_states=False)[0]
+    device = pipe.text_encoder.device
+    pooled = pipe.text_encoder(ids.to(device), output_hidden_states=False).pooler_output
+    embeds = pipe.text_encoder_2(ids2.to(device), output_hidden_states=False)[0]
     return embeds, pooled
 
 
@@ -498,6 +545,12 @@ class MiniTrainer:
             lc = self.pipe.vae.config.latent_channels
             with torch.no_grad():
                 self.pipe.vae.encoder.conv_out.bias[lc:] = self.cfg.vae_logvar_init
+        # the noise-level shift is part of the model: training samples and the saved scheduler agree
+        self.pipe.scheduler.register_to_config(base_shift=self.cfg.shift_base, max_shift=self.cfg.shift_max)
+        self.device = torch.device(self.opts.device)
+        self.pipe.to(self.device)
+        if self.ema is not None:
+            self.ema = {n: t.to(self.device) for n, t in self.ema.items()}
         if "rng" in state:
             set_rng_states(state["rng"])
         else:
@@ -631,9 +684,10 @@ class MiniTrainer:
 
     def _vae_step(self, plan: BatchPlan) -> torch.Tensor:
         x, _ = render_batch(self.cfg, plan)
+        x = x.to(self.device)
         g = torch.Generator().manual_seed(plan.noise_seed)
         post = self.pipe.vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(self.device)
         rec = self.pipe.vae.decode(z).sample
         err = rec - x
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
@@ -647,25 +701,28 @@ class MiniTrainer:
     def _dit_step(self, plan: BatchPlan) -> torch.Tensor:
         cfg = self.cfg
         x, captions = render_batch(cfg, plan)
-        x0 = self._latents(x, self._stats)
+        x0 = self._latents(x.to(self.device), self._stats)
         g = torch.Generator().manual_seed(plan.noise_seed)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
         b, _, h, w = x0.shape
         seq = (h // 2) * (w // 2)
-        sigma = sample_sigmas(b, seq, g, cfg.logit_mean, cfg.logit_std).view(b, 1, 1, 1)
+        sigma = sample_sigmas(
+            b, seq, g, cfg.logit_mean, cfg.logit_std, self.pipe.scheduler.config, cfg.sigma_uniform_share
+        )
+        sigma = sigma.view(b, 1, 1, 1).to(self.device)
         xt = (1 - sigma) * x0 + sigma * noise
         packed, img_ids = pack_latents(xt)
         target, _ = pack_latents(noise - x0)
         embeds, pooled = encode_text(self.pipe, captions)
         tr = self.pipe.transformer
-        guidance = torch.full((b,), 3.5) if tr.config.guidance_embeds else None
+        guidance = torch.full((b,), 3.5, device=self.device) if tr.config.guidance_embeds else None
         pred = tr(
             hidden_states=packed,
             timestep=sigma.view(b),
             guidance=guidance,
             pooled_projections=pooled,
             encoder_hidden_states=embeds,
-            txt_ids=torch.zeros(embeds.shape[1], 3),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=self.device),
             img_ids=img_ids,
             return_dict=False,
         )[0]
@@ -680,8 +737,8 @@ class MiniTrainer:
         zs = []
         with torch.no_grad():
             for start in range(0, len(ds), 16):
-                x = torch.stack([ds[i][0] for i in range(start, min(start + 16, len(ds)))])
-                zs.append(self.pipe.vae.encode(x).latent_dist.mode().double())
+                x = torch.stack([ds[i][0] for i in range(start, min(start + 16, len(ds)))]).to(self.device)
+                zs.append(self.pipe.vae.encode(x).latent_dist.mode().double().cpu())
         z = torch.cat(zs)
         std = float(z.std())
         return {"shift_factor": float(z.mean()), "scaling_factor": 1.0 / max(std, 1e-6)}
@@ -702,7 +759,9 @@ class MiniTrainer:
         for name in MODEL_NAMES:
             getattr(pipe, name).eval().requires_grad_(False)
         output = Path(self.opts.output)
-        save_pipeline_atomically(pipe, output, self.cfg.size, progress=self.opts.progress)
+        save_pipeline_atomically(
+            pipe, output, self.cfg.size, progress=self.opts.progress, true_cfg=self.cfg.true_cfg
+        )
         self.log(f"saved the pipeline to {output}")
         state["eval"] = self.evaluate(output, state) if self.opts.eval_images > 0 else None
         state["stage_seconds"]["export"] = state["stage_seconds"].get("export", 0.0) + time.monotonic() - t0
@@ -727,7 +786,7 @@ class MiniTrainer:
             radius=0,
             steps=self.opts.eval_steps,
             seed=cfg.seed,
-            device="cpu",
+            device=str(self.device),
             dtype="fp32",
             quiet=True,
         )
@@ -743,7 +802,8 @@ class MiniTrainer:
             for s in scenes:
                 img = render(s, cfg.base)
                 x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)[None]
-                rec = self.pipe.vae.decode(self.pipe.vae.encode(x).latent_dist.mode()).sample[0].clamp(-1, 1)
+                z = self.pipe.vae.encode(x.to(self.device)).latent_dist.mode()
+                rec = self.pipe.vae.decode(z).sample[0].clamp(-1, 1).cpu()
                 rt.append(adherence(rec, s, shapes=BASIC_SHAPES))
         vae = summarize_adherence(rt)
         out = {
@@ -845,8 +905,12 @@ def summarize_adherence(results) -> dict:
     }
 
 
-def save_pipeline_atomically(pipe, output: Path, size: str, *, progress: bool = True) -> Path:
+def save_pipeline_atomically(
+    pipe, output: Path, size: str, *, progress: bool = True, true_cfg: float | None = None
+) -> Path:
     """``save_mini_pipeline`` into a temporary sibling folder, then swap it in for ``output``.
+
+    ``true_cfg`` (> 1) becomes the model's default classifier-free guidance scale in cleardit.json.
 
     An existing ``output`` must be a pipeline folder (``model_index.json``) or empty: anything else
     is refused rather than deleted.
@@ -873,7 +937,8 @@ def save_pipeline_atomically(pipe, output: Path, size: str, *, progress: bool = 
     for m in bars:
         m.disable_progress_bar()
     try:
-        save_mini_pipeline(pipe, tmp, mini_model_info(size, name=f"cleardit-{size}"))
+        extra = {"default_true_cfg": true_cfg} if true_cfg is not None and true_cfg > 1 else {}
+        save_mini_pipeline(pipe, tmp, mini_model_info(size, name=f"cleardit-{size}", **extra))
     finally:
         for m in bars:
             m.enable_progress_bar()
@@ -958,8 +1023,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default: torch's choice, one per core). Resume with the same count: "
         "other counts change float rounding, so the weights are no longer bit-identical",
     )
+    p.add_argument("--device", default="cpu", help="where the models train: cpu (default), cuda, cuda:N")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any TrainConfig field, VALUE in JSON (e.g. --set dit_lr=1e-3 --set "
+        "caption_dropout=0.2); for experiments: the defaults are the shipped model's recipe",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["dit_lr=1e-3", "dit_mix=[[1,1,1]]"]`` -> TrainConfig keyword overrides (JSON values)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(known)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {item!r}: VALUE must be JSON (a number, true/false, a list)") from None
+        if isinstance(value, list):  # dit_mix and other tuples, as the dataclass stores them
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        out[key] = value
+    return out
 
 
 def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
@@ -975,7 +1070,12 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
         ).items()
         if v is not None
     }
+    overrides.update(parse_overrides(args.set))
     cfg = quick_config(**overrides) if args.quick else full_config(**overrides)
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
     work_dir = args.work_dir or (Path(f"{DEFAULT_WORK_DIR}-quick") if args.quick else DEFAULT_WORK_DIR)
     opts = RunOptions(
         output=args.output,
@@ -986,6 +1086,7 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
         eval_images=args.eval_images if args.eval_images is not None else (4 if args.quick else 50),
         eval_steps=args.eval_steps or (8 if args.quick else 20),
         progress=not args.quiet,
+        device=args.device,
     )
     return cfg, opts
 

@@ -139,6 +139,8 @@ class StripPipeline:
         max_sequence_length: int,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
+        true_cfg_scale: float = 1.0,
+        negative_prompt: str | None = None,
     ):
         """Latents [B, H*W, C] (``output_type="latent"``, every rank) or images (rank 0; None elsewhere)."""
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
@@ -167,6 +169,20 @@ class StripPipeline:
             num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length,
         )
+        negative = {}
+        if true_cfg_scale > 1 and negative_prompt is not None:  # every rank needs both texts' embeddings
+            neg, neg_pooled, _ = pipe.encode_prompt(
+                prompt=[negative_prompt] * (embeds.shape[0] // num_images_per_prompt),
+                prompt_2=None,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+            )
+            negative = dict(
+                true_cfg_scale=true_cfg_scale,
+                negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=neg_pooled,
+            )
         channels = pipe.transformer.config.in_channels // 4
         noise, _ = pipe.prepare_latents(
             embeds.shape[0], channels, height, width, embeds.dtype, device, generator
@@ -183,6 +199,7 @@ class StripPipeline:
                 guidance_scale=guidance_scale,
                 max_sequence_length=max_sequence_length,
                 output_type="latent",
+                **negative,
             ).images  # [B, rows_i * cols, C]
         counts = [plan.rows(r) * cols for r in range(comm.world)]
         latents = torch.cat(comm.all_gather(strip, counts, 1, "output", "final latent gather", None), 1)

@@ -38,6 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             width=args.width,
             steps=args.steps,
             guidance=args.guidance,
+            true_cfg=args.true_cfg,
+            negative_prompt=args.negative_prompt,
             seed=args.seed,
             batch=args.batch,
             device=args.device,
@@ -108,6 +110,17 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--guidance", type=_float, default=None, help="FLUX guidance (default: the model's, else 3.5)"
+    )
+    g.add_argument(
+        "--true-cfg",
+        type=_float,
+        default=None,
+        metavar="SCALE",
+        help="classifier-free guidance scale, 1 = off; costs a second transformer pass per step "
+        "(default: the model's, e.g. the mini model's trained scale, else 1)",
+    )
+    g.add_argument(
+        "--negative-prompt", default="", help="the unconditional prompt of --true-cfg (default: empty)"
     )
     g.add_argument(
         "--seed",

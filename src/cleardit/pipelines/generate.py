@@ -415,6 +415,8 @@ def generate(
     width: int | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    true_cfg: float | None = None,
+    negative_prompt: str = "",
     seed: int = 0,
     batch: int = 1,
     device: str | torch.device | None = None,
@@ -446,6 +448,10 @@ def generate(
         height, width: pixels, multiples of the pipeline's factor (VAE scale x 2: 16 for FLUX);
             default the model's base size.
         steps, guidance: denoising steps and FLUX guidance (defaults from cleardit.json, else 28 / 3.5).
+        true_cfg: classifier-free guidance scale (two transformer passes per step, conditional and
+            ``negative_prompt``); 1 = off. Default from cleardit.json (the mini model: its trained
+            scale), else 1. FLUX.1-dev's distilled ``guidance`` is separate.
+        negative_prompt: the unconditional text of ``true_cfg`` (default "", as trained).
         device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32.
         radius: CLEAR radius in tokens; 0 = the original full attention; None = the radius of the
             CLEAR weights in use (``clear_weights`` or the model's own), else 16.
@@ -568,6 +574,12 @@ def generate(
     steps = steps or info.default_steps or 28
     if guidance is None:
         guidance = info.default_guidance if info.default_guidance is not None else 3.5
+    if true_cfg is None:
+        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else 1.0
+    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
+        raise ValueError(
+            f"--true-cfg must be a number >= 1 (1 = no classifier-free guidance), got {true_cfg!r}"
+        )
     cfg = transformer.config
     head_dim, heads = int(cfg.attention_head_dim), int(cfg.num_attention_heads)
     layers = int(cfg.num_layers) + int(cfg.num_single_layers)
@@ -615,6 +627,8 @@ def generate(
         if p is not None:
             p.set_progress_bar_config(disable=quiet, leave=False)
     common = dict(guidance_scale=guidance, max_sequence_length=text_len)
+    if true_cfg > 1:
+        common.update(true_cfg_scale=float(true_cfg), negative_prompt=negative_prompt)
 
     def gens(seeds, states=None):
         out = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -737,6 +751,8 @@ def generate(
             "seed": seed + i,
             "steps": steps,
             "guidance": guidance,
+            "true_cfg": true_cfg,
+            "negative_prompt": negative_prompt if true_cfg > 1 else None,
             "height": height,
             "width": width,
             "attention": "clear" if clear else "full",

@@ -48,6 +48,8 @@ class ModelInfo:
             folder without the file: diffusers' FLUX default (128 latent px * vae scale = 1024).
         max_sequence_length: T5 tokens per prompt (FLUX.1-dev: 512; the mini model: 40).
         default_steps, default_guidance: generation defaults.
+        default_true_cfg: classifier-free guidance scale used when the caller gives none (the
+            model was trained with dropped captions); absent = 1 (off).
         clear_weights: a CLEAR checkpoint file inside the folder, used when the caller passes none.
         clear_radius, clear_down_factor: what that checkpoint was trained for.
     """
@@ -58,6 +60,7 @@ class ModelInfo:
     max_sequence_length: int | None = None
     default_steps: int | None = None
     default_guidance: float | None = None
+    default_true_cfg: float | None = None
     clear_weights: str | None = None
     clear_radius: int | None = None
     clear_down_factor: int | None = None
@@ -134,7 +137,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         folder = DEFAULT_MODEL_DIR
         if not (folder / "model_index.json").is_file():
             raise ModelNotFoundError(
-                f"the shipped mini model ({folder}) has not been trained and shipped yet; pass --model "
+                f"the shipped mini model is missing from {folder} (an incomplete checkout or install?); "
+                "reinstall cleardit, or rebuild it with `python -m cleardit.mini.train`, or pass --model "
                 "with a diffusers FLUX pipeline folder (one with model_index.json), or a Hugging Face id "
                 "already in the local cache, e.g. --model black-forest-labs/FLUX.1-dev"
             )

@@ -1,0 +1,215 @@
+"""Compare training recipes of the mini model: train several variants side by side, then score each.
+
+Each variant is ``python -m cleardit.mini.train`` with ``--set`` overrides (one process per variant,
+all at once, so a GPU machine runs a sweep in minutes). Afterwards every variant's pipeline is
+scored on held-out prompts at the base size with full attention, for each classifier-free
+guidance scale asked for. Prints a table and writes ``sweep.json`` into ``--out``.
+
+    python bench/mini_recipe_sweep.py --device cuda --out out/sweep            # the variants below
+    python bench/mini_recipe_sweep.py --quick --out out/sweep-quick            # smoke run on a CPU
+
+A variant that the time budget stopped early says so in the table ("stopped at step N").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from cleardit.argtypes import positive_float, positive_int
+
+# name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
+# learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
+# all of it stayed below 11%. Round 2 varies the noise-level shift.
+VARIANTS: dict[str, dict] = {
+    f"shift{b:g}": {"shift_base": b, "shift_max": b + 0.7} for b in (0.5, 1.5, 2.0, 2.5, 3.0)
+}
+VARIANTS.update(
+    {
+        "b16x2400": {"batch": 16, "dit_steps": 2400},
+        "b16x2400-lr2e-3": {"batch": 16, "dit_steps": 2400, "dit_lr": 2e-3},
+        "b16x2400-lr2e-3-base": {"batch": 16, "dit_steps": 2400, "dit_lr": 2e-3, "dit_mix": [[1, 1, 1]]},
+        "b16x2400-lr2e-3-frozen-text": {
+            "batch": 16,
+            "dit_steps": 2400,
+            "dit_lr": 2e-3,
+            "train_text_encoders": False,
+        },
+        "b16x4800-lr2e-3": {"batch": 16, "dit_steps": 4800, "dit_lr": 2e-3},
+        "b8x4800-lr2e-3": {"batch": 8, "dit_steps": 4800, "dit_lr": 2e-3},
+    }
+)
+QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
+
+
+def train_variant(name: str, overrides: dict, args) -> dict:
+    out = Path(args.out)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cleardit.mini.train",
+        "--device",
+        args.device,
+        "--work-dir",
+        str(out / f"work-{name}"),
+        "--output",
+        str(out / f"model-{name}"),
+        "--eval-images",
+        "0",
+        "--minutes-budget",
+        str(args.minutes_budget),
+        "--threads",
+        str(args.threads),
+        "--quiet",
+        "--resume",
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    for item in args.set:
+        cmd += ["--set", item]
+    t0 = time.monotonic()
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.monotonic() - t0
+    (out / f"train-{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(f"{name}: training failed: {proc.stderr[-1500:]}", flush=True)
+        return {"name": name, "error": f"training exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    log = json.loads((out / f"model-{name}" / "training_log.json").read_text())
+    dit = log["stages"]["dit"]
+    score = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--score",
+            str(out / f"model-{name}"),
+            "--device",
+            args.device,
+            "--eval-images",
+            str(args.eval_images),
+            "--eval-steps",
+            str(args.eval_steps),
+            "--cfg-scales",
+            *map(str, args.cfg_scales),
+            "--threads",
+            str(args.threads),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if score.returncode != 0:
+        return {"name": name, "error": f"scoring exited {score.returncode}: {score.stderr[-2000:]}"}
+    result = {
+        "name": name,
+        "overrides": overrides,
+        "train_seconds": seconds,
+        "dit_steps_done": dit["steps_done"],
+        "dit_planned": dit["planned_steps"],
+        "dit_final_loss": dit["loss_curve"][-1][1] if dit["loss_curve"] else None,
+        "dit_steps_per_second": dit["steps_per_second"],
+        "scores": json.loads(score.stdout.strip().splitlines()[-1]),
+    }
+    print(json.dumps(result), flush=True)  # each variant as soon as it is done
+    return result
+
+
+def score_model(folder: str, args) -> dict:
+    """{scale: adherence summary} on held-out base-size prompts, full attention."""
+    import torch
+
+    from cleardit.mini.adherence import adherence
+    from cleardit.mini.dataset import BASIC_SHAPES
+    from cleardit.mini.train import heldout_scenes, summarize_adherence
+    from cleardit.pipelines import generate
+    from cleardit.pipelines.loading import load_pipeline
+
+    torch.set_num_threads(args.threads)
+    scenes = heldout_scenes(args.eval_images)
+    pipe = load_pipeline(Path(folder), torch.device(args.device), torch.float32, progress=False)
+    out = {}
+    for scale in args.cfg_scales:
+        result = generate(
+            [s.caption() for s in scenes],
+            model=pipe,
+            info=_info(folder),
+            radius=0,
+            steps=args.eval_steps,
+            true_cfg=scale,
+            seed=0,
+            quiet=True,
+        )
+        summary = summarize_adherence(
+            [adherence(im, s, shapes=BASIC_SHAPES) for im, s in zip(result.images, scenes, strict=True)]
+        )
+        out[str(scale)] = {
+            "percent": summary["percent"],
+            "strict_percent": summary["strict_percent"],
+            "by_fact_percent": summary["by_fact_percent"],
+        }
+    return out
+
+
+def _info(folder):
+    from cleardit.pipelines.loading import read_model_info
+
+    return read_model_info(folder)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/mini-sweep", help="work dirs, models, logs and sweep.json")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", nargs="*", default=None, help="names to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke run)")
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE added to every variant")
+    p.add_argument("--minutes-budget", type=positive_float, default=55.0, help="per variant (trainer's)")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per process")
+    p.add_argument("--jobs", type=positive_int, default=None, help="variants at once (default: all)")
+    p.add_argument("--eval-images", type=positive_int, default=50)
+    p.add_argument("--eval-steps", type=positive_int, default=20)
+    p.add_argument("--cfg-scales", type=positive_float, nargs="+", default=[1.0, 2.5, 4.0, 6.0])
+    p.add_argument("--score", metavar="FOLDER", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if any(s < 1 for s in args.cfg_scales):
+        p.error(f"--cfg-scales must be >= 1, got {args.cfg_scales}")
+    if args.score:
+        print(json.dumps(score_model(args.score, args)))
+        return 0
+    table = QUICK_VARIANTS if args.quick else VARIANTS
+    names = args.variants or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {sorted(table)}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs or len(names)) as pool:
+        results = list(pool.map(lambda n: train_variant(n, table[n], args), names))
+    (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    scales = [str(s) for s in args.cfg_scales]
+    print("| variant | DiT steps | final loss | train min | " + " | ".join(f"cfg {s}" for s in scales) + " |")
+    print("|---" * (4 + len(scales)) + "|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error'][:200]} |")
+            continue
+        steps = f"{r['dit_steps_done']}/{r['dit_planned']}"
+        sc = r["scores"]
+        cells = [f"{sc[s]['percent']:.1f}% ({sc[s]['strict_percent']:.0f}%)" for s in scales]
+        print(
+            f"| {r['name']} | {steps} | {r['dit_final_loss']:.4f} | {r['train_seconds'] / 60:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
