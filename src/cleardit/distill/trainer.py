@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..config import ClearConfig
+from ..seeds import derive_seed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import (
     AttentionRecorder,
@@ -117,14 +118,6 @@ class DistillResult:
 def release_file_name(radius: int, down_factor: int | None) -> str:
     """The reference release's naming, so the file is recognised by ``load_weights`` alone."""
     return f"clear_local_{radius}" + (f"_down_{down_factor}" if down_factor else "") + ".safetensors"
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    h = 1469598103934665603
-    for k in keys:
-        h = ((h ^ (k & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 @lru_cache(maxsize=4)

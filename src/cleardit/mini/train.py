@@ -49,6 +49,7 @@ import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int
 from ..distill.losses import timestep_shift_mu as _shift_mu
+from ..seeds import derive_seed
 from .dataset import ProceduralDataset, Scene
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
@@ -255,11 +256,6 @@ class SimulatedKill(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- seeds and data
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 32-bit seed from (seed, *keys), independent streams for different keys."""
-    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, dtype=np.uint32)[0])
-
-
 def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:
     """``n`` scenes of the held-out stream of a run of ``seed`` (never used for training)."""
     ds = ProceduralDataset(n, seed=derive_seed(seed, _STREAMS["eval"]))
