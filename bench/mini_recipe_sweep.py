@@ -8,7 +8,7 @@ guidance scale asked for. Prints a table and writes ``sweep.json`` into ``--out`
     python bench/mini_recipe_sweep.py --device cuda --out out/sweep            # the variants below
     python bench/mini_recipe_sweep.py --quick --out out/sweep-quick            # smoke run on a CPU
 
-A variant that the time budget stopped early says so in the table ("stopped at step N").
+A variant that the time budget stopped early shows it in the table's "DiT steps" column (done / planned).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cleardit.argtypes import positive_float, positive_int
+from cleardit.atomic import atomic_write_text
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
 # learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
@@ -130,17 +131,18 @@ def score_model(folder: str, args) -> dict:
     from cleardit.mini.dataset import BASIC_SHAPES
     from cleardit.mini.train import heldout_scenes, summarize_adherence
     from cleardit.pipelines import generate
-    from cleardit.pipelines.loading import load_pipeline
+    from cleardit.pipelines.loading import load_pipeline, read_model_info
 
     torch.set_num_threads(args.threads)
     scenes = heldout_scenes(args.eval_images)
     pipe = load_pipeline(Path(folder), torch.device(args.device), torch.float32, progress=False)
+    info = read_model_info(folder)
     out = {}
     for scale in args.cfg_scales:
         result = generate(
             [s.caption() for s in scenes],
             model=pipe,
-            info=_info(folder),
+            info=info,
             radius=0,
             steps=args.eval_steps,
             true_cfg=scale,
@@ -156,12 +158,6 @@ def score_model(folder: str, args) -> dict:
             "by_fact_percent": summary["by_fact_percent"],
         }
     return out
-
-
-def _info(folder):
-    from cleardit.pipelines.loading import read_model_info
-
-    return read_model_info(folder)
 
 
 def main(argv=None) -> int:
@@ -192,7 +188,7 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs or len(names)) as pool:
         results = list(pool.map(lambda n: train_variant(n, table[n], args), names))
-    (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(Path(args.out) / "sweep.json", json.dumps(results, indent=2) + "\n")
     scales = [str(s) for s in args.cfg_scales]
     print("| variant | DiT steps | final loss | train min | " + " | ".join(f"cfg {s}" for s in scales) + " |")
     print("|---" * (4 + len(scales)) + "|")

@@ -217,6 +217,8 @@ def test_cli_runs_and_reports_bad_arguments(tmp_path, capsys):
             T.main(bad)
         assert exc.value.code == 2
     assert "expected a whole number >= 1" in capsys.readouterr().err
+    assert T.main([*base, *where, "--device", "tpu9"]) == 2
+    assert "--device 'tpu9' is not a torch device" in capsys.readouterr().err
 
 
 def test_output_folder_is_never_clobbered(tmp_path):
