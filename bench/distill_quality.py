@@ -55,9 +55,14 @@ def picture_grid(rows: list[list], labels: list[str], path: Path) -> Path:
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             grid.paste(image, (pad + c * (w + pad), top + pad + r * (h + pad)))
+    import io
+
+    from cleardit.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())  # never a half-written PNG
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,12 @@ guidance scale asked for. Prints a table and writes ``sweep.json`` into ``--out`
 
     python bench/mini_recipe_sweep.py --device cuda --out out/sweep            # the variants below
     python bench/mini_recipe_sweep.py --quick --out out/sweep-quick            # smoke run on a CPU
+    python bench/mini_recipe_sweep.py --variants r3-b8-u0.4 r3-b16-u0.4 --threads 1 \
+        --vae-from src/cleardit/mini/weights --minutes-budget 25.5 --cfg-scales 1  # round 3, 2 cores
+
+``--vae-from FOLDER`` hands the trainer a trained VAE (``python -m cleardit.mini.train --vae-from``), so
+every variant starts at the DiT stage: the VAE stage is the same in all of them and costs ~11 minutes
+on 2 cores.
 
 A variant that the time budget stopped early shows it in the table's "DiT steps" column (done / planned).
 """
@@ -46,6 +52,26 @@ VARIANTS.update(
         "b8x4800-lr2e-3": {"batch": 8, "dit_steps": 4800, "dit_lr": 2e-3},
     }
 )
+# Round 3 (2 CPU cores, 2 variants at once with one thread each, the shipped VAE): the DiT stage
+# at a base-heavy resolution mix, varying the batch, the share of uniform noise levels and the
+# transformer's init (adaLN-Zero).
+_BASE_HEAVY = [[1, 1, 0.75], [1.5, 1.5, 0.1], [1, 2, 0.05], [2, 1, 0.05], [2, 2, 0.05]]
+VARIANTS.update(
+    {
+        "r3-b8-u0.4": {"batch": 8, "dit_steps": 1750, "dit_mix": _BASE_HEAVY},
+        "r3-b16-u0.4": {"batch": 16, "dit_steps": 900, "dit_mix": _BASE_HEAVY},
+        "r3-b8-u0": {"batch": 8, "dit_steps": 1550, "dit_mix": _BASE_HEAVY, "sigma_uniform_share": 0.0},
+        "r3-b8-u0.15": {"batch": 8, "dit_steps": 1550, "dit_mix": _BASE_HEAVY, "sigma_uniform_share": 0.15},
+        "r3-b8-zero": {"batch": 8, "dit_steps": 1750, "dit_mix": _BASE_HEAVY, "zero_init": True},
+        "r3-b8-zero-lr2e-3": {
+            "batch": 8,
+            "dit_steps": 1750,
+            "dit_mix": _BASE_HEAVY,
+            "zero_init": True,
+            "dit_lr": 2e-3,
+        },
+    }
+)
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 
@@ -72,6 +98,8 @@ def train_variant(name: str, overrides: dict, args) -> dict:
     ]
     if args.quick:
         cmd.append("--quick")
+    if args.vae_from:
+        cmd += ["--vae-from", str(args.vae_from)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     for item in args.set:
@@ -168,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny step counts (a smoke run)")
     p.add_argument("--set", action="append", default=[], help="FIELD=VALUE added to every variant")
     p.add_argument("--minutes-budget", type=positive_float, default=55.0, help="per variant (trainer's)")
+    p.add_argument(
+        "--vae-from", metavar="FOLDER", help="every variant starts at the DiT stage with this pipeline's VAE"
+    )
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per process")
     p.add_argument("--jobs", type=positive_int, default=None, help="variants at once (default: all)")
     p.add_argument("--eval-images", type=positive_int, default=50)

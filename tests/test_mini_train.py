@@ -288,6 +288,74 @@ def test_noise_shift_is_trained_and_saved(tmp_path):
         T.full_config(sigma_uniform_share=1.5)
 
 
+def test_vae_from_starts_at_the_dit_stage_with_that_vae(tmp_path, capsys):
+    """--vae-from: no VAE stage; the trained VAE and its latent scaling are kept bit for bit, the
+    source is logged, and the DiT stage is the same as a full run's (same data, same init)."""
+    first = opts(tmp_path, "first")
+    T.train(tiny_config(), first)
+    second = opts(tmp_path, "second", vae_from=first.output)
+    log = T.train(tiny_config(), second)
+    assert log["stages"]["vae"]["steps_done"] == 0 and log["stages"]["dit"]["steps_done"] == 5
+    assert log["vae_from"]["path"] == str(first.output.resolve()) and len(log["vae_from"]["sha256"]) == 64
+    a, b = safetensors_of(first.output), safetensors_of(second.output)
+    assert_same_tensors(a, b)  # the DiT stage only depends on the VAE, so the whole pipeline matches
+    vae_a = json.loads((first.output / "vae" / "config.json").read_text())
+    vae_b = json.loads((second.output / "vae" / "config.json").read_text())
+    assert (
+        vae_a["scaling_factor"] == vae_b["scaling_factor"] and vae_a["shift_factor"] == vae_b["shift_factor"]
+    )
+    assert "taken from" in T.format_summary(log)
+    # resuming with another source is refused; a folder without a VAE is a clear error
+    with pytest.raises(ValueError, match="differs from the VAE this run started from"):
+        T.train(tiny_config(), opts(tmp_path, "second", vae_from=tmp_path / "first" / "work"), resume=True)
+    with pytest.raises(ValueError, match="no VAE there"):
+        T.train(tiny_config(), opts(tmp_path, "third", vae_from=tmp_path / "nothing"))
+    bad = T.main(
+        [
+            "--size",
+            "mini",
+            "--quick",
+            "--quiet",
+            "--eval-images",
+            "0",
+            "--vae-from",
+            str(first.output),
+            "--work-dir",
+            str(tmp_path / "w4"),
+            "--output",
+            str(tmp_path / "m4"),
+        ]
+    )
+    assert bad == 2 and "does not have the 'mini' size's architecture" in capsys.readouterr().err
+
+
+def test_zero_init_starts_from_identity_blocks_and_still_learns(tmp_path):
+    from cleardit.mini.pipeline import build_mini_pipeline
+
+    pipe = build_mini_pipeline("tiny")
+    tr = pipe.transformer
+    assert T.zero_init_modulation(tr) > 4
+    x, ids = T.pack_latents(torch.randn(2, tr.config.in_channels // 4, 8, 8))
+    out = tr(
+        hidden_states=x,
+        timestep=torch.tensor([0.3, 0.9]),
+        guidance=torch.full((2,), 3.5) if tr.config.guidance_embeds else None,
+        pooled_projections=torch.randn(2, tr.config.pooled_projection_dim),
+        encoder_hidden_states=torch.randn(2, 5, tr.config.joint_attention_dim),
+        txt_ids=torch.zeros(5, 3),
+        img_ids=ids,
+        return_dict=False,
+    )[0]
+    assert torch.count_nonzero(out) == 0  # the prediction starts at 0
+    o = opts(tmp_path, "zero")
+    T.train(tiny_config(zero_init=True), o)
+    trained = safetensors_of(o.output)["transformer/diffusion_pytorch_model.safetensors"]
+    assert (
+        torch.count_nonzero(trained["proj_out.weight"]) > 0
+        and torch.count_nonzero(trained["norm_out.linear.weight"]) > 0
+    )
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 

@@ -18,6 +18,9 @@ from scratch on the procedural scenes of :mod:`.dataset` in two stages:
    of a 4x-base (512 px) image have been seen along each axis. An exponential moving average
    (EMA) of the weights is what gets shipped.
 
+For transformer experiments, ``--vae-from DIR`` skips stage 1 by taking the VAE (and its latent
+scaling) of a trained pipeline; ``--set zero_init=true`` starts the transformer as adaLN-Zero.
+
 Then the EMA pipeline is saved with ``save_mini_pipeline`` (plus ``cleardit.json``) and its prompt
 adherence is measured on held-out scenes at the base resolution (``cleardit.generate`` +
 :mod:`.adherence`); everything goes into ``training_log.json``.
@@ -128,6 +131,9 @@ class TrainConfig:
             also learns the unconditional prediction that classifier-free guidance needs.
         true_cfg: the classifier-free guidance scale written to ``cleardit.json`` as the model's
             default (``cleardit generate --true-cfg``) and used by the final adherence check.
+        zero_init: start the transformer as DiT's "adaLN-Zero": the modulation layers of every block
+            and of the output norm, and the output projection, are zero, so each block starts as
+            the identity and the prediction as 0 (diffusers' default init draws them at random).
     """
 
     size: str = "mini"
@@ -155,6 +161,7 @@ class TrainConfig:
     shift_max: float = 2.7
     sigma_uniform_share: float = 0.4
     true_cfg: float = 1.0
+    zero_init: bool = False
 
     def __post_init__(self):
         if self.size not in MINI_SIZES:
@@ -217,6 +224,10 @@ class RunOptions:
         progress: tqdm bars and log lines on stderr.
         device: where the models train ("cpu", "cuda", ...). Data and random draws stay on the CPU,
             so the batches are the same everywhere; the float results differ slightly by device.
+        vae_from: a trained mini pipeline folder (or its ``vae`` subfolder) whose VAE and latent
+            scaling a fresh run takes instead of training its own: the run starts at the DiT stage.
+            For recipe experiments on the transformer (saves the VAE stage's ~11 minutes per run);
+            the source folder and the sha256 of its weights are recorded in the log.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -231,6 +242,7 @@ class RunOptions:
     eval_steps: int = 20
     progress: bool = True
     device: str = "cpu"
+    vae_from: Path | None = None
 
 
 def full_config(**overrides) -> TrainConfig:
@@ -439,6 +451,67 @@ def _named_params(modules: dict) -> list[tuple[str, torch.nn.Parameter]]:
 MODEL_NAMES = ("vae", "transformer", "text_encoder", "text_encoder_2")
 
 
+def zero_init_modulation(transformer) -> int:
+    """adaLN-Zero (the DiT paper's init): zero the adaptive-norm modulation of every block and of the
+    output norm, and the output projection. Returns the number of tensors zeroed."""
+    from diffusers.models.normalization import (
+        AdaLayerNormContinuous,
+        AdaLayerNormZero,
+        AdaLayerNormZeroSingle,
+    )
+
+    zeroed = 0
+    with torch.no_grad():
+        for module in transformer.modules():
+            if isinstance(module, AdaLayerNormZero | AdaLayerNormZeroSingle | AdaLayerNormContinuous):
+                for t in (module.linear.weight, module.linear.bias):
+                    if t is not None:
+                        t.zero_()
+                        zeroed += 1
+        for t in (transformer.proj_out.weight, transformer.proj_out.bias):
+            t.zero_()
+            zeroed += 1
+    return zeroed
+
+
+def load_trained_vae(pipe, folder, size: str) -> dict:
+    """Load the VAE of a trained mini pipeline ``folder`` (or its ``vae`` subfolder) into ``pipe``.
+
+    Returns the state entries of a run that starts at the DiT stage with it: ``stage``,
+    ``latent_stats`` (the VAE's saved shift and scaling) and ``vae_from`` (path, weights sha256).
+    """
+    import hashlib
+
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder).resolve()
+    vae_dir = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    if not (vae_dir / "config.json").is_file():
+        raise ValueError(
+            f"--vae-from {folder}: no VAE there (expected a trained mini pipeline folder with "
+            "vae/config.json, e.g. the output of an earlier run)"
+        )
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    want, got = pipe.vae.state_dict(), vae.state_dict()
+    if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+        raise ValueError(
+            f"--vae-from {folder}: its VAE does not have the {size!r} size's architecture "
+            f"(latent channels {vae.config.latent_channels}, blocks {list(vae.config.block_out_channels)}); "
+            f"pass a pipeline trained with --size {size}"
+        )
+    pipe.vae.load_state_dict(got)
+    weights = sorted(vae_dir.glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
+    return {
+        "stage": "dit",
+        "latent_stats": {
+            "shift_factor": float(vae.config.shift_factor),
+            "scaling_factor": float(vae.config.scaling_factor),
+        },
+        "vae_from": {"path": str(folder), "sha256": digest},
+    }
+
+
 # ----------------------------------------------------------------------------- trainer
 class MiniTrainer:
     """One training run in a work dir. ``run()`` goes through the stages from wherever the work
@@ -475,6 +548,7 @@ class MiniTrainer:
             "models": None,
             "resumes": 0,
             "eval": None,
+            "vae_from": None,
         }
 
     def _load_or_init(self) -> dict:
@@ -490,6 +564,13 @@ class MiniTrainer:
                 f"{checkpoint_path(self.work_dir)}) to start over"
             )
         check_same_config(self.work_dir, state["config"], self.cfg.to_dict())
+        recorded = (state.get("vae_from") or {}).get("path")
+        if self.opts.vae_from is not None and str(Path(self.opts.vae_from).resolve()) != recorded:
+            raise ValueError(
+                f"--vae-from {self.opts.vae_from} differs from the VAE this run started from "
+                f"({recorded or 'trained by the run itself'}); resume without --vae-from, "
+                "or use another --work-dir"
+            )
         state["resumes"] = int(state.get("resumes", 0)) + 1
         self.log(f"resuming {self.work_dir}: stage {state['stage']}, step {state['step']}")
         return state
@@ -537,10 +618,15 @@ class MiniTrainer:
         if state["models"] is not None:
             for name in MODEL_NAMES:
                 getattr(self.pipe, name).load_state_dict(state["models"][name])
+        elif self.opts.vae_from is not None:  # a fresh run on a trained VAE: straight to the DiT stage
+            state.update(load_trained_vae(self.pipe, self.opts.vae_from, self.cfg.size))
+            self.log(f"VAE taken from {state['vae_from']['path']}; starting at the DiT stage")
         else:  # a fresh run: the VAE's posterior starts narrow (see TrainConfig.vae_logvar_init)
             lc = self.pipe.vae.config.latent_channels
             with torch.no_grad():
                 self.pipe.vae.encoder.conv_out.bias[lc:] = self.cfg.vae_logvar_init
+        if state["models"] is None and self.cfg.zero_init:
+            zero_init_modulation(self.pipe.transformer)
         # the noise-level shift is part of the model: training samples and the saved scheduler agree
         self.pipe.scheduler.register_to_config(base_shift=self.cfg.shift_base, max_shift=self.cfg.shift_max)
         self.device = torch.device(self.opts.device)
@@ -870,6 +956,7 @@ class MiniTrainer:
             "total_seconds": float(state["elapsed"]) if state["stage"] == "done" else self._elapsed(),
             "export_seconds": state["stage_seconds"].get("export", 0.0),
             "resumes": state.get("resumes", 0),
+            "vae_from": state.get("vae_from"),
             "parameters": count_parameters(self.pipe),
             "safetensors_bytes": st_bytes,
             "eval": state.get("eval"),
@@ -1028,6 +1115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any TrainConfig field, VALUE in JSON (e.g. --set dit_lr=1e-3 --set "
         "caption_dropout=0.2); for experiments: the defaults are the shipped model's recipe",
     )
+    p.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="start at the DiT stage with the VAE of this trained mini pipeline (e.g. the shipped "
+        "src/cleardit/mini/weights) instead of training one: for transformer recipe experiments",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
 
@@ -1083,6 +1178,7 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
         eval_steps=args.eval_steps or (8 if args.quick else 20),
         progress=not args.quiet,
         device=args.device,
+        vae_from=args.vae_from,
     )
     return cfg, opts
 
@@ -1091,6 +1187,9 @@ def format_summary(log: dict) -> str:
     lines = []
     for stage in ("vae", "dit"):
         s = log["stages"][stage]
+        if stage == "vae" and log.get("vae_from"):
+            lines.append(f"VAE: taken from {log['vae_from']['path']} (not trained by this run)")
+            continue
         last = s["loss_curve"][-1][1] if s["loss_curve"] else float("nan")
         rate = f"{s['steps_per_second']:.3f} steps/s" if s["steps_per_second"] else "-"
         early = " (stopped early by the time budget)" if s["stopped_early"] else ""

@@ -1,0 +1,130 @@
+"""MINI-PROBE: how much a mini model uses its captions, without sampling.
+
+Sampling 20 steps and scoring adherence (``bench/mini_adherence.py``) is the real test but is slow
+and, while a model is weak, flat: recipes that differ inside the transformer all score ~12%. This
+probe reads the transformer's one-step predictions on held-out scenes instead:
+
+* the flow-matching loss at fixed noise levels with the right captions and with the captions
+  shuffled across the batch (the trainer's own noising, latents and text encoding). The gap is
+  what the captions are worth; at sigma = 1 the input is pure noise, so everything the model knows
+  about the scene there comes from the caption.
+* the x0 the model predicts from pure noise (sigma = 1), decoded and checked for the background
+  facts (``cleardit.mini.adherence``). That prediction is the model's conditional mean: for these
+  scenes the background is fixed by the caption (stripes and checks start with the first colour at
+  the top left), so a model that reads its captions and knows where each token sits gets it right.
+
+    python bench/mini_probe.py --model src/cleardit/mini/weights out/mini-sweep/model-r3-b8-u0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_header, print_table  # noqa: E402
+
+from cleardit.argtypes import positive_int  # noqa: E402
+from cleardit.mini import train as T  # noqa: E402
+from cleardit.mini.adherence import adherence  # noqa: E402
+from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
+
+
+def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
+    """Losses per sigma (right / shuffled captions) and the background facts of the sigma = 1 x0."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    vae, tr = pipe.vae, pipe.transformer
+    sf, sh = vae.config.scaling_factor, vae.config.shift_factor
+    scenes = T.heldout_scenes(n)
+    base = int(pipe.vae.config.sample_size)
+    losses = {s: {"right": [], "shuffled": []} for s in sigmas}
+    colours, patterns = [], []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            sc = scenes[start : start + batch]
+            b = len(sc)
+            x = torch.stack([torch.from_numpy(render(s, base).transpose(2, 0, 1).copy()) for s in sc])
+            x0 = (vae.encode(x.float() / 127.5 - 1).latent_dist.mode() - sh) * sf
+            g = torch.Generator().manual_seed(start)
+            noise = torch.randn(x0.shape, generator=g)
+            captions = [s.caption() for s in sc]
+            shuffled = captions[1:] + captions[:1]  # every image gets another scene's caption
+            for sigma in sigmas:
+                xt = (1 - sigma) * x0 + sigma * noise
+                packed, ids = T.pack_latents(xt)
+                target, _ = T.pack_latents(noise - x0)
+                for key, caps in (("right", captions), ("shuffled", shuffled)):
+                    emb, pooled = T.encode_text(pipe, caps)
+                    pred = tr(
+                        hidden_states=packed,
+                        timestep=torch.full((b,), sigma),
+                        guidance=torch.full((b,), 3.5) if tr.config.guidance_embeds else None,
+                        pooled_projections=pooled,
+                        encoder_hidden_states=emb,
+                        txt_ids=torch.zeros(emb.shape[1], 3),
+                        img_ids=ids,
+                        return_dict=False,
+                    )[0]
+                    losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
+                    if sigma == 1.0 and key == "right":
+                        v = _unpack(pred, x0.shape)
+                        img = vae.decode((noise - v) / sf + sh).sample.clamp(-1, 1)
+                        for s, im in zip(sc, img, strict=True):
+                            facts = adherence(im, s, shapes=BASIC_SHAPES).facts
+                            colours.append(facts[-2][1])
+                            patterns.append(facts[-1][1])
+    out = {
+        "loss": {s: {k: sum(v) / n for k, v in d.items()} for s, d in losses.items()},
+        "x0_bg_colours": 100.0 * float(np.mean(colours)) if colours else None,
+        "x0_bg_pattern": 100.0 * float(np.mean(patterns)) if patterns else None,
+    }
+    return out
+
+
+def _unpack(packed: torch.Tensor, shape) -> torch.Tensor:
+    b, c, h, w = shape
+    return packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", default=[str(T.DEFAULT_OUTPUT)], help="mini pipeline folders")
+    p.add_argument("--n", type=positive_int, default=64, help="held-out scenes")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 0.9, 0.6])
+    p.add_argument("--threads", type=positive_int, default=None)
+    args = p.parse_args(argv)
+    if any(not 0 < s <= 1 for s in args.sigmas):
+        p.error(f"--sigmas must be in (0, 1], got {args.sigmas}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for folder in args.model:
+        if not (Path(folder) / "model_index.json").is_file():
+            p.error(f"--model {folder}: not a pipeline folder (no model_index.json)")
+    print(machine_header())
+    print(f"{args.n} held-out scenes at the base size; loss = flow-matching MSE, right / shuffled captions")
+    header = ["model", *[f"loss s={s:g}" for s in args.sigmas]]
+    if 1.0 in args.sigmas:
+        header += ["x0(s=1) bg colours %", "x0(s=1) bg pattern %"]
+    rows = []
+    for folder in args.model:
+        r = probe(folder, args.n, args.sigmas)
+        row = [
+            folder,
+            *[f"{r['loss'][s]['right']:.3f} / {r['loss'][s]['shuffled']:.3f}" for s in args.sigmas],
+        ]
+        if 1.0 in args.sigmas:
+            row += [f"{r['x0_bg_colours']:.0f}", f"{r['x0_bg_pattern']:.0f}"]
+        rows.append(row)
+    print_table(header, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
