@@ -12,6 +12,12 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
   facts (``cleardit.mini.adherence``). That prediction is the model's conditional mean: for these
   scenes the background is fixed by the caption (stripes and checks start with the first colour at
   the top left), so a model that reads its captions and knows where each token sits gets it right.
+* the "flat floor": the sigma = 1 loss of a model that predicts each image's mean latent (its
+  average colour) at every token. A model at the floor reads the colours but places nothing; only
+  a model that knows where its tokens sit gets below it.
+* the spatial R^2 of the sigma = 1 x0: the share of each scene's spatial variation (its latent
+  minus its mean latent) that the prediction reproduces, averaged over scenes. 0 is a flat
+  picture of the right average colour; 1 would be the scene's exact layout (which jitter rules out).
 
     python bench/mini_probe.py --model src/cleardit/mini/weights out/mini-sweep/model-r3-b8-u0.4
 """
@@ -46,12 +52,15 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
     base = int(pipe.vae.config.sample_size)
     losses = {s: {"right": [], "shuffled": []} for s in sigmas}
     colours, patterns = [], []
+    flat_floor = 0.0
+    spatial_r2 = []
     with torch.no_grad():
         for start in range(0, n, batch):
             sc = scenes[start : start + batch]
             b = len(sc)
             x = torch.stack([torch.from_numpy(render(s, base).transpose(2, 0, 1).copy()) for s in sc])
             x0 = (vae.encode(x.float() / 127.5 - 1).latent_dist.mode() - sh) * sf
+            flat_floor += float((x0 - x0.mean((2, 3), keepdim=True)).pow(2).mean()) * b
             g = torch.Generator().manual_seed(start)
             noise = torch.randn(x0.shape, generator=g)
             captions = [s.caption() for s in sc]
@@ -75,6 +84,7 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                     losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
                     if sigma == 1.0 and key == "right":
                         v = _unpack(pred, x0.shape)
+                        spatial_r2 += _spatial_r2(noise - v, x0)
                         img = vae.decode((noise - v) / sf + sh).sample.clamp(-1, 1)
                         for s, im in zip(sc, img, strict=True):
                             facts = adherence(im, s, shapes=BASIC_SHAPES).facts
@@ -82,10 +92,22 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                             patterns.append(facts[-1][1])
     out = {
         "loss": {s: {k: sum(v) / n for k, v in d.items()} for s, d in losses.items()},
+        "flat_floor": flat_floor / n,
+        "x0_spatial_r2": float(np.mean(spatial_r2)) if spatial_r2 else None,
         "x0_bg_colours": 100.0 * float(np.mean(colours)) if colours else None,
         "x0_bg_pattern": 100.0 * float(np.mean(patterns)) if patterns else None,
     }
     return out
+
+
+def _spatial_r2(pred: torch.Tensor, x0: torch.Tensor) -> list[float]:
+    """Per image: 1 - |pred - x0|^2 / |x0|^2 after removing each image's per-channel mean."""
+
+    def centred(t):
+        return t - t.mean((2, 3), keepdim=True)
+
+    err = (centred(pred) - centred(x0)).pow(2).sum((1, 2, 3))
+    return (1 - err / centred(x0).pow(2).sum((1, 2, 3)).clamp_min(1e-8)).tolist()
 
 
 def _unpack(packed: torch.Tensor, shape) -> torch.Tensor:
@@ -111,7 +133,7 @@ def main(argv=None) -> int:
     print(f"{args.n} held-out scenes at the base size; loss = flow-matching MSE, right / shuffled captions")
     header = ["model", *[f"loss s={s:g}" for s in args.sigmas]]
     if 1.0 in args.sigmas:
-        header += ["x0(s=1) bg colours %", "x0(s=1) bg pattern %"]
+        header += ["s=1 flat floor", "x0(s=1) spatial R^2", "x0(s=1) bg colours %", "x0(s=1) bg pattern %"]
     rows = []
     for folder in args.model:
         r = probe(folder, args.n, args.sigmas)
@@ -120,7 +142,12 @@ def main(argv=None) -> int:
             *[f"{r['loss'][s]['right']:.3f} / {r['loss'][s]['shuffled']:.3f}" for s in args.sigmas],
         ]
         if 1.0 in args.sigmas:
-            row += [f"{r['x0_bg_colours']:.0f}", f"{r['x0_bg_pattern']:.0f}"]
+            row += [
+                f"{r['flat_floor']:.3f}",
+                f"{r['x0_spatial_r2']:.2f}",
+                f"{r['x0_bg_colours']:.0f}",
+                f"{r['x0_bg_pattern']:.0f}",
+            ]
         rows.append(row)
     print_table(header, rows)
     return 0

@@ -69,6 +69,8 @@ def test_mini_probe_on_the_shipped_model(tmp_path, capsys):
     r = mini_probe.probe(str(ROOT / "src" / "cleardit" / "mini" / "weights"), n=8, sigmas=[1.0, 0.6], batch=4)
     assert r["loss"][1.0]["right"] < 0.8 * r["loss"][1.0]["shuffled"]
     assert 0 < r["loss"][0.6]["right"] < r["loss"][1.0]["right"]
+    assert 0 < r["flat_floor"] < r["loss"][1.0]["shuffled"]
+    assert -1 < r["x0_spatial_r2"] < 0.5  # the shipped model's sigma = 1 guess is nearly flat
     assert 0 <= r["x0_bg_colours"] <= 100 and 0 <= r["x0_bg_pattern"] <= 100
     assert mini_probe.main(["--n", "2", "--sigmas", "0.5"]) == 0
     out = capsys.readouterr().out
@@ -76,6 +78,19 @@ def test_mini_probe_on_the_shipped_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mini_probe.main(["--model", str(tmp_path)])
     assert "not a pipeline folder" in capsys.readouterr().err
+
+
+def test_mini_probe_spatial_r2_scores_layout_not_colour():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mini_probe
+
+    x0 = torch.randn(3, 8, 6, 10)
+    flat = x0.mean((2, 3), keepdim=True).expand_as(x0)
+    assert mini_probe._spatial_r2(x0 + 5.0, x0) == pytest.approx([1.0] * 3)  # an offset colour, right layout
+    assert mini_probe._spatial_r2(flat, x0) == pytest.approx([0.0] * 3, abs=1e-6)
+    assert all(r < 0 for r in mini_probe._spatial_r2(-x0, x0))
 
 
 def test_distill_quality_picture_grid_is_written_whole(tmp_path):
