@@ -60,7 +60,7 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
             b = len(sc)
             x = torch.stack([torch.from_numpy(render(s, base).transpose(2, 0, 1).copy()) for s in sc])
             x0 = (vae.encode(x.float() / 127.5 - 1).latent_dist.mode() - sh) * sf
-            flat_floor += float((x0 - x0.mean((2, 3), keepdim=True)).pow(2).mean()) * b
+            flat_floor += float(_centred(x0).pow(2).mean()) * b
             g = torch.Generator().manual_seed(start)
             noise = torch.randn(x0.shape, generator=g)
             captions = [s.caption() for s in sc]
@@ -83,9 +83,9 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                     )[0]
                     losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
                     if sigma == 1.0 and key == "right":
-                        v = _unpack(pred, x0.shape)
-                        spatial_r2 += _spatial_r2(noise - v, x0)
-                        img = vae.decode((noise - v) / sf + sh).sample.clamp(-1, 1)
+                        x0_hat = noise - _unpack(pred, x0.shape)
+                        spatial_r2 += _spatial_r2(x0_hat, x0)
+                        img = vae.decode(x0_hat / sf + sh).sample.clamp(-1, 1)
                         for s, im in zip(sc, img, strict=True):
                             facts = adherence(im, s, shapes=BASIC_SHAPES).facts
                             colours.append(facts[-2][1])
@@ -100,14 +100,15 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
     return out
 
 
+def _centred(t: torch.Tensor) -> torch.Tensor:
+    """Latents (b, c, h, w) minus each image's per-channel spatial mean: the layout, not the colour."""
+    return t - t.mean((2, 3), keepdim=True)
+
+
 def _spatial_r2(pred: torch.Tensor, x0: torch.Tensor) -> list[float]:
     """Per image: 1 - |pred - x0|^2 / |x0|^2 after removing each image's per-channel mean."""
-
-    def centred(t):
-        return t - t.mean((2, 3), keepdim=True)
-
-    err = (centred(pred) - centred(x0)).pow(2).sum((1, 2, 3))
-    return (1 - err / centred(x0).pow(2).sum((1, 2, 3)).clamp_min(1e-8)).tolist()
+    err = (_centred(pred) - _centred(x0)).pow(2).sum((1, 2, 3))
+    return (1 - err / _centred(x0).pow(2).sum((1, 2, 3)).clamp_min(1e-8)).tolist()
 
 
 def _unpack(packed: torch.Tensor, shape) -> torch.Tensor:
