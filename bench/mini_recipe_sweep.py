@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cleardit.argtypes import positive_float, positive_int
+from cleardit.argtypes import nonneg_int, positive_float, positive_int
 from cleardit.atomic import atomic_write_text
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
@@ -72,6 +72,24 @@ VARIANTS.update(
         },
     }
 )
+# Round 5 (one H200, all at once, the shipped VAE): the shipped recipe at 8x its compute through the
+# batch (a GPU trains a 256-image batch about as fast as a 32-image one; the scenes are rendered by
+# worker processes), with two learning rates; and sigma ~ 1 training at that batch: does layout
+# appear on the full scene mix with more data per step? (Read it with bench/mini_probe.py.)
+VARIANTS.update(
+    {
+        "r5-b256": {"batch": 256},
+        "r5-b256-lr2e-3": {"batch": 256, "dit_lr": 2e-3},
+        "r5-b128x2400-lr2e-3": {"batch": 128, "dit_steps": 2400, "dit_lr": 2e-3},
+        "r5-s1-b256": {
+            "batch": 256,
+            "dit_mix": [[1, 1, 1]],
+            "logit_mean": 8.0,
+            "sigma_uniform_share": 0.0,
+            "caption_dropout": 0.0,
+        },
+    }
+)
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 
@@ -100,6 +118,8 @@ def train_variant(name: str, overrides: dict, args) -> dict:
         cmd.append("--quick")
     if args.vae_from:
         cmd += ["--vae-from", str(args.vae_from)]
+    if args.render_workers:
+        cmd += ["--render-workers", str(args.render_workers)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     for item in args.set:
@@ -200,6 +220,12 @@ def main(argv=None) -> int:
         "--vae-from", metavar="FOLDER", help="every variant starts at the DiT stage with this pipeline's VAE"
     )
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads per process")
+    p.add_argument(
+        "--render-workers",
+        type=nonneg_int,
+        default=0,
+        help="scene-rendering processes per variant (GPU runs)",
+    )
     p.add_argument("--jobs", type=positive_int, default=None, help="variants at once (default: all)")
     p.add_argument("--eval-images", type=positive_int, default=50)
     p.add_argument("--eval-steps", type=positive_int, default=20)

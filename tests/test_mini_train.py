@@ -88,6 +88,25 @@ def test_data_order_is_a_function_of_seed_and_step():
             assert x1.shape[-2:] == (plan.height, plan.width)
 
 
+def test_render_workers_give_the_same_run(tmp_path):
+    """Scenes rendered by worker processes: the same batches, so the same weights, bit for bit."""
+    cfg = tiny_config(caption_dropout=0.3)
+    pool = T.RenderPool(2)
+    try:
+        for stage, step in (("vae", 1), ("dit", 2), ("dit", 3)):
+            plan = T.batch_plan(cfg, stage, step)
+            x1, c1 = T.render_batch(cfg, plan)
+            x2, c2 = T.render_batch(cfg, plan, pool)
+            assert torch.equal(x1, x2) and c1 == c2
+    finally:
+        pool.close()
+    T.train(cfg, opts(tmp_path, "inline"))
+    T.train(cfg, opts(tmp_path, "workers", render_workers=2))
+    assert_same_tensors(
+        safetensors_of(tmp_path / "workers" / "model"), safetensors_of(tmp_path / "inline" / "model")
+    )
+
+
 def test_resolution_mix_and_batch_sizes():
     cfg = T.full_config()
     res = T.dit_resolutions(cfg)

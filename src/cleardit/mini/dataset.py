@@ -529,6 +529,11 @@ class ProceduralDataset:
         for i in range(self.size):
             yield self[i]
 
+    def images_and_captions(self, indices) -> tuple[np.ndarray, list[str]]:
+        """(uint8 images N x H x W x 3, captions) of items ``indices`` (compact: crosses processes)."""
+        scenes = [self.scene(i) for i in indices]
+        return np.stack([render(s, self.height, self.width) for s in scenes]), [caption(s) for s in scenes]
+
     @staticmethod
     def collate(batch):
         """(images B x 3 x H x W, list of captions, list of Scenes)."""

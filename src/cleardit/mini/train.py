@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,9 @@ class RunOptions:
             scaling a fresh run takes instead of training its own: the run starts at the DiT stage.
             For recipe experiments on the transformer (saves the VAE stage's ~11 minutes per run);
             the source folder and the sha256 of its weights are recorded in the log.
+        render_workers: processes that render the training scenes (0: the trainer's own process).
+            Same batches either way; worth it on a GPU, where rendering a large batch in one
+            process takes longer than the training step.
     """
 
     output: Path = DEFAULT_OUTPUT
@@ -243,6 +247,7 @@ class RunOptions:
     progress: bool = True
     device: str = "cpu"
     vae_from: Path | None = None
+    render_workers: int = 0
 
 
 def full_config(**overrides) -> TrainConfig:
@@ -352,20 +357,53 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
     return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed, dropped=dropped)
 
 
-def render_batch(cfg: TrainConfig, plan: BatchPlan) -> tuple[torch.Tensor, list[str]]:
-    """(images B x 3 x H x W in [-1, 1] (VAE: the crops), captions) of a plan."""
+def render_batch(
+    cfg: TrainConfig, plan: BatchPlan, pool: RenderPool | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """(images B x 3 x H x W in [-1, 1] (VAE: the crops), captions) of a plan; ``pool`` renders
+    them in worker processes, with the same result."""
     ds = ProceduralDataset(
         _DATASET_SIZE, seed=derive_seed(cfg.seed, _STREAMS[plan.stage]), resolution=(plan.height, plan.width)
     )
-    images, captions = [], []
-    for j, i in enumerate(plan.indices):
-        x, text, _ = ds[i]
-        if plan.crops is not None:
-            t, le = plan.crops[j]
-            x = x[:, t : t + plan.crop, le : le + plan.crop]
-        images.append(x)
-        captions.append("" if j in plan.dropped else text)
-    return torch.stack(images), captions
+    render = ds.images_and_captions if pool is None else partial(pool.render, ds)
+    images, captions = render(plan.indices)
+    # as ProceduralDataset.__getitem__ scales them
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
+    x = x * np.float32(1 / 127.5) - 1
+    if plan.crops is not None:
+        x = torch.stack(
+            [x[j, :, t : t + plan.crop, le : le + plan.crop] for j, (t, le) in enumerate(plan.crops)]
+        )
+    return x, ["" if j in plan.dropped else text for j, text in enumerate(captions)]
+
+
+class RenderPool:
+    """Worker processes that render training scenes (``RunOptions.render_workers``): on a GPU, one
+    process renders a large batch slower than the GPU trains on it.
+
+    Spawned, not forked: the trainer may already hold a CUDA context and OpenMP threads.
+    """
+
+    def __init__(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            # Ctrl-C reaches the whole process group; the trainer finishes its step and checkpoints
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),
+        )
+
+    def render(self, ds: ProceduralDataset, indices: Sequence[int]) -> tuple[np.ndarray, list[str]]:
+        chunks = [c.tolist() for c in np.array_split(np.asarray(indices), self.workers) if len(c)]
+        parts = list(self._executor.map(ds.images_and_captions, chunks))  # contiguous chunks, in order
+        return np.concatenate([p[0] for p in parts]), [text for p in parts for text in p[1]]
+
+    def close(self) -> None:
+        self._executor.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -525,6 +563,7 @@ class MiniTrainer:
         self._stop_signal: str | None = None
         self._steps_this_process = 0
         self.kill_after_steps: int | None = None  # test hook: SimulatedKill after this many steps
+        self._pool: RenderPool | None = None
 
     # -- messages --------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -642,6 +681,7 @@ class MiniTrainer:
             self.log(f"the run is finished but {self.opts.output} holds no pipeline: exporting again")
             state["stage"] = "export"
         old = self._install_signals()
+        self._pool = RenderPool(self.opts.render_workers) if self.opts.render_workers > 0 else None
         try:
             while state["stage"] != "done":
                 if state["stage"] == "vae":
@@ -653,6 +693,8 @@ class MiniTrainer:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            if self._pool is not None:
+                self._pool.close()
         log = self.summary(state)
         return log
 
@@ -765,7 +807,7 @@ class MiniTrainer:
         self._save(state)
 
     def _vae_step(self, plan: BatchPlan) -> torch.Tensor:
-        x, _ = render_batch(self.cfg, plan)
+        x, _ = render_batch(self.cfg, plan, self._pool)
         x = x.to(self.device)
         g = torch.Generator().manual_seed(plan.noise_seed)
         post = self.pipe.vae.encode(x).latent_dist
@@ -782,7 +824,7 @@ class MiniTrainer:
 
     def _dit_step(self, plan: BatchPlan) -> torch.Tensor:
         cfg = self.cfg
-        x, captions = render_batch(cfg, plan)
+        x, captions = render_batch(cfg, plan, self._pool)
         x0 = self._latents(x.to(self.device), self._stats)
         g = torch.Generator().manual_seed(plan.noise_seed)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
@@ -1123,6 +1165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start at the DiT stage with the VAE of this trained mini pipeline (e.g. the shipped "
         "src/cleardit/mini/weights) instead of training one: for transformer recipe experiments",
     )
+    p.add_argument(
+        "--render-workers",
+        type=nonneg_int,
+        default=0,
+        help="processes that render the training scenes (default 0: none); same batches, for GPU runs",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
 
@@ -1179,6 +1227,7 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
         progress=not args.quiet,
         device=args.device,
         vae_from=args.vae_from,
+        render_workers=args.render_workers,
     )
     return cfg, opts
 
