@@ -90,6 +90,17 @@ VARIANTS.update(
         },
     }
 )
+# Round 5b: sigma ~ 1 at CPU-sized batches, 3,000 planned steps (the budget stops them early; the
+# loss curve shows whether and when the loss leaves the flat floor).
+_SIGMA1 = VARIANTS["r5-s1-b256"]
+VARIANTS.update(
+    {
+        "r5-s1-b16-lr2e-3": {**_SIGMA1, "batch": 16, "dit_steps": 3000, "dit_lr": 2e-3},
+        "r5-s1-b32-lr2e-3": {**_SIGMA1, "batch": 32, "dit_steps": 3000, "dit_lr": 2e-3},
+        "r5-s1-b64-lr2e-3": {**_SIGMA1, "batch": 64, "dit_steps": 3000, "dit_lr": 2e-3},
+        "r5-s1-b32": {**_SIGMA1, "batch": 32, "dit_steps": 3000},
+    }
+)
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 
