@@ -7,6 +7,7 @@ Fast tests train the "tiny" architecture for a handful of steps on the CPU; the 
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -142,6 +143,50 @@ def test_schedules_match_the_pipeline():
         lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.1, abs=1e-3)
     )
     assert all(a >= b for a, b in zip(lr[9:], lr[10:], strict=False))
+
+
+def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
+    """The layout phase: sigma = 1, base size, peak learning rate; bf16 autocast; resumable."""
+    with pytest.raises(ValueError, match="layout_steps must be in"):
+        T.full_config(layout_steps=1200)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        T.full_config(mixed_precision="fp16")
+    cfg = T.full_config(layout_steps=300)
+    early = [T.batch_plan(cfg, "dit", s) for s in range(300)]
+    assert {(p.height, p.width, len(p.indices)) for p in early} == {(128, 128, cfg.batch)}
+    assert len({(p.height, p.width) for p in (T.batch_plan(cfg, "dit", s) for s in range(300, 600))}) > 3
+    lr = [T.learning_rate(1.0, s, 100, 10, hold=40) for s in range(100)]
+    assert lr[:40] == [T.learning_rate(1.0, s, 100, 10) for s in range(10)] + [1.0] * 30
+    assert lr[41] < 1.0 and lr[-1] == pytest.approx(0.1, abs=1e-3)
+
+    cfg = tiny_config(dit_steps=6, layout_steps=3, mixed_precision="bf16")
+    seen = []
+    trainer = T.MiniTrainer(cfg, opts(tmp_path, "seen"))
+    real_step = trainer._dit_step
+
+    def spy(plan):
+        hook = trainer.pipe.transformer.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append((plan.step, kwargs["timestep"].clone())), with_kwargs=True
+        )
+        try:
+            return real_step(plan)
+        finally:
+            hook.remove()
+
+    trainer._dit_step = spy
+    trainer.run()
+    assert [s for s, _ in seen] == list(range(6))
+    assert all(bool((t == 1).all()) for s, t in seen if s < 3)
+    assert all(bool((t < 1).all()) for s, t in seen if s >= 3)
+
+    straight = opts(tmp_path, "straight")
+    T.train(cfg, straight)
+    o = opts(tmp_path, "killed", checkpoint_every=1)
+    with pytest.raises(T.SimulatedKill):  # dies inside the layout phase
+        T.train(cfg, o, kill_after_steps=6)
+    log = T.train(cfg, o, resume=True)
+    assert_same_tensors(safetensors_of(o.output), safetensors_of(straight.output))
+    assert all(math.isfinite(v) for _, v in log["stages"]["dit"]["loss_curve"])
 
 
 def test_encode_text_matches_the_pipeline():
