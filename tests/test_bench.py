@@ -34,6 +34,26 @@ def test_gpu_suite_dry_run(tmp_path):
     assert step.count("[4 blocks]") >= 3  # two table rows + the headline
 
 
+@pytest.mark.slow
+def test_mini_gpu_round_dry_run(tmp_path):
+    """bench/mini_gpu_round.sh on the CPU with the quick variant: trains, scores, probes, packs."""
+    env = dict(
+        os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEVICE="cpu", QUICK="1", MINUTES="3",
+        RENDER_WORKERS="1",
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "mini_gpu_round.sh"), "quick-a"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| quick-a | 60/60 |" in (tmp_path / "sweep.log").read_text()
+    probe = (tmp_path / "probe.log").read_text()
+    assert "spatial R^2" in probe and "model-quick-a" in probe
+    for name in ("logs.tgz", "model-quick-a.tgz"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
+
+
 def test_mini_adherence_bench_on_the_shipped_model(tmp_path):
     """bench/mini_adherence.py end to end: table, JSON rows per size x attention, picture grid."""
     import json

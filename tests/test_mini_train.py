@@ -283,6 +283,11 @@ def test_cli_runs_and_reports_bad_arguments(tmp_path, capsys):
     assert "expected a whole number >= 1" in capsys.readouterr().err
     assert T.main([*base, *where, "--device", "tpu9"]) == 2
     assert "--device 'tpu9' is not a torch device" in capsys.readouterr().err
+    args = T.build_parser().parse_args([*base, "--render-workers", "3"])
+    assert T.config_from_args(args)[1].render_workers == 3
+    with pytest.raises(SystemExit):
+        T.main([*base, "--render-workers", "-1"])
+    assert "--render-workers" in capsys.readouterr().err
 
 
 def test_output_folder_is_never_clobbered(tmp_path):
