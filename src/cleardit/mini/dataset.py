@@ -478,6 +478,15 @@ def _resolution(resolution) -> tuple[int, int]:
     return h, w
 
 
+def model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 images (... x H x W x 3) -> float32 (... x 3 x H x W) in [-1, 1], the models' input.
+
+    numpy, not torch ops: no intra-op thread wake-ups per item inside DataLoader workers.
+    """
+    x = np.ascontiguousarray(np.moveaxis(images, -1, -3), dtype=np.float32)
+    return x * np.float32(1 / 127.5) - 1
+
+
 class ProceduralDataset:
     """``size`` scenes; item ``i`` = (image float tensor [-1, 1] of shape 3xHxW, caption, Scene).
 
@@ -520,9 +529,7 @@ class ProceduralDataset:
         import torch
 
         scene = self.scene(i)
-        img = render(scene, self.height, self.width)
-        # numpy, not torch ops: no intra-op thread wake-ups per item inside DataLoader workers
-        x = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) * np.float32(1 / 127.5) - 1
+        x = model_range(render(scene, self.height, self.width))
         return torch.from_numpy(x), caption(scene), scene
 
     def __iter__(self):

@@ -54,7 +54,7 @@ import torch
 from ..argtypes import nonneg_int, positive_float, positive_int
 from ..distill.losses import timestep_shift_mu as _shift_mu
 from ..seeds import derive_seed
-from .dataset import ProceduralDataset, Scene
+from .dataset import ProceduralDataset, Scene, model_range
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
     CHECKPOINT_FORMAT,
@@ -393,9 +393,7 @@ def render_batch(
     )
     render = ds.images_and_captions if pool is None else partial(pool.render, ds)
     images, captions = render(plan.indices)
-    # as ProceduralDataset.__getitem__ scales them
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32))
-    x = x * np.float32(1 / 127.5) - 1
+    x = torch.from_numpy(model_range(images))
     if plan.crops is not None:
         x = torch.stack(
             [x[j, :, t : t + plan.crop, le : le + plan.crop] for j, (t, le) in enumerate(plan.crops)]
