@@ -846,9 +846,13 @@ class MiniTrainer:
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
         return err.abs().mean() + err.pow(2).mean() + self.cfg.kl_weight * kl
 
-    def _latents(self, x: torch.Tensor, stats: dict) -> torch.Tensor:
+    def _autocast(self):
+        """The DiT stage's forward passes under ``TrainConfig.mixed_precision``."""
         bf16 = self.cfg.mixed_precision == "bf16"
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _latents(self, x: torch.Tensor, stats: dict) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
             z = self.pipe.vae.encode(x).latent_dist.mode().float()
         return (z - stats["shift_factor"]) * stats["scaling_factor"]
 
@@ -860,19 +864,19 @@ class MiniTrainer:
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         b, _, h, w = x0.shape
         seq = (h // 2) * (w // 2)
-        sigma = sample_sigmas(
-            b, seq, g, cfg.logit_mean, cfg.logit_std, self.pipe.scheduler.config, cfg.sigma_uniform_share
-        )
         if plan.step < cfg.layout_steps:
-            sigma = torch.ones_like(sigma)
+            sigma = torch.ones(b)
+        else:
+            sigma = sample_sigmas(
+                b, seq, g, cfg.logit_mean, cfg.logit_std, self.pipe.scheduler.config, cfg.sigma_uniform_share
+            )
         sigma = sigma.view(b, 1, 1, 1).to(self.device)
         xt = (1 - sigma) * x0 + sigma * noise
         packed, img_ids = pack_latents(xt)
         target, _ = pack_latents(noise - x0)
         tr = self.pipe.transformer
         guidance = torch.full((b,), 3.5, device=self.device) if tr.config.guidance_embeds else None
-        bf16 = cfg.mixed_precision == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with self._autocast():
             embeds, pooled = encode_text(self.pipe, captions)
             pred = tr(
                 hidden_states=packed,
