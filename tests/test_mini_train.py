@@ -118,7 +118,8 @@ def test_resolution_mix_and_batch_sizes():
         assert h % cfg.size_factor == 0 and w % cfg.size_factor == 0
         n = T.dit_batch_size(cfg, h, w)
         assert 1 <= n <= cfg.batch and abs(n * h * w - cfg.batch * 128 * 128) <= h * w
-    seen = {(p.height, p.width) for p in (T.batch_plan(cfg, "dit", s) for s in range(300))}
+    after = range(cfg.layout_steps, cfg.layout_steps + 300)
+    seen = {(p.height, p.width) for p in (T.batch_plan(cfg, "dit", s) for s in after)}
     assert seen == sizes
     assert set(T.vae_render_sizes(cfg)) == {64, 96, 128, 192}
 
@@ -148,10 +149,10 @@ def test_schedules_match_the_pipeline():
 def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
     """The layout phase: sigma = 1, base size, peak learning rate; bf16 autocast; resumable."""
     with pytest.raises(ValueError, match="layout_steps must be in"):
-        T.full_config(layout_steps=1200)
+        T.full_config(layout_steps=2000)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         T.full_config(mixed_precision="fp16")
-    cfg = T.full_config(layout_steps=300)
+    cfg = T.full_config(layout_steps=300, layout_resolution=None, layout_batch=None)
     early = [T.batch_plan(cfg, "dit", s) for s in range(300)]
     assert {(p.height, p.width, len(p.indices)) for p in early} == {(128, 128, cfg.batch)}
     assert len({(p.height, p.width) for p in (T.batch_plan(cfg, "dit", s) for s in range(300, 600))}) > 3
@@ -186,6 +187,57 @@ def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
         T.train(cfg, o, kill_after_steps=6)
     log = T.train(cfg, o, resume=True)
     assert_same_tensors(safetensors_of(o.output), safetensors_of(straight.output))
+    assert all(math.isfinite(v) for _, v in log["stages"]["dit"]["loss_curve"])
+
+
+def test_layout_resolution_renders_small_and_stretches_the_position_ids(tmp_path):
+    """Layout steps at a smaller side: smaller renders, ids spread over the base token grid."""
+    for bad in (60, 0, 256, True, 64.0):
+        with pytest.raises(ValueError, match="layout_resolution must be a multiple of 8"):
+            T.full_config(layout_steps=10, layout_resolution=bad)
+    for bad in (0, 2.5, False):
+        with pytest.raises(ValueError, match="layout_batch must be a whole number"):
+            T.full_config(layout_steps=10, layout_batch=bad)
+    cfg = T.full_config(layout_steps=300, layout_resolution=64, layout_batch=None)
+    assert cfg.layout_side == 64 and T.full_config(layout_resolution=None).layout_side == 128
+    early = [T.batch_plan(cfg, "dit", s) for s in range(300)]
+    assert {(p.height, p.width, len(p.indices)) for p in early} == {(64, 64, cfg.batch)}
+    wide = T.full_config(layout_steps=300, layout_resolution=64, layout_batch=64)
+    assert {len(T.batch_plan(wide, "dit", s).indices) for s in range(300)} == {64}
+    assert T.batch_plan(wide, "dit", 7).indices == tuple(range(7 * 64, 8 * 64))
+    later = [T.batch_plan(cfg, "dit", s) for s in range(300, 600)]
+    assert later == [T.batch_plan(wide, "dit", s) for s in range(300, 600)]
+    base = T.full_config(layout_steps=300, layout_resolution=None, layout_batch=None)
+    assert later == [T.batch_plan(base, "dit", s) for s in range(300, 600)]
+
+    _, ids = T.pack_latents(torch.zeros(1, 4, 4, 6))  # 2 x 3 tokens
+    big = T.stretch_image_ids(ids, (2, 3), (4, 6))
+    assert big[:, 0].eq(0).all()
+    assert sorted(set(big[:, 1].tolist())) == [0.5, 2.5]
+    assert sorted(set(big[:, 2].tolist())) == [0.5, 2.5, 4.5]
+    assert torch.equal(T.stretch_image_ids(ids, (2, 3), (2, 3)), ids)
+
+    cfg = tiny_config(dit_steps=4, layout_steps=2, layout_resolution=32)  # tiny: base 64, 16 px a token
+    seen = []
+    trainer = T.MiniTrainer(cfg, opts(tmp_path, "small"))
+    real_step = trainer._dit_step
+
+    def spy(plan):
+        hook = trainer.pipe.transformer.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append((plan.step, kwargs["img_ids"].clone())), with_kwargs=True
+        )
+        try:
+            return real_step(plan)
+        finally:
+            hook.remove()
+
+    trainer._dit_step = spy
+    log = trainer.run()
+    assert [s for s, _ in seen] == list(range(4))
+    for _, ids in seen[:2]:  # 32 px = 2 x 2 tokens, at the centres of the 4 x 4 base grid's quarters
+        assert len(ids) == 4 and sorted(set(ids[:, 1].tolist())) == [0.5, 2.5]
+    for _, ids in seen[2:]:  # the other steps: the pipeline's own whole-number ids
+        assert torch.equal(ids, ids.round())
     assert all(math.isfinite(v) for _, v in log["stages"]["dit"]["loss_curve"])
 
 
@@ -335,7 +387,7 @@ def test_config_checks_and_overrides():
 
 def test_noise_shift_is_trained_and_saved(tmp_path):
     """The training noise levels and the exported scheduler use the same (config) shift."""
-    cfg = tiny_config(shift_base=1.7, shift_max=2.4, true_cfg=2.0)
+    cfg = tiny_config(shift_base=1.7, shift_max=2.4, true_cfg=2.0, caption_dropout=0.1)
     o = opts(tmp_path, "shift")
     T.train(cfg, o)
     sched = json.loads((o.output / "scheduler" / "scheduler_config.json").read_text())

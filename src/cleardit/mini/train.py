@@ -141,6 +141,14 @@ class TrainConfig:
             the transformer knows comes from the caption, so these steps teach it what goes where.
             Mixed with the other noise levels it does not learn that within a CPU budget; trained
             alone, at 64 images per step, it does in ~900 steps (docs/mini_model.md, round 5).
+        layout_resolution: side in pixels of the layout steps' images; None: the base resolution.
+            Smaller is cheaper: their image position ids are stretched onto the base token grid
+            (``stretch_image_ids``), so the transformer sees the RoPE phases of a base-size image.
+            From pure noise the answer is a blurred scene, which a small render carries: at 64 px
+            (a quarter of the base tokens) a step took 0.8 s instead of 2.2 s on 2 cores and the
+            layout was learned after ~600 steps, and it held at the base size (round 7).
+        layout_batch: images per layout step; None: ``batch``. Layout needs large batches (no drop
+            below 64 in round 5) where the other steps do well with fewer.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
             optimizer, loss and the VAE stage stay fp32. On CPUs with AVX-512 BF16 the encoder runs
@@ -150,13 +158,13 @@ class TrainConfig:
     size: str = "mini"
     seed: int = 0
     vae_steps: int = 2000
-    dit_steps: int = 1200
+    dit_steps: int = 2000
     batch: int = 32
     vae_batch: int = 8
     vae_crop: int = 64
     vae_render_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
     vae_lr: float = 2e-3
-    dit_lr: float = 8e-4
+    dit_lr: float = 2e-3
     warmup_steps: int = 100
     kl_weight: float = 1e-4
     vae_logvar_init: float = -6.0
@@ -167,14 +175,16 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     stats_images: int = 64
-    caption_dropout: float = 0.1
+    caption_dropout: float = 0.0
     shift_base: float = 2.0
     shift_max: float = 2.7
     sigma_uniform_share: float = 0.4
     true_cfg: float = 1.0
     zero_init: bool = False
-    layout_steps: int = 0
-    mixed_precision: str = "no"
+    layout_steps: int = 900
+    layout_resolution: int | None = 64
+    layout_batch: int | None = 64
+    mixed_precision: str = "bf16"
 
     def __post_init__(self):
         if self.size not in MINI_SIZES:
@@ -203,7 +213,22 @@ class TrainConfig:
         if not 0 <= self.layout_steps < self.dit_steps:
             raise ValueError(
                 f"layout_steps must be in [0, dit_steps = {self.dit_steps}), got {self.layout_steps}: "
-                "the recipe needs steps at the other noise levels after the layout steps"
+                "the recipe needs steps at the other noise levels after the layout steps "
+                "(with fewer --dit-steps, also pass --set layout_steps=N)"
+            )
+        lb = self.layout_batch
+        if lb is not None and (isinstance(lb, bool) or not isinstance(lb, int) or lb < 1):
+            raise ValueError(f"layout_batch must be a whole number >= 1 (or null: batch), got {lb!r}")
+        side = self.layout_resolution
+        if side is not None and (
+            isinstance(side, bool)
+            or not isinstance(side, int)
+            or not 0 < side <= self.base
+            or side % self.size_factor
+        ):
+            raise ValueError(
+                f"layout_resolution must be a multiple of {self.size_factor} (the size factor) in "
+                f"[{self.size_factor}, {self.base}] (the base resolution), got {side!r}"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
@@ -217,6 +242,11 @@ class TrainConfig:
     @property
     def base(self) -> int:
         return MINI_SIZES[self.size].base_resolution
+
+    @property
+    def layout_side(self) -> int:
+        """Side of the layout steps' images (``layout_resolution``, else the base resolution)."""
+        return self.layout_resolution or self.base
 
     @property
     def vae_factor(self) -> int:
@@ -259,7 +289,7 @@ class RunOptions:
 
     output: Path = DEFAULT_OUTPUT
     work_dir: Path = DEFAULT_WORK_DIR
-    minutes_budget: float = 55.0
+    minutes_budget: float = 57.0
     vae_budget_share: float = 0.3
     export_reserve_minutes: float = 3.0
     checkpoint_minutes: float = 1.5
@@ -284,6 +314,8 @@ def quick_config(**overrides) -> TrainConfig:
         vae_steps=40, dit_steps=60, batch=8, vae_batch=8, warmup_steps=10, dit_mix=QUICK_MIX, stats_images=16
     )
     cfg.update(overrides)
+    cfg.setdefault("layout_steps", cfg["dit_steps"] // 3)  # the full recipe's shape, scaled down
+    cfg.setdefault("layout_batch", None)
     return TrainConfig(**cfg)
 
 
@@ -371,14 +403,16 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
             crop=cfg.vae_crop,
             crops=tuple((int(t), int(le)) for t, le in zip(tops, lefts, strict=True)),
         )
-    if step < cfg.layout_steps:
-        h = w = cfg.base
+    if step < cfg.layout_steps:  # one size, its own batch (a larger one may reuse later steps' scenes)
+        h = w = cfg.layout_side
+        n = cfg.layout_batch or cfg.batch
+        start = step * n
     else:
         res = dit_resolutions(cfg)
         k = int(rng.choice(len(res), p=np.asarray([p for _, _, p in res])))
         h, w, _ = res[k]
-    n = dit_batch_size(cfg, h, w)
-    start = step * cfg.batch
+        n = dit_batch_size(cfg, h, w)
+        start = step * cfg.batch
     dropped = tuple(int(j) for j in np.flatnonzero(rng.random(n) < cfg.caption_dropout))
     return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed, dropped=dropped)
 
@@ -501,6 +535,19 @@ def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed = FluxPipeline._pack_latents(latents, b, c, h, w)
     ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     return packed, ids
+
+
+def stretch_image_ids(
+    ids: torch.Tensor, tokens: tuple[int, int], base_tokens: tuple[int, int]
+) -> torch.Tensor:
+    """Image ids of a ``tokens`` (rows, columns) grid moved onto a ``base_tokens`` grid: token i of n
+    goes to the base position of its centre, (i + 0.5) * N / n - 0.5, so a small image covers the
+    same RoPE phases, edge to edge, as a base-size one (fractional positions: RoPE takes any)."""
+    out = ids.clone()
+    for axis, (n, big) in enumerate(zip(tokens, base_tokens, strict=True), start=1):
+        f = big / n
+        out[:, axis] = ids[:, axis] * f + (f - 1) / 2
+    return out
 
 
 def _dit_modules(pipe, cfg: TrainConfig) -> dict:
@@ -874,6 +921,9 @@ class MiniTrainer:
         xt = (1 - sigma) * x0 + sigma * noise
         packed, img_ids = pack_latents(xt)
         target, _ = pack_latents(noise - x0)
+        if plan.step < cfg.layout_steps and (plan.height, plan.width) != (cfg.base, cfg.base):
+            base_tokens = cfg.base // cfg.size_factor
+            img_ids = stretch_image_ids(img_ids, (h // 2, w // 2), (base_tokens, base_tokens))
         tr = self.pipe.transformer
         guidance = torch.full((b,), 3.5, device=self.device) if tr.config.guidance_embeds else None
         with self._autocast():
@@ -1157,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes-budget",
         type=positive_float,
         default=None,
-        help="wall-clock budget in minutes (default 55; --quick: 10)",
+        help="wall-clock budget in minutes (default 57; --quick: 10)",
     )
     p.add_argument("--vae-steps", type=positive_int, default=None)
     p.add_argument("--dit-steps", type=positive_int, default=None)
@@ -1257,7 +1307,7 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
     opts = RunOptions(
         output=args.output,
         work_dir=work_dir,
-        minutes_budget=args.minutes_budget or (10.0 if args.quick else 55.0),
+        minutes_budget=args.minutes_budget or (10.0 if args.quick else 57.0),
         export_reserve_minutes=1.0 if args.quick else 3.0,
         checkpoint_minutes=args.checkpoint_minutes,
         eval_images=args.eval_images if args.eval_images is not None else (4 if args.quick else 50),
