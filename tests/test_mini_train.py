@@ -146,6 +146,23 @@ def test_schedules_match_the_pipeline():
     assert all(a >= b for a, b in zip(lr[9:], lr[10:], strict=False))
 
 
+def record_transformer_input(trainer, name: str) -> list:
+    """(DiT step, a copy of the transformer's keyword input ``name``) of every DiT step ``trainer`` runs."""
+    seen, real_step = [], trainer._dit_step
+
+    def spy(plan):
+        hook = trainer.pipe.transformer.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append((plan.step, kwargs[name].clone())), with_kwargs=True
+        )
+        try:
+            return real_step(plan)
+        finally:
+            hook.remove()
+
+    trainer._dit_step = spy
+    return seen
+
+
 def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
     """The layout phase: sigma = 1, base size, peak learning rate; bf16 autocast; resumable."""
     with pytest.raises(ValueError, match="layout_steps must be in"):
@@ -161,20 +178,8 @@ def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
     assert lr[41] < 1.0 and lr[-1] == pytest.approx(0.1, abs=1e-3)
 
     cfg = tiny_config(dit_steps=6, layout_steps=3, mixed_precision="bf16")
-    seen = []
     trainer = T.MiniTrainer(cfg, opts(tmp_path, "seen"))
-    real_step = trainer._dit_step
-
-    def spy(plan):
-        hook = trainer.pipe.transformer.register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.append((plan.step, kwargs["timestep"].clone())), with_kwargs=True
-        )
-        try:
-            return real_step(plan)
-        finally:
-            hook.remove()
-
-    trainer._dit_step = spy
+    seen = record_transformer_input(trainer, "timestep")
     trainer.run()
     assert [s for s, _ in seen] == list(range(6))
     assert all(bool((t == 1).all()) for s, t in seen if s < 3)
@@ -218,20 +223,8 @@ def test_layout_resolution_renders_small_and_stretches_the_position_ids(tmp_path
     assert torch.equal(T.stretch_image_ids(ids, (2, 3), (2, 3)), ids)
 
     cfg = tiny_config(dit_steps=4, layout_steps=2, layout_resolution=32)  # tiny: base 64, 16 px a token
-    seen = []
     trainer = T.MiniTrainer(cfg, opts(tmp_path, "small"))
-    real_step = trainer._dit_step
-
-    def spy(plan):
-        hook = trainer.pipe.transformer.register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.append((plan.step, kwargs["img_ids"].clone())), with_kwargs=True
-        )
-        try:
-            return real_step(plan)
-        finally:
-            hook.remove()
-
-    trainer._dit_step = spy
+    seen = record_transformer_input(trainer, "img_ids")
     log = trainer.run()
     assert [s for s, _ in seen] == list(range(4))
     for _, ids in seen[:2]:  # 32 px = 2 x 2 tokens, at the centres of the 4 x 4 base grid's quarters

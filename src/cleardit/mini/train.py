@@ -15,7 +15,10 @@ from scratch on the procedural scenes of :mod:`.dataset` in two stages:
    shift than FLUX's, saved with the model), plus a share of uniform noise levels. Each step draws
    one resolution from a mix (base 128 px, 192 px, 256 px, 384 px, 128x256 and 128x512 strips both
    ways), with the batch scaled to keep the pixels per step about constant, so the RoPE positions
-   of a 4x-base (512 px) image have been seen along each axis. An exponential moving average
+   of a 4x-base (512 px) image have been seen along each axis. The first ``layout_steps`` are a
+   layout phase instead: sigma = 1 only, on 64 px renders whose position ids are stretched onto
+   the base token grid (``stretch_image_ids``), which teaches what goes where at a quarter of the
+   cost of base-size images. An exponential moving average
    (EMA) of the weights is what gets shipped.
 
 For transformer experiments, ``--vae-from DIR`` skips stage 1 by taking the VAE (and its latent
@@ -136,8 +139,8 @@ class TrainConfig:
         zero_init: start the transformer as DiT's "adaLN-Zero": the modulation layers of every block
             and of the output norm, and the output projection, are zero, so each block starts as
             the identity and the prediction as 0 (diffusers' default init draws them at random).
-        layout_steps: the first N DiT steps train only at sigma = 1 on base-size images, at the
-            peak learning rate (the cosine decay starts after them). From pure noise everything
+        layout_steps: the first N DiT steps train only at sigma = 1, on one size
+            (``layout_resolution``) and batch (``layout_batch``), at the peak learning rate (the cosine decay starts after them). From pure noise everything
             the transformer knows comes from the caption, so these steps teach it what goes where.
             Mixed with the other noise levels it does not learn that within a CPU budget; trained
             alone, at 64 images per step, it does in ~900 steps (docs/mini_model.md, round 5).
