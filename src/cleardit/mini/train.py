@@ -140,8 +140,9 @@ class TrainConfig:
             and of the output norm, and the output projection, are zero, so each block starts as
             the identity and the prediction as 0 (diffusers' default init draws them at random).
         layout_steps: the first N DiT steps train only at sigma = 1, on one size
-            (``layout_resolution``) and batch (``layout_batch``), at the peak learning rate (the cosine decay starts after them). From pure noise everything
-            the transformer knows comes from the caption, so these steps teach it what goes where.
+            (``layout_resolution``) and batch (``layout_batch``), at the peak learning rate (the
+            cosine decay starts after them). From pure noise everything the transformer knows
+            comes from the caption, so these steps teach it what goes where.
             Mixed with the other noise levels it does not learn that within a CPU budget; trained
             alone, at 64 images per step, it does in ~900 steps (docs/mini_model.md, round 5).
         layout_resolution: side in pixels of the layout steps' images; None: the base resolution.
