@@ -915,7 +915,8 @@ class MiniTrainer:
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         b, _, h, w = x0.shape
         seq = (h // 2) * (w // 2)
-        if plan.step < cfg.layout_steps:
+        layout = plan.step < cfg.layout_steps
+        if layout:
             sigma = torch.ones(b)
         else:
             sigma = sample_sigmas(
@@ -925,7 +926,7 @@ class MiniTrainer:
         xt = (1 - sigma) * x0 + sigma * noise
         packed, img_ids = pack_latents(xt)
         target, _ = pack_latents(noise - x0)
-        if plan.step < cfg.layout_steps and (plan.height, plan.width) != (cfg.base, cfg.base):
+        if layout and (plan.height, plan.width) != (cfg.base, cfg.base):
             base_tokens = cfg.base // cfg.size_factor
             img_ids = stretch_image_ids(img_ids, (h // 2, w // 2), (base_tokens, base_tokens))
         tr = self.pipe.transformer
@@ -1211,7 +1212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes-budget",
         type=positive_float,
         default=None,
-        help="wall-clock budget in minutes (default 57; --quick: 10)",
+        help=f"wall-clock budget in minutes (default {RunOptions.minutes_budget:g}; --quick: 10)",
     )
     p.add_argument("--vae-steps", type=positive_int, default=None)
     p.add_argument("--dit-steps", type=positive_int, default=None)
@@ -1311,7 +1312,7 @@ def config_from_args(args) -> tuple[TrainConfig, RunOptions]:
     opts = RunOptions(
         output=args.output,
         work_dir=work_dir,
-        minutes_budget=args.minutes_budget or (10.0 if args.quick else 57.0),
+        minutes_budget=args.minutes_budget or (10.0 if args.quick else RunOptions.minutes_budget),
         export_reserve_minutes=1.0 if args.quick else 3.0,
         checkpoint_minutes=args.checkpoint_minutes,
         eval_images=args.eval_images if args.eval_images is not None else (4 if args.quick else 50),
