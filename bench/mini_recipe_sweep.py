@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cleardit.argtypes import nonneg_int, positive_float, positive_int
 from cleardit.atomic import atomic_write_text
+from cleardit.mini.train import FULL_MIX
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
 # learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
@@ -111,10 +112,21 @@ RECIPE_BEFORE_ROUND_7 = {
     "layout_resolution": None,
     "layout_batch": None,
     "mixed_precision": "no",
+    "dit_mix": FULL_MIX,
+    "object_loss_weight": 0,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
-# Round 7: the current defaults (a layout phase at 64 px), and the same without bf16.
-VARIANTS.update({"r7-defaults": {}, "r7-fp32": {"mixed_precision": "no"}})
+# Round 7: a layout phase at 64 px (the model shipped in round 7), and the same without bf16.
+RECIPE_ROUND_7 = {
+    "dit_steps": 2000,
+    "layout_steps": 900,
+    "dit_mix": FULL_MIX,
+    "object_loss_weight": 0,
+    "mixed_precision": "bf16",
+}
+VARIANTS.update({"r7-shipped": RECIPE_ROUND_7, "r7-fp32": {**RECIPE_ROUND_7, "mixed_precision": "no"}})
+# Round 8: the current defaults (base-heavy mix, object-weighted loss).
+VARIANTS.update({"r8-defaults": {}})
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 

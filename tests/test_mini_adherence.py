@@ -173,6 +173,18 @@ def test_background_kinds_are_told_apart(shown, stated):
     assert not result.facts[-1][1], result.details["background"]  # the pattern fact fails
 
 
+def test_a_thin_decoder_frame_is_not_a_pattern():
+    """A VAE decoder's padding tints the outer few pixels: a plain background keeps passing with a
+    5 px off-colour frame (at 128 px), but not once the frame reaches into the picture."""
+    scene = parse_caption("a small white circle in the center on a plain blue background")
+    for side, frame, ok in ((128, 5, True), (256, 10, True), (128, 12, False)):
+        img = render(scene, side, side).copy()
+        img[:frame] = img[-frame:] = img[:, :frame] = img[:, -frame:] = (0, 100, 240)
+        result = adherence(img, scene)
+        assert result.facts[-1][1] is ok, (side, frame, result.details["background"])
+        assert result.facts[-2][1]  # the colours stay right either way
+
+
 def test_stripe_colour_order_is_not_a_fact():
     s = parse_caption("a small white circle in the center on a red and blue horizontal striped background")
     swapped = parse_caption(

@@ -21,8 +21,10 @@ from cleardit.mini.dataset import (
     caption,
     object_box,
     object_colors_allowed,
+    object_coverage,
     parse_caption,
     render,
+    render_background,
     sample_scene,
     segment_distance,
     vocabulary,
@@ -169,6 +171,21 @@ def test_render_geometry_and_colors():
                 want = COLORS["red"] if obj.shape == "square" else COLORS["green"]
                 assert np.abs(corner - want).max() <= 1
         assert np.abs(_pixel(img, w - 1, 0) - COLORS["green"]).max() <= 1
+
+
+def test_object_coverage_is_where_render_draws_objects():
+    for i, (h, w) in enumerate([(64, 64), (96, 160), (128, 128)]):
+        scene = sample_scene(40 + i)
+        cover = object_coverage(scene, h, w)
+        assert cover.shape == (h, w) and cover.dtype == np.float32
+        assert 0 <= cover.min() and cover.max() == 1.0
+        drawn = np.abs(render(scene, h, w).astype(np.float32) - render_background(scene, h, w)).max(-1) > 1
+        assert not (drawn & (cover == 0)).any()  # nothing drawn outside the coverage
+        assert drawn[cover == 1].all()  # object colours stay far from the background's
+        for obj in scene.objects:  # each object's centre (its lower half for a triangle) is covered
+            cx, cy, half = object_box(obj, h, w)
+            y = int(cy + (half / 2 if obj.shape == "triangle" else 0))
+            assert cover[y, int(cx)] == 1.0
 
 
 def test_render_backgrounds():

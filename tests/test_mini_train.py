@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from cleardit.mini import train as T
+from cleardit.mini.dataset import ProceduralDataset, object_box
 from cleardit.mini.train_state import checkpoint_path, load_checkpoint
+from cleardit.seeds import derive_seed
 
 
 @pytest.fixture(autouse=True)
@@ -303,6 +305,60 @@ def test_resume_refuses_another_config_and_plain_rerun(tmp_path):
     assert "dit_steps: work dir has 5, this run asks for 9" in msg
     with pytest.raises(ValueError, match="pass --resume"):
         T.train(tiny_config(), o)
+
+
+def test_object_token_weights_follow_the_objects_and_weight_the_loss(tmp_path):
+    """Tokens an object covers (or touches) weigh up to 1 + object_loss_weight, others 1; the layout
+    steps stay unweighted."""
+    with pytest.raises(ValueError, match="object_loss_weight must be >= 0"):
+        T.full_config(object_loss_weight=-1.0)
+    cfg = T.full_config(object_loss_weight=4.0)
+    plan = T.batch_plan(cfg, "dit", cfg.layout_steps)
+    weights = T.object_token_weights(cfg, plan)
+    tokens = (plan.height // cfg.size_factor) * (plan.width // cfg.size_factor)
+    assert weights.shape == (len(plan.indices), tokens)
+    assert float(weights.min()) == 1.0 and float(weights.max()) == 5.0
+    ds = ProceduralDataset(
+        T._DATASET_SIZE, seed=derive_seed(cfg.seed, T._STREAMS["dit"]), resolution=(plan.height, plan.width)
+    )
+    for j, i in enumerate(plan.indices[:4]):
+        grid = weights[j].view(plan.height // cfg.size_factor, plan.width // cfg.size_factor)
+        for obj in ds.scene(i).objects:
+            cx, cy, _ = object_box(obj, plan.height, plan.width)
+            assert grid[int(cy) // cfg.size_factor, int(cx) // cfg.size_factor] > 3.0
+        assert 0.02 < float((grid > 1).float().mean()) < 0.6  # objects are a part of the picture
+
+    cfg = tiny_config(dit_steps=4, layout_steps=2, object_loss_weight=3.0)
+    trainer = T.MiniTrainer(cfg, opts(tmp_path, "objw"))
+    called = []
+    real = T.object_token_weights
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "object_token_weights", lambda c, p: called.append(p.step) or real(c, p))
+        trainer.run()
+    assert called == [2, 3]  # not during the layout steps
+
+
+def test_auto_mixed_precision_follows_the_device_and_is_recorded(tmp_path, monkeypatch):
+    """ "auto" becomes bf16 only where the device computes it natively (emulated bf16 made a CPU
+    step over 10x slower); the chosen value is what the checkpoint records and --resume compares."""
+    for native, chosen in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(T, "native_bf16", lambda device, native=native: native)
+        assert T.resolve_mixed_precision(tiny_config(), "cpu").mixed_precision == chosen
+        for explicit in ("bf16", "no"):
+            cfg = tiny_config(mixed_precision=explicit)
+            assert T.resolve_mixed_precision(cfg, "cpu") is cfg
+    assert T.full_config().mixed_precision == "auto"
+    assert T.native_bf16("meta") is False
+
+    o = opts(tmp_path, "auto", checkpoint_every=1)
+    monkeypatch.setattr(T, "native_bf16", lambda device: False)
+    with pytest.raises(T.SimulatedKill):
+        T.train(tiny_config(), o, kill_after_steps=1)
+    assert load_checkpoint(o.work_dir)["config"]["mixed_precision"] == "no"
+    monkeypatch.setattr(T, "native_bf16", lambda device: True)  # "another machine"
+    with pytest.raises(ValueError, match="mixed_precision: work dir has 'no', this run asks for 'bf16'"):
+        T.train(tiny_config(), o, resume=True)
+    assert T.train(tiny_config(mixed_precision="no"), o, resume=True)["config"]["mixed_precision"] == "no"
     # a damaged checkpoint is a clear error, not a pickle traceback
     checkpoint_path(o.work_dir).write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable mini-trainer checkpoint"):

@@ -452,6 +452,23 @@ def render(scene: Scene, height: int, width: int | None = None) -> np.ndarray:
         raise ValueError(f"render needs at least 8x8 pixels, got {height}x{width}")
     height, width = int(height), int(width)
     img = render_background(scene, height, width)
+    for obj, (y0, y1, x0, x1), alpha in _object_alphas(scene, height, width):
+        patch = img[y0:y1, x0:x1]
+        img[y0:y1, x0:x1] = alpha[..., None] * _rgb(obj.color) + (1 - alpha[..., None]) * patch
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def object_coverage(scene: Scene, height: int, width: int) -> np.ndarray:
+    """float32 HxW in [0, 1]: how much of each pixel the scene's objects cover (as ``render`` draws
+    them, anti-aliased edges included)."""
+    cover = np.zeros((int(height), int(width)), dtype=np.float32)
+    for _, (y0, y1, x0, x1), alpha in _object_alphas(scene, int(height), int(width)):
+        np.maximum(cover[y0:y1, x0:x1], alpha, out=cover[y0:y1, x0:x1])
+    return cover
+
+
+def _object_alphas(scene: Scene, height: int, width: int):
+    """(object, (y0, y1, x0, x1) window, alpha of the object in that window) per object, in order."""
     for obj in scene.objects:
         cx, cy, s = object_box(obj, height, width)
         x0, x1 = max(int(np.floor(cx - s - 2)), 0), min(int(np.ceil(cx + s + 2)), width)
@@ -459,10 +476,7 @@ def render(scene: Scene, height: int, width: int | None = None) -> np.ndarray:
         xs = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx) / s
         ys = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy) / s
         d = shape_sdf(obj.shape, xs[None, :], ys[:, None]) * s  # in pixels
-        alpha = np.clip(0.5 - d, 0.0, 1.0)[..., None]
-        patch = img[y0:y1, x0:x1]
-        img[y0:y1, x0:x1] = alpha * _rgb(obj.color) + (1 - alpha) * patch
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        yield obj, (y0, y1, x0, x1), np.clip(0.5 - d, 0.0, 1.0)
 
 
 # -- dataset ---------------------------------------------------------------------------------
