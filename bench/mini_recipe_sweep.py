@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cleardit.argtypes import nonneg_int, positive_float, positive_int
 from cleardit.atomic import atomic_write_text
-from cleardit.mini.train import FULL_MIX
+from cleardit.mini.train import BASE_HEAVY_MIX, FULL_MIX
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
 # learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
@@ -116,7 +116,7 @@ RECIPE_BEFORE_ROUND_7 = {
     "object_loss_weight": 0,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
-# Round 7: a layout phase at 64 px (the model shipped in round 7), and the same without bf16.
+# Round 7: a layout phase at 64 px (the shipped model's recipe), and the same without bf16.
 RECIPE_ROUND_7 = {
     "dit_steps": 2000,
     "layout_steps": 900,
@@ -125,8 +125,20 @@ RECIPE_ROUND_7 = {
     "mixed_precision": "bf16",
 }
 VARIANTS.update({"r7-shipped": RECIPE_ROUND_7, "r7-fp32": {**RECIPE_ROUND_7, "mixed_precision": "no"}})
-# Round 8: the current defaults (base-heavy mix, object-weighted loss).
-VARIANTS.update({"r8-defaults": {}})
+# Round 8: the round-7 recipe with the object-weighted loss, and the full run of round 8.
+VARIANTS.update(
+    {
+        "r8-objw4": {**RECIPE_ROUND_7, "object_loss_weight": 4, "mixed_precision": "auto"},
+        "r8-base-heavy-objw4": {
+            **RECIPE_ROUND_7,
+            "dit_steps": 1450,
+            "layout_steps": 800,
+            "dit_mix": BASE_HEAVY_MIX,
+            "object_loss_weight": 4,
+            "mixed_precision": "auto",
+        },
+    }
+)
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 

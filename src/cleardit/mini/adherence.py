@@ -355,9 +355,10 @@ def _background_facts(
 ) -> None:
     obj_idx = [_NAMES.index(o.color) for o in scene.objects]
     bg = ~_dilate(np.isin(nearest, obj_idx) & (dist < OBJECT_COLOR_THRESHOLD), steps=2)
+    inner = np.zeros_like(bg)
     m = BACKGROUND_MARGIN
-    bg[:m] = bg[-m:] = False
-    bg[:, :m] = bg[:, -m:] = False
+    inner[m : bg.shape[0] - m, m : bg.shape[1] - m] = True
+    bg &= inner
     n_bg = max(int(bg.sum()), 1)
     kind, cols = scene.background, scene.bg_colors
     colors_text = " and ".join(cols) if kind != "gradient" else f"{cols[0]} to {cols[1]}"
