@@ -447,14 +447,19 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
     return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed, dropped=dropped)
 
 
+def plan_dataset(cfg: TrainConfig, plan: BatchPlan) -> ProceduralDataset:
+    """The scene stream of a plan's stage, rendered at the plan's size (``plan.indices`` index it)."""
+    return ProceduralDataset(
+        _DATASET_SIZE, seed=derive_seed(cfg.seed, _STREAMS[plan.stage]), resolution=(plan.height, plan.width)
+    )
+
+
 def render_batch(
     cfg: TrainConfig, plan: BatchPlan, pool: RenderPool | None = None
 ) -> tuple[torch.Tensor, list[str]]:
     """(images B x 3 x H x W in [-1, 1] (VAE: the crops), captions) of a plan; ``pool`` renders
     them in worker processes, with the same result."""
-    ds = ProceduralDataset(
-        _DATASET_SIZE, seed=derive_seed(cfg.seed, _STREAMS[plan.stage]), resolution=(plan.height, plan.width)
-    )
+    ds = plan_dataset(cfg, plan)
     render = ds.images_and_captions if pool is None else partial(pool.render, ds)
     images, captions = render(plan.indices)
     x = torch.from_numpy(model_range(images))
@@ -469,9 +474,7 @@ def object_token_weights(cfg: TrainConfig, plan: BatchPlan) -> torch.Tensor:
     """B x N loss weights of a DiT batch's tokens, in ``pack_latents`` order: 1 +
     ``cfg.object_loss_weight`` x the largest object coverage of the token and its 8 neighbours
     (shape edges blur into them)."""
-    ds = ProceduralDataset(
-        _DATASET_SIZE, seed=derive_seed(cfg.seed, _STREAMS[plan.stage]), resolution=(plan.height, plan.width)
-    )
+    ds = plan_dataset(cfg, plan)
     cover = np.stack([object_coverage(ds.scene(i), plan.height, plan.width) for i in plan.indices])
     tokens = torch.nn.functional.avg_pool2d(torch.from_numpy(cover)[:, None], cfg.size_factor)
     tokens = torch.nn.functional.max_pool2d(tokens, 3, stride=1, padding=1)
