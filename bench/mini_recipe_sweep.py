@@ -114,6 +114,8 @@ RECIPE_BEFORE_ROUND_7 = {
     "mixed_precision": "no",
     "dit_mix": FULL_MIX,
     "object_loss_weight": 0,
+    "latent_reuse": 1,
+    "base_tail_steps": 0,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
 # Round 7: a layout phase at 64 px (the shipped model's recipe), and the same without bf16.
@@ -122,6 +124,8 @@ RECIPE_ROUND_7 = {
     "layout_steps": 900,
     "dit_mix": FULL_MIX,
     "object_loss_weight": 0,
+    "latent_reuse": 1,
+    "base_tail_steps": 0,
     "mixed_precision": "bf16",
 }
 VARIANTS.update({"r7-shipped": RECIPE_ROUND_7, "r7-fp32": {**RECIPE_ROUND_7, "mixed_precision": "no"}})
@@ -139,6 +143,14 @@ VARIANTS.update(
         },
     }
 )
+# Round 9: the round-8 run with each batch trained twice (new noise) and a base-size tail; the
+# steps fit a 58-minute budget in fp32 on 2 AVX2 cores (docs/mini_model.md, round 9).
+VARIANTS["r9-reuse2-tail150"] = {
+    **VARIANTS["r8-base-heavy-objw4"],
+    "dit_steps": 1340,
+    "latent_reuse": 2,
+    "base_tail_steps": 150,
+}
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 

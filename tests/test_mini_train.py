@@ -338,6 +338,49 @@ def test_object_token_weights_follow_the_objects_and_weight_the_loss(tmp_path):
     assert called == [2, 3]  # not during the layout steps
 
 
+def test_latent_reuse_repeats_a_batch_with_new_noise_and_base_tail_ends_at_base_size(tmp_path):
+    """latent_reuse: consecutive steps share scenes, size and captions (one VAE encoding) but not
+    noise; base_tail_steps: the last steps are base size; both resume bit-identically."""
+    with pytest.raises(ValueError, match="latent_reuse must be a whole number >= 1"):
+        T.full_config(latent_reuse=0)
+    with pytest.raises(
+        ValueError, match=r"base_tail_steps must be a whole number in \[0, dit_steps - layout"
+    ):
+        T.full_config(base_tail_steps=T.full_config().dit_steps)
+    cfg = T.full_config(latent_reuse=3, base_tail_steps=100, caption_dropout=0.2)
+    first = cfg.layout_steps
+    plans = [T.batch_plan(cfg, "dit", s) for s in range(first, first + 30)]
+    data = [(p.indices, p.height, p.width, p.dropped) for p in plans]
+    assert all(data[i] == data[i - i % 3] for i in range(30))
+    assert len(set(data)) == 10 and len({p.noise_seed for p in plans}) == 30
+    assert plans[0].indices[0] == first * cfg.batch and plans[3].indices[0] == (first + 3) * cfg.batch
+    assert len({(p.height, p.width) for p in plans}) > 1
+    tail = [T.batch_plan(cfg, "dit", s) for s in range(cfg.dit_steps - 100, cfg.dit_steps)]
+    assert {(p.height, p.width, len(p.indices)) for p in tail} == {(cfg.base, cfg.base, cfg.batch)}
+    plain = T.full_config()
+    assert T.batch_plan(plain, "dit", first + 1).indices[0] == (first + 1) * plain.batch
+
+    cfg = tiny_config(dit_steps=7, layout_steps=1, latent_reuse=3, base_tail_steps=2)
+    trainer = T.MiniTrainer(cfg, opts(tmp_path, "seen"))
+    encoded, real_latents = [], trainer._latents
+    trainer._latents = lambda x, stats: encoded.append(x.shape) or real_latents(x, stats)
+    seen = record_transformer_input(trainer, "hidden_states")
+    trainer.run()
+    plans = [T.batch_plan(cfg, "dit", s) for s in range(7)]
+    keys = [(p.indices, p.height, p.width, p.dropped) for p in plans]
+    assert keys[1] == keys[2] == keys[3] != keys[4] and keys[5] == keys[6]
+    assert len(encoded) == 1 + sum(keys[i] != keys[i - 1] for i in range(1, 7)) <= 4
+    inputs = dict(seen)
+    assert not torch.equal(inputs[1], inputs[2])  # the same latents, other noise
+    straight = opts(tmp_path, "straight")
+    T.train(cfg, straight)
+    o = opts(tmp_path, "killed", checkpoint_every=1)
+    with pytest.raises(T.SimulatedKill):  # dies inside the first reuse group
+        T.train(cfg, o, kill_after_steps=cfg.vae_steps + 3)
+    T.train(cfg, o, resume=True)
+    assert_same_tensors(safetensors_of(o.output), safetensors_of(straight.output))
+
+
 def test_auto_mixed_precision_follows_the_device_and_is_recorded(tmp_path, monkeypatch):
     """ "auto" becomes bf16 only where the device computes it natively (emulated bf16 made a CPU
     step over 10x slower); the chosen value is what the checkpoint records and --resume compares."""
