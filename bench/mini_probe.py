@@ -18,6 +18,10 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
 * the spatial R^2 of the sigma = 1 x0: the share of each scene's spatial variation (its latent
   minus its mean latent) that the prediction reproduces, averaged over scenes. 0 is a flat
   picture of the right average colour; 1 would be the scene's exact layout (which jitter rules out).
+* per sigma, the shape facts of the one-step x0 (``x_t - sigma * v``, decoded): with the right
+  captions, scored against the scene; and with every caption's shapes rotated (circle -> square
+  -> triangle -> circle), scored against the rotated scene, which is how far the prediction follows
+  the shape words rather than the picture (docs/mini_model.md, round 9).
 
     python bench/mini_probe.py --model src/cleardit/mini/weights out/mini-sweep/model-r3-b8-u0.4
 """
@@ -25,6 +29,7 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -50,7 +55,9 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
     sf, sh = vae.config.scaling_factor, vae.config.shift_factor
     scenes = T.heldout_scenes(n)
     base = int(pipe.vae.config.sample_size)
+    rotated_scenes = [_rotate_shapes(s) for s in scenes]
     losses = {s: {"right": [], "shuffled": []} for s in sigmas}
+    shapes = {s: {"right": [], "rotated": []} for s in sigmas}
     colours, patterns = [], []
     flat_floor = 0.0
     spatial_r2 = []
@@ -65,11 +72,17 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
             noise = torch.randn(x0.shape, generator=g)
             captions = [s.caption() for s in sc]
             shuffled = captions[1:] + captions[:1]  # every image gets another scene's caption
+            rotated = rotated_scenes[start : start + batch]
             for sigma in sigmas:
                 xt = (1 - sigma) * x0 + sigma * noise
                 packed, ids = T.pack_latents(xt)
                 target, _ = T.pack_latents(noise - x0)
-                for key, caps in (("right", captions), ("shuffled", shuffled)):
+                variants = (
+                    ("right", captions),
+                    ("shuffled", shuffled),
+                    ("rotated", [r.caption() for r in rotated]),
+                )
+                for key, caps in variants:
                     emb, pooled = T.encode_text(pipe, caps)
                     pred = tr(
                         hidden_states=packed,
@@ -81,6 +94,14 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                         img_ids=ids,
                         return_dict=False,
                     )[0]
+                    if key != "shuffled":  # one-step x0 shapes against the scene its caption states
+                        x0_step = xt - sigma * _unpack(pred, x0.shape)
+                        img = vae.decode(x0_step / sf + sh).sample.clamp(-1, 1)
+                        stated = sc if key == "right" else rotated
+                        for s, im in zip(stated, img, strict=True):
+                            shapes[sigma][key] += adherence(im, s, shapes=BASIC_SHAPES).facts[:-2][1::3]
+                    if key == "rotated":
+                        continue
                     losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
                     if sigma == 1.0 and key == "right":
                         x0_hat = noise - _unpack(pred, x0.shape)
@@ -96,8 +117,21 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
         "x0_spatial_r2": float(np.mean(spatial_r2)) if spatial_r2 else None,
         "x0_bg_colours": 100.0 * float(np.mean(colours)) if colours else None,
         "x0_bg_pattern": 100.0 * float(np.mean(patterns)) if patterns else None,
+        "x0_shapes": {
+            s: {k: 100.0 * float(np.mean([ok for _, ok in v])) for k, v in d.items()}
+            for s, d in shapes.items()
+        },
     }
     return out
+
+
+_NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+
+def _rotate_shapes(scene):
+    """The scene with every object's shape replaced by the next basic shape."""
+    objects = tuple(dataclasses.replace(o, shape=_NEXT_SHAPE[o.shape]) for o in scene.objects)
+    return dataclasses.replace(scene, objects=objects)
 
 
 def _centred(t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +167,7 @@ def main(argv=None) -> int:
     print(machine_header())
     print(f"{args.n} held-out scenes at the base size; loss = flow-matching MSE, right / shuffled captions")
     header = ["model", *[f"loss s={s:g}" for s in args.sigmas]]
+    header += [f"x0(s={s:g}) shapes % right / rotated" for s in args.sigmas]
     if 1.0 in args.sigmas:
         header += ["s=1 flat floor", "x0(s=1) spatial R^2", "x0(s=1) bg colours %", "x0(s=1) bg pattern %"]
     rows = []
@@ -141,6 +176,7 @@ def main(argv=None) -> int:
         row = [
             folder,
             *[f"{r['loss'][s]['right']:.3f} / {r['loss'][s]['shuffled']:.3f}" for s in args.sigmas],
+            *[f"{r['x0_shapes'][s]['right']:.0f} / {r['x0_shapes'][s]['rotated']:.0f}" for s in args.sigmas],
         ]
         if 1.0 in args.sigmas:
             row += [

@@ -87,7 +87,11 @@ def test_mini_probe_on_the_shipped_model(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     import mini_probe
 
-    r = mini_probe.probe(str(ROOT / "src" / "cleardit" / "mini" / "weights"), n=8, sigmas=[1.0, 0.6], batch=4)
+    r = mini_probe.probe(
+        str(ROOT / "src" / "cleardit" / "mini" / "weights"), n=8, sigmas=[1.0, 0.6, 0.2], batch=4
+    )
+    # near the clean picture the one-step x0 keeps the true shapes, whatever the shape words say
+    assert r["x0_shapes"][0.2]["right"] >= 75 > 40 >= r["x0_shapes"][0.2]["rotated"]
     assert r["loss"][1.0]["right"] < 0.5 * r["loss"][1.0]["shuffled"]
     assert 0 < r["loss"][0.6]["right"] < r["loss"][0.6]["shuffled"]
     assert 0 < r["loss"][1.0]["right"] < 0.5 * r["flat_floor"] < r["loss"][1.0]["shuffled"]
@@ -95,7 +99,7 @@ def test_mini_probe_on_the_shipped_model(tmp_path, capsys):
     assert 0 <= r["x0_bg_colours"] <= 100 and 0 <= r["x0_bg_pattern"] <= 100
     assert mini_probe.main(["--n", "2", "--sigmas", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "loss s=0.5" in out and "x0(s=1)" not in out
+    assert "loss s=0.5" in out and "x0(s=0.5) shapes" in out and "x0(s=1)" not in out
     with pytest.raises(SystemExit):
         mini_probe.main(["--model", str(tmp_path)])
     assert "not a pipeline folder" in capsys.readouterr().err
