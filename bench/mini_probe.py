@@ -57,8 +57,7 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
     base = int(pipe.vae.config.sample_size)
     rotated_scenes = [_rotate_shapes(s) for s in scenes]
     losses = {s: {"right": [], "shuffled": []} for s in sigmas}
-    shapes = {s: {"right": [], "rotated": []} for s in sigmas}
-    colours, patterns = [], []
+    checks = {s: {"right": [], "rotated": []} for s in sigmas}  # adherence of the one-step x0
     flat_floor = 0.0
     spatial_r2 = []
     with torch.no_grad():
@@ -94,33 +93,31 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                         img_ids=ids,
                         return_dict=False,
                     )[0]
-                    if key != "shuffled":  # one-step x0 shapes against the scene its caption states
-                        x0_step = xt - sigma * _unpack(pred, x0.shape)
-                        img = vae.decode(x0_step / sf + sh).sample.clamp(-1, 1)
-                        stated = sc if key == "right" else rotated
-                        for s, im in zip(stated, img, strict=True):
-                            shapes[sigma][key] += adherence(im, s, shapes=BASIC_SHAPES).facts[:-2][1::3]
-                    if key == "rotated":
+                    if key == "shuffled":
+                        losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
                         continue
-                    losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
-                    if sigma == 1.0 and key == "right":
-                        x0_hat = noise - _unpack(pred, x0.shape)
-                        spatial_r2 += _spatial_r2(x0_hat, x0)
-                        img = vae.decode(x0_hat / sf + sh).sample.clamp(-1, 1)
-                        for s, im in zip(sc, img, strict=True):
-                            facts = adherence(im, s, shapes=BASIC_SHAPES).facts
-                            colours.append(facts[-2][1])
-                            patterns.append(facts[-1][1])
+                    # the one-step x0, checked against the scene its caption states
+                    x0_step = xt - sigma * _unpack(pred, x0.shape)
+                    img = vae.decode(x0_step / sf + sh).sample.clamp(-1, 1)
+                    stated = sc if key == "right" else rotated
+                    checks[sigma][key] += [
+                        adherence(im, s, shapes=BASIC_SHAPES) for s, im in zip(stated, img, strict=True)
+                    ]
+                    if key == "right":
+                        losses[sigma][key].append(float((pred - target).pow(2).mean()) * b)
+                        if sigma == 1.0:
+                            spatial_r2 += _spatial_r2(x0_step, x0)
+    facts = {
+        s: {k: T.summarize_adherence(v)["by_fact_percent"] for k, v in d.items()} for s, d in checks.items()
+    }
+    at_1 = facts[1.0]["right"] if 1.0 in facts else {}
     out = {
         "loss": {s: {k: sum(v) / n for k, v in d.items()} for s, d in losses.items()},
         "flat_floor": flat_floor / n,
         "x0_spatial_r2": float(np.mean(spatial_r2)) if spatial_r2 else None,
-        "x0_bg_colours": 100.0 * float(np.mean(colours)) if colours else None,
-        "x0_bg_pattern": 100.0 * float(np.mean(patterns)) if patterns else None,
-        "x0_shapes": {
-            s: {k: 100.0 * float(np.mean([ok for _, ok in v])) for k, v in d.items()}
-            for s, d in shapes.items()
-        },
+        "x0_bg_colours": at_1.get("background colours"),
+        "x0_bg_pattern": at_1.get("background pattern"),
+        "x0_shapes": {s: {k: v["shape"] for k, v in d.items()} for s, d in facts.items()},
     }
     return out
 

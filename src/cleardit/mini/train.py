@@ -174,7 +174,8 @@ class TrainConfig:
         latent_reuse: after the layout steps, each rendered and VAE-encoded batch is trained on for
             this many consecutive steps, each with its own noise and noise levels ("data echoing").
             In fp32 on 2 CPU cores the VAE encoding is ~40% of a base-size step, which the repeats
-            skip. 1 (default): every step draws new scenes.
+            skip (as they skip rendering and the object weights). 1 (default): every step draws new
+            scenes.
         base_tail_steps: the last N DiT steps train only at the base resolution (where adherence is
             measured), after the resolution mix of the steps before. 0 (default): none.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
@@ -1007,18 +1008,20 @@ class MiniTrainer:
 
     def _dit_step(self, plan: BatchPlan) -> torch.Tensor:
         cfg = self.cfg
+        layout = plan.step < cfg.layout_steps
         key = (plan.indices, plan.height, plan.width, plan.dropped)
         if self._reused is not None and self._reused[0] == key:  # TrainConfig.latent_reuse
-            x0, captions = self._reused[1:]
+            x0, captions, weights = self._reused[1:]
         else:
             x, captions = render_batch(cfg, plan, self._pool)
             x0 = self._latents(x.to(self.device), self._stats)
-            self._reused = (key, x0, captions) if cfg.latent_reuse > 1 else None
+            weighted = not layout and cfg.object_loss_weight > 0
+            weights = object_token_weights(cfg, plan).to(self.device) if weighted else None
+            self._reused = (key, x0, captions, weights) if cfg.latent_reuse > 1 else None
         g = torch.Generator().manual_seed(plan.noise_seed)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         b, _, h, w = x0.shape
         seq = (h // 2) * (w // 2)
-        layout = plan.step < cfg.layout_steps
         if layout:
             sigma = torch.ones(b)
         else:
@@ -1047,9 +1050,8 @@ class MiniTrainer:
                 return_dict=False,
             )[0]
         err = (pred.float() - target).pow(2)
-        if layout or cfg.object_loss_weight == 0:
+        if weights is None:
             return err.mean()
-        weights = object_token_weights(cfg, plan).to(err.device)
         return (weights * err.mean(-1)).sum() / weights.sum()
 
     def _latent_stats(self) -> dict:
