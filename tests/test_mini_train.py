@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -376,6 +377,64 @@ def test_latent_reuse_repeats_a_batch_with_new_noise_and_base_tail_ends_at_base_
     T.train(cfg, straight)
     o = opts(tmp_path, "killed", checkpoint_every=1)
     with pytest.raises(T.SimulatedKill):  # dies inside the first reuse group
+        T.train(cfg, o, kill_after_steps=cfg.vae_steps + 3)
+    T.train(cfg, o, resume=True)
+    assert_same_tensors(safetensors_of(o.output), safetensors_of(straight.output))
+
+
+def test_shape_swap_plans_renders_and_targets_the_captioned_picture(tmp_path):
+    """shape_swap: some captioned samples after the layout steps get an input with other shapes,
+    and their target still leads (in one Euler step to sigma 0) to the captioned picture."""
+    with pytest.raises(ValueError, match=r"shape_swap must be in \[0, 1\)"):
+        T.full_config(shape_swap=1.0)
+    with pytest.raises(ValueError, match=r"shape_swap_min_sigma must be in \(0, 1\]"):
+        T.full_config(shape_swap_min_sigma=0.0)
+    cfg = T.full_config(shape_swap=0.4, caption_dropout=0.2)
+    plain = T.full_config(caption_dropout=0.2)
+    steps = range(cfg.layout_steps - 5, cfg.layout_steps + 100)
+    plans = [T.batch_plan(cfg, "dit", s) for s in steps]
+    assert [replace(p, swapped=()) for p in plans] == [T.batch_plan(plain, "dit", s) for s in steps]
+    assert not any(p.swapped for p in plans[:5])  # the layout steps (sigma = 1) never swap
+    later = plans[5:]
+    share = sum(len(p.swapped) for p in later) / sum(len(p.indices) - len(p.dropped) for p in later)
+    assert 0.33 < share < 0.47 and not any(set(p.swapped) & set(p.dropped) for p in later)
+
+    plan = next(p for p in later if p.height == p.width == cfg.base and len(p.swapped) >= 2)
+    ds = T.plan_dataset(cfg, plan)
+    for j in plan.swapped:
+        scene = ds.scene(plan.indices[j])
+        other = T.swapped_scene(scene, 5)
+        assert other == T.swapped_scene(scene, 5) and other.caption() != scene.caption()
+        pairs = list(zip(other.objects, scene.objects, strict=True))
+        assert [replace(o, shape=s.shape) for o, s in pairs] == list(scene.objects)
+        assert all(o.shape != s.shape for o, s in pairs)
+    images, _ = T.render_batch(cfg, plan)
+    swapped = T.render_swapped(cfg, plan)
+    assert swapped.shape == (len(plan.swapped), *images.shape[1:])
+    assert all(not torch.equal(swapped[k], images[j]) for k, j in enumerate(plan.swapped))
+
+    g = torch.Generator().manual_seed(0)
+    x0, x_in, noise = (torch.randn(4, 8, 6, 10, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.5, 0.2, 0.7]).view(4, 1, 1, 1)
+    use = torch.tensor([True, True, False, False]).view(4, 1, 1, 1)
+    xt, v = T.swapped_noising(x0, x_in, noise, sigma, use)
+    torch.testing.assert_close(xt[:2], (1 - sigma[:2]) * x_in[:2] + sigma[:2] * noise[:2])
+    torch.testing.assert_close(xt - sigma * v, x0)  # every x0 estimate is the captioned picture
+    torch.testing.assert_close(xt[2:], (1 - sigma[2:]) * x0[2:] + sigma[2:] * noise[2:])
+    torch.testing.assert_close(v[2:], noise[2:] - x0[2:])
+
+    cfg = tiny_config(dit_steps=6, layout_steps=1, shape_swap=0.5, latent_reuse=2)
+    trainer = T.MiniTrainer(cfg, opts(tmp_path, "seen"))
+    encoded, real_latents = [], trainer._latents
+    trainer._latents = lambda x, stats: encoded.append(len(x)) or real_latents(x, stats)
+    trainer.run()
+    groups = [T.batch_plan(cfg, "dit", s) for s in range(1, 6, 2)]  # one encoding per reuse group
+    expected = [n for p in groups for n in (len(p.indices), len(p.swapped)) if n]
+    assert len(expected) > len(groups) and encoded[-len(expected) :] == expected
+    straight = opts(tmp_path, "straight")
+    T.train(cfg, straight)
+    o = opts(tmp_path, "killed", checkpoint_every=1)
+    with pytest.raises(T.SimulatedKill):  # dies inside a reuse group
         T.train(cfg, o, kill_after_steps=cfg.vae_steps + 3)
     T.train(cfg, o, resume=True)
     assert_same_tensors(safetensors_of(o.output), safetensors_of(straight.output))

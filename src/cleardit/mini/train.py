@@ -57,7 +57,7 @@ import torch
 from ..argtypes import nonneg_int, positive_float, positive_int
 from ..distill.losses import timestep_shift_mu as _shift_mu
 from ..seeds import derive_seed
-from .dataset import ProceduralDataset, Scene, model_range, object_coverage
+from .dataset import BASIC_SHAPES, ProceduralDataset, Scene, model_range, object_coverage, render
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
     CHECKPOINT_FORMAT,
@@ -178,6 +178,15 @@ class TrainConfig:
             scenes.
         base_tail_steps: the last N DiT steps train only at the base resolution (where adherence is
             measured), after the resolution mix of the steps before. 0 (default): none.
+        shape_swap: after the layout steps, this share of each batch's captioned samples gets a
+            noisy input rendered with every object's shape replaced by another (``swapped_scene``)
+            whenever its noise level is at least ``shape_swap_min_sigma``, and the target is still
+            the true scene (the velocity from the input straight to the captioned picture). In
+            training the picture always matches the caption, so the transformer learned to copy
+            an object's shape from the picture once sigma is below ~0.8; in sampling the picture
+            there is its own round blob, which it then kept as a circle (docs/mini_model.md,
+            round 10). 0 (default): off.
+        shape_swap_min_sigma: the lowest noise level that gets a swapped input.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
             optimizer, loss and the VAE stage stay fp32. On CPUs with AVX-512 BF16 the encoder runs
@@ -219,6 +228,8 @@ class TrainConfig:
     object_loss_weight: float = 0.0
     latent_reuse: int = 1
     base_tail_steps: int = 0
+    shape_swap: float = 0.0
+    shape_swap_min_sigma: float = 0.3
     mixed_precision: str = "auto"
 
     def __post_init__(self):
@@ -280,6 +291,13 @@ class TrainConfig:
             raise ValueError(
                 f"base_tail_steps must be a whole number in [0, dit_steps - layout_steps = "
                 f"{self.dit_steps - self.layout_steps}], got {tail!r}"
+            )
+        if isinstance(self.shape_swap, bool) or not 0 <= self.shape_swap < 1:
+            raise ValueError(f"shape_swap must be in [0, 1) (0: off), got {self.shape_swap!r}")
+        if isinstance(self.shape_swap_min_sigma, bool) or not 0 < self.shape_swap_min_sigma <= 1:
+            raise ValueError(
+                f"shape_swap_min_sigma must be in (0, 1]: the target divides by sigma, "
+                f"got {self.shape_swap_min_sigma!r}"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
@@ -396,7 +414,8 @@ class BatchPlan:
     ``height``/``width``: rendered size; ``indices``: scene indices in the stage's stream;
     ``crops``: VAE crop corners (top, left) of side ``crop``; ``noise_seed``: seeds the step's
     torch generator (VAE posterior samples; DiT noise and timesteps); ``dropped``: batch positions
-    whose caption is replaced by the empty prompt (DiT).
+    whose caption is replaced by the empty prompt (DiT); ``swapped``: batch positions whose noisy
+    input shows other shapes (``TrainConfig.shape_swap``).
     """
 
     stage: str
@@ -408,6 +427,7 @@ class BatchPlan:
     crop: int | None = None
     crops: tuple[tuple[int, int], ...] | None = None
     dropped: tuple[int, ...] = ()
+    swapped: tuple[int, ...] = ()
 
 
 def vae_render_sizes(cfg: TrainConfig) -> list[int]:
@@ -470,7 +490,12 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
         n = dit_batch_size(cfg, h, w)
         start = first * cfg.batch
     dropped = tuple(int(j) for j in np.flatnonzero(rng.random(n) < cfg.caption_dropout))
-    return BatchPlan(stage, step, h, w, tuple(range(start, start + n)), noise_seed, dropped=dropped)
+    swapped = ()
+    if step >= cfg.layout_steps and cfg.shape_swap > 0:  # drawn last: the fields above stay as they were
+        swap = rng.random(n) < cfg.shape_swap
+        swapped = tuple(int(j) for j in np.flatnonzero(swap) if j not in dropped)
+    indices = tuple(range(start, start + n))
+    return BatchPlan(stage, step, h, w, indices, noise_seed, dropped=dropped, swapped=swapped)
 
 
 def plan_dataset(cfg: TrainConfig, plan: BatchPlan) -> ProceduralDataset:
@@ -494,6 +519,42 @@ def render_batch(
             [x[j, :, t : t + plan.crop, le : le + plan.crop] for j, (t, le) in enumerate(plan.crops)]
         )
     return x, ["" if j in plan.dropped else text for j, text in enumerate(captions)]
+
+
+def swapped_scene(scene: Scene, seed: int) -> Scene:
+    """``scene`` with every object's shape replaced by another of the basic shapes, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    objects = []
+    for obj in scene.objects:
+        others = [s for s in BASIC_SHAPES if s != obj.shape]
+        objects.append(replace(obj, shape=others[int(rng.integers(len(others)))]))
+    return replace(scene, objects=tuple(objects))
+
+
+def render_swapped(cfg: TrainConfig, plan: BatchPlan) -> torch.Tensor:
+    """Images (in [-1, 1]) of the plan's ``swapped`` positions, their objects' shapes swapped."""
+    ds = plan_dataset(cfg, plan)
+    sid = _STREAMS[plan.stage]
+    images = [
+        render(
+            swapped_scene(ds.scene(plan.indices[j]), derive_seed(cfg.seed, sid, plan.indices[j], 13)),
+            plan.height,
+            plan.width,
+        )
+        for j in plan.swapped
+    ]
+    return torch.from_numpy(model_range(np.stack(images)))
+
+
+def swapped_noising(
+    x0: torch.Tensor, x_in: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, use: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target velocity) where samples ``use`` are noised from ``x_in`` instead of ``x0``
+    (``shape_swap``): their target is (x_t - x0) / sigma, the velocity whose x0 estimate
+    x_t - sigma * v is still ``x0``, the captioned picture. The others get the plain rectified flow."""
+    x_in = torch.where(use, x_in, x0)
+    xt = (1 - sigma) * x_in + sigma * noise
+    return xt, noise - x0 + (1 - sigma) / sigma * (x_in - x0)
 
 
 def object_token_weights(cfg: TrainConfig, plan: BatchPlan) -> torch.Tensor:
@@ -1009,15 +1070,21 @@ class MiniTrainer:
     def _dit_step(self, plan: BatchPlan) -> torch.Tensor:
         cfg = self.cfg
         layout = plan.step < cfg.layout_steps
-        key = (plan.indices, plan.height, plan.width, plan.dropped)
+        key = (plan.indices, plan.height, plan.width, plan.dropped, plan.swapped)
         if self._reused is not None and self._reused[0] == key:  # TrainConfig.latent_reuse
-            x0, captions, weights = self._reused[1:]
+            x0, x_in, captions, weights = self._reused[1:]
         else:
             x, captions = render_batch(cfg, plan, self._pool)
             x0 = self._latents(x.to(self.device), self._stats)
+            x_in = x0
+            if plan.swapped:
+                x_in = x0.clone()
+                x_in[list(plan.swapped)] = self._latents(
+                    render_swapped(cfg, plan).to(self.device), self._stats
+                )
             weighted = not layout and cfg.object_loss_weight > 0
             weights = object_token_weights(cfg, plan).to(self.device) if weighted else None
-            self._reused = (key, x0, captions, weights) if cfg.latent_reuse > 1 else None
+            self._reused = (key, x0, x_in, captions, weights) if cfg.latent_reuse > 1 else None
         g = torch.Generator().manual_seed(plan.noise_seed)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         b, _, h, w = x0.shape
@@ -1029,9 +1096,16 @@ class MiniTrainer:
                 b, seq, g, cfg.logit_mean, cfg.logit_std, self.pipe.scheduler.config, cfg.sigma_uniform_share
             )
         sigma = sigma.view(b, 1, 1, 1).to(self.device)
-        xt = (1 - sigma) * x0 + sigma * noise
+        if plan.swapped:
+            swapped = torch.zeros(b, 1, 1, 1, dtype=torch.bool, device=self.device)
+            swapped[list(plan.swapped)] = True
+            xt, velocity = swapped_noising(
+                x0, x_in, noise, sigma, swapped & (sigma >= cfg.shape_swap_min_sigma)
+            )
+        else:
+            xt, velocity = (1 - sigma) * x0 + sigma * noise, noise - x0
         packed, img_ids = pack_latents(xt)
-        target, _ = pack_latents(noise - x0)
+        target, _ = pack_latents(velocity)
         if layout and (plan.height, plan.width) != (cfg.base, cfg.base):
             base_tokens = cfg.base // cfg.size_factor
             img_ids = stretch_image_ids(img_ids, (h // 2, w // 2), (base_tokens, base_tokens))
