@@ -6,8 +6,10 @@ never trains on); image i of every row uses the same prompt and generator seed `
 rows differ only in resolution and attention. Every image is made by ``cleardit.generate`` (the model
 loaded once) and scored by ``cleardit.mini.adherence`` (shapes limited to the three the model was
 trained on). Scores: "facts" = mean fraction of the caption's facts an image satisfies; "strict" =
-images with every fact right; then the rate per kind of fact. A "VAE only" row per resolution
-encodes and decodes the rendered scene itself: the ceiling the decoder allows.
+images with every fact right; then the rate per kind of fact, and the shape rate of small and of
+large objects apart (docs/mini_model.md, round 10: small objects are where shapes fail). A "VAE
+only" row per resolution encodes and decodes the rendered scene itself: the ceiling the decoder
+allows.
 
 Square sizes are base * scale (128, 256, 512 px for the shipped model). With ``--highres`` the
 CLEAR rows above the base size also run the two-stage recipe (stage 1 near the base size with full
@@ -47,6 +49,10 @@ from cleardit.pipelines.loading import (  # noqa: E402
 )
 
 KINDS = ("object present", "shape", "size", "background colours", "background pattern")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
@@ -123,6 +129,7 @@ def main(argv=None) -> int:
         rows.append(
             [f"{size[0]}x{size[1]}", label, f"{s['percent']:.1f}", f"{s['strict_percent']:.1f}"]
             + [f"{s['by_fact_percent'][k]:.0f}" for k in KINDS]
+            + [" / ".join(_percent(s["shape_by_size_percent"][z]) for z in ("small", "large"))]
             + [per_image]
         )
         results.append({"height": size[0], "width": size[1], "attention": label, **s, "seconds": seconds})
@@ -167,6 +174,7 @@ def main(argv=None) -> int:
             "size",
             "bg colours",
             "bg pattern",
+            "shape small / large",
             "s/image",
         ],
         rows,

@@ -21,7 +21,9 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
 * per sigma, the shape facts of the one-step x0 (``x_t - sigma * v``, decoded): with the right
   captions, scored against the scene; and with every caption's shapes rotated (circle -> square
   -> triangle -> circle), scored against the rotated scene, which is how far the prediction follows
-  the shape words rather than the picture (docs/mini_model.md, round 9).
+  the shape words rather than the picture (docs/mini_model.md, round 9); and from a picture with
+  every object drawn as a circle (the round blob sampling makes), right captions, scored against
+  the scene: how far the model redraws a blob as the stated shape (round 10).
 
     python bench/mini_probe.py --model src/cleardit/mini/weights out/mini-sweep/model-r3-b8-u0.4
 """
@@ -57,15 +59,15 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
     base = int(pipe.vae.config.sample_size)
     rotated_scenes = [_rotate_shapes(s) for s in scenes]
     losses = {s: {"right": [], "shuffled": []} for s in sigmas}
-    checks = {s: {"right": [], "rotated": []} for s in sigmas}  # adherence of the one-step x0
+    checks = {s: {"right": [], "rotated": [], "from circles": []} for s in sigmas}  # one-step x0s
     flat_floor = 0.0
     spatial_r2 = []
     with torch.no_grad():
         for start in range(0, n, batch):
             sc = scenes[start : start + batch]
             b = len(sc)
-            x = torch.stack([torch.from_numpy(render(s, base).transpose(2, 0, 1).copy()) for s in sc])
-            x0 = (vae.encode(x.float() / 127.5 - 1).latent_dist.mode() - sh) * sf
+            x0 = _latents(vae, sc, base)
+            x0_circles = _latents(vae, [_all_circles(s) for s in sc], base)
             flat_floor += float(_centred(x0).pow(2).mean()) * b
             g = torch.Generator().manual_seed(start)
             noise = torch.randn(x0.shape, generator=g)
@@ -73,15 +75,16 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
             shuffled = captions[1:] + captions[:1]  # every image gets another scene's caption
             rotated = rotated_scenes[start : start + batch]
             for sigma in sigmas:
-                xt = (1 - sigma) * x0 + sigma * noise
-                packed, ids = T.pack_latents(xt)
                 target, _ = T.pack_latents(noise - x0)
                 variants = (
-                    ("right", captions),
-                    ("shuffled", shuffled),
-                    ("rotated", [r.caption() for r in rotated]),
+                    ("right", captions, x0),
+                    ("shuffled", shuffled, x0),
+                    ("rotated", [r.caption() for r in rotated], x0),
+                    ("from circles", captions, x0_circles),
                 )
-                for key, caps in variants:
+                for key, caps, picture in variants:
+                    xt = (1 - sigma) * picture + sigma * noise
+                    packed, ids = T.pack_latents(xt)
                     emb, pooled = T.encode_text(pipe, caps)
                     pred = tr(
                         hidden_states=packed,
@@ -99,7 +102,7 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
                     # the one-step x0, checked against the scene its caption states
                     x0_step = xt - sigma * _unpack(pred, x0.shape)
                     img = vae.decode(x0_step / sf + sh).sample.clamp(-1, 1)
-                    stated = sc if key == "right" else rotated
+                    stated = rotated if key == "rotated" else sc
                     checks[sigma][key] += [
                         adherence(im, s, shapes=BASIC_SHAPES) for s, im in zip(stated, img, strict=True)
                     ]
@@ -123,6 +126,19 @@ def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
 
 
 _NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+
+def _latents(vae, scenes, side: int) -> torch.Tensor:
+    """Scaled VAE latents (posterior means) of the scenes rendered at ``side`` px."""
+    x = torch.stack([torch.from_numpy(render(s, side).transpose(2, 0, 1).copy()) for s in scenes])
+    latents = vae.encode(x.float() / 127.5 - 1).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def _all_circles(scene):
+    """The scene with every object drawn as a circle."""
+    objects = tuple(dataclasses.replace(o, shape="circle") for o in scene.objects)
+    return dataclasses.replace(scene, objects=objects)
 
 
 def _rotate_shapes(scene):
@@ -164,7 +180,7 @@ def main(argv=None) -> int:
     print(machine_header())
     print(f"{args.n} held-out scenes at the base size; loss = flow-matching MSE, right / shuffled captions")
     header = ["model", *[f"loss s={s:g}" for s in args.sigmas]]
-    header += [f"x0(s={s:g}) shapes % right / rotated" for s in args.sigmas]
+    header += [f"x0(s={s:g}) shapes % right / rotated / from circles" for s in args.sigmas]
     if 1.0 in args.sigmas:
         header += ["s=1 flat floor", "x0(s=1) spatial R^2", "x0(s=1) bg colours %", "x0(s=1) bg pattern %"]
     rows = []
@@ -173,7 +189,7 @@ def main(argv=None) -> int:
         row = [
             folder,
             *[f"{r['loss'][s]['right']:.3f} / {r['loss'][s]['shuffled']:.3f}" for s in args.sigmas],
-            *[f"{r['x0_shapes'][s]['right']:.0f} / {r['x0_shapes'][s]['rotated']:.0f}" for s in args.sigmas],
+            *[" / ".join(f"{v:.0f}" for v in r["x0_shapes"][s].values()) for s in args.sigmas],
         ]
         if 1.0 in args.sigmas:
             row += [

@@ -147,9 +147,18 @@ VARIANTS.update(
 # steps fit a 58-minute budget in fp32 on 2 AVX2 cores (docs/mini_model.md, round 9).
 VARIANTS["r9-reuse2-tail150"] = {
     **VARIANTS["r8-base-heavy-objw4"],
-    "dit_steps": 1340,
+    "vae_steps": 1500,
+    "dit_steps": 1270,
     "latent_reuse": 2,
     "base_tail_steps": 150,
+}
+# Round 10: the round-9 run with shape-swapped inputs, the default 2,000 VAE steps and 50 more
+# second-phase steps (that CPU ran faster that day; docs/mini_model.md, round 10).
+VARIANTS["r10-swap0.3"] = {
+    **VARIANTS["r9-reuse2-tail150"],
+    "vae_steps": 2000,
+    "dit_steps": 1370,
+    "shape_swap": 0.3,
 }
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 

@@ -92,6 +92,8 @@ def test_mini_probe_on_the_shipped_model(tmp_path, capsys):
     )
     # near the clean picture the one-step x0 keeps the true shapes, whatever the shape words say
     assert r["x0_shapes"][0.2]["right"] >= 75 > 40 >= r["x0_shapes"][0.2]["rotated"]
+    # ... and redraws little of a circle blob as the stated shape (round 10)
+    assert r["x0_shapes"][0.2]["from circles"] < r["x0_shapes"][0.2]["right"] - 25
     assert r["loss"][1.0]["right"] < 0.5 * r["loss"][1.0]["shuffled"]
     assert 0 < r["loss"][0.6]["right"] < r["loss"][0.6]["shuffled"]
     assert 0 < r["loss"][1.0]["right"] < 0.5 * r["flat_floor"] < r["loss"][1.0]["shuffled"]

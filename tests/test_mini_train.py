@@ -520,6 +520,43 @@ def test_caption_dropout_is_planned_and_applied():
     assert all((c == "") == (j in plan.dropped) for j, c in enumerate(captions))
 
 
+def test_summarize_adherence_counts_each_kind_and_shapes_by_size():
+    from cleardit.mini.adherence import AdherenceResult
+
+    def result(*objects, bg=(True, False)):
+        facts = []
+        for colour, size, present, shape_ok, size_ok in objects:
+            where = "at the top"
+            facts += [
+                (f"a {colour} object {where}", present),
+                (f"the {colour} object {where} is a circle", shape_ok),
+                (f"the {colour} object {where} is {size}", size_ok),
+            ]
+        return AdherenceResult(facts=facts + [("colours", bg[0]), ("pattern", bg[1])])
+
+    r = T.summarize_adherence(
+        [
+            result(("red", "small", True, False, True), ("blue", "large", True, True, False)),
+            result(("green", "small", True, True, True), bg=(True, True)),
+        ]
+    )
+    assert r["by_fact_percent"] == {
+        "object present": 100.0,
+        "shape": pytest.approx(200 / 3),
+        "size": pytest.approx(200 / 3),
+        "background colours": 100.0,
+        "background pattern": 50.0,
+    }
+    assert r["shape_by_size_percent"] == {"small": 50.0, "large": 100.0}
+    assert r["percent"] == pytest.approx(100 * (5 / 8 + 5 / 5) / 2) and r["strict_percent"] == 50.0
+    assert T.summarize_adherence([result(("red", "large", False, False, False))])[
+        "shape_by_size_percent"
+    ] == {
+        "small": None,
+        "large": 0.0,
+    }
+
+
 def test_config_checks_and_overrides():
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         T.full_config(caption_dropout=1.0)
