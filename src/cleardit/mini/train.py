@@ -183,11 +183,11 @@ class TrainConfig:
             whenever its noise level is at least ``shape_swap_min_sigma``, and the target is still
             the true scene (the velocity from the input straight to the captioned picture). In
             training the picture always matches the caption, so the transformer learned to copy
-            an object's shape from the picture once sigma is below ~0.8; in sampling the picture
+            an object's shape from the picture once sigma is below ~0.6; in sampling the picture
             there is its own round blob, which it then kept as a circle. As a 560-step warm start
-            of the shipped model (0.3, with object_loss_weight 4) it raised sampled shapes from 27%
-            to 46%; in a full CPU run from scratch it cost object presence and size instead
-            (docs/mini_model.md, round 10). 0 (default): off.
+            of the shipped model (0.3, with object_loss_weight 4) it raised sampled shapes to 46%
+            (a plain warm start: 27%); in a full CPU run from scratch it cost object presence and
+            size instead (docs/mini_model.md, round 10). 0 (default): off.
         shape_swap_min_sigma: the lowest noise level that gets a swapped input.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
@@ -794,7 +794,7 @@ class MiniTrainer:
         self._steps_this_process = 0
         self.kill_after_steps: int | None = None  # test hook: SimulatedKill after this many steps
         self._pool: RenderPool | None = None
-        self._reused: tuple | None = None  # (plan key, latents, captions) of the last DiT batch
+        self._reused: tuple | None = None  # (plan key, latents, swapped-input latents, captions, weights)
 
     # -- messages --------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
