@@ -44,7 +44,7 @@ from common import machine_header, print_table  # noqa: E402
 from cleardit.argtypes import positive_int  # noqa: E402
 from cleardit.mini import train as T  # noqa: E402
 from cleardit.mini.adherence import adherence  # noqa: E402
-from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
+from cleardit.mini.dataset import BASIC_SHAPES, model_range, render  # noqa: E402
 
 
 def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:
@@ -130,8 +130,8 @@ _NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
 
 def _latents(vae, scenes, side: int) -> torch.Tensor:
     """Scaled VAE latents (posterior means) of the scenes rendered at ``side`` px."""
-    x = torch.stack([torch.from_numpy(render(s, side).transpose(2, 0, 1).copy()) for s in scenes])
-    latents = vae.encode(x.float() / 127.5 - 1).latent_dist.mode()
+    x = torch.from_numpy(model_range(np.stack([render(s, side) for s in scenes])))
+    latents = vae.encode(x).latent_dist.mode()
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
