@@ -31,7 +31,6 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -137,14 +136,12 @@ def _latents(vae, scenes, side: int) -> torch.Tensor:
 
 def _all_circles(scene):
     """The scene with every object drawn as a circle."""
-    objects = tuple(dataclasses.replace(o, shape="circle") for o in scene.objects)
-    return dataclasses.replace(scene, objects=objects)
+    return scene.with_shapes(["circle"] * len(scene.objects))
 
 
 def _rotate_shapes(scene):
     """The scene with every object's shape replaced by the next basic shape."""
-    objects = tuple(dataclasses.replace(o, shape=_NEXT_SHAPE[o.shape]) for o in scene.objects)
-    return dataclasses.replace(scene, objects=objects)
+    return scene.with_shapes([_NEXT_SHAPE[o.shape] for o in scene.objects])
 
 
 def _centred(t: torch.Tensor) -> torch.Tensor:

@@ -408,6 +408,10 @@ def test_shape_swap_plans_renders_and_targets_the_captioned_picture(tmp_path):
         pairs = list(zip(other.objects, scene.objects, strict=True))
         assert [replace(o, shape=s.shape) for o, s in pairs] == list(scene.objects)
         assert all(o.shape != s.shape for o, s in pairs)
+    with pytest.raises(ValueError, match=r"the scene has \d object\(s\); got 4 shapes"):
+        scene.with_shapes(["circle"] * 4)
+    with pytest.raises(ValueError, match="unknown shape .hexagon.; expected one of"):
+        scene.with_shapes(["hexagon"] * len(scene.objects))
     images, _ = T.render_batch(cfg, plan)
     swapped = T.render_swapped(cfg, plan)
     assert swapped.shape == (len(plan.swapped), *images.shape[1:])

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -165,6 +165,16 @@ class Scene:
         clash = [c for c in colors if c in self.bg_colors]
         if clash:
             raise ValueError(f"object colour(s) {clash} equal a background colour {list(self.bg_colors)}")
+
+    def with_shapes(self, shapes) -> Scene:
+        """This scene with object i drawn as ``shapes[i]``, everything else kept."""
+        shapes = list(shapes)
+        if len(shapes) != len(self.objects):
+            raise ValueError(
+                f"the scene has {len(self.objects)} object(s); got {len(shapes)} shapes: {shapes}"
+            )
+        objects = tuple(replace(o, shape=s) for o, s in zip(self.objects, shapes, strict=True))
+        return replace(self, objects=objects)
 
     # -- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict:

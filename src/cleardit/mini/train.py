@@ -526,11 +526,8 @@ def render_batch(
 def swapped_scene(scene: Scene, seed: int) -> Scene:
     """``scene`` with every object's shape replaced by another of the basic shapes, drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    objects = []
-    for obj in scene.objects:
-        others = [s for s in BASIC_SHAPES if s != obj.shape]
-        objects.append(replace(obj, shape=others[int(rng.integers(len(others)))]))
-    return replace(scene, objects=tuple(objects))
+    others = [[s for s in BASIC_SHAPES if s != obj.shape] for obj in scene.objects]
+    return scene.with_shapes([o[int(rng.integers(len(o)))] for o in others])
 
 
 def render_swapped(cfg: TrainConfig, plan: BatchPlan) -> torch.Tensor:
@@ -1298,15 +1295,16 @@ def summarize_adherence(results) -> dict:
         "background pattern": [],
     }
     for r in results:
-        facts = [ok for _, ok in r.facts]
-        objs, bg = facts[:-2], facts[-2:]
-        kinds["object present"] += objs[0::3]
-        kinds["shape"] += objs[1::3]
-        kinds["size"] += objs[2::3]
-        for (_, shape_ok), (size_fact, _) in zip(r.facts[1:-2:3], r.facts[2:-2:3], strict=True):
-            by_size[size_fact.rsplit(" ", 1)[1]].append(shape_ok)  # "the red object ... is small"
-        kinds["background colours"].append(bg[0])
-        kinds["background pattern"].append(bg[1])
+        objs, ((_, colours), (_, pattern)) = r.facts[:-2], r.facts[-2:]
+        for (_, present), (_, shape), (size_fact, size) in zip(
+            objs[0::3], objs[1::3], objs[2::3], strict=True
+        ):
+            kinds["object present"].append(present)
+            kinds["shape"].append(shape)
+            kinds["size"].append(size)
+            by_size[size_fact.rsplit(" ", 1)[1]].append(shape)  # "the red object ... is small"
+        kinds["background colours"].append(colours)
+        kinds["background pattern"].append(pattern)
     return {
         "percent": 100.0 * float(np.mean([r.score for r in results])) if results else float("nan"),
         "strict_percent": 100.0 * float(np.mean([r.all_ok for r in results])) if results else float("nan"),
