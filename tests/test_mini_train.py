@@ -398,6 +398,18 @@ def test_shape_swap_plans_renders_and_targets_the_captioned_picture(tmp_path):
     later = plans[5:]
     share = sum(len(p.swapped) for p in later) / sum(len(p.indices) - len(p.dropped) for p in later)
     assert 0.33 < share < 0.47 and not any(set(p.swapped) & set(p.dropped) for p in later)
+    # shape_swap_last_steps: the same draws, only in the last N DiT steps
+    tail = replace(cfg, shape_swap_last_steps=cfg.dit_steps - cfg.layout_steps - 40)
+    assert tail.shape_swap_start == cfg.layout_steps + 40
+    assert [T.batch_plan(tail, "dit", s) for s in steps] == [
+        p if s >= tail.shape_swap_start else replace(p, swapped=()) for s, p in zip(steps, plans, strict=True)
+    ]
+    assert replace(cfg, shape_swap_last_steps=None).shape_swap_start == cfg.layout_steps
+    for bad in (0, cfg.dit_steps - cfg.layout_steps + 1, 2.5, True):
+        with pytest.raises(
+            ValueError, match=rf"shape_swap_last_steps must be a whole number in \[1, .*{bad!r}"
+        ):
+            replace(cfg, shape_swap_last_steps=bad)
 
     plan = next(p for p in later if p.height == p.width == cfg.base and len(p.swapped) >= 2)
     ds = T.plan_dataset(cfg, plan)

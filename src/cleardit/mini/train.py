@@ -189,6 +189,9 @@ class TrainConfig:
             (a plain warm start: 27%); in a full CPU run from scratch it cost object presence and
             size instead (docs/mini_model.md, round 10). 0 (default): off.
         shape_swap_min_sigma: the lowest noise level that gets a swapped input.
+        shape_swap_last_steps: swap only in the last N DiT steps, so that the model has learned
+            to place and size its objects before it sees inputs that contradict their shapes.
+            None (default): every step after the layout steps.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
             optimizer, loss and the VAE stage stay fp32. On CPUs with AVX-512 BF16 the encoder runs
@@ -232,6 +235,7 @@ class TrainConfig:
     base_tail_steps: int = 0
     shape_swap: float = 0.0
     shape_swap_min_sigma: float = 0.3
+    shape_swap_last_steps: int | None = None
     mixed_precision: str = "auto"
 
     def __post_init__(self):
@@ -301,6 +305,17 @@ class TrainConfig:
                 f"shape_swap_min_sigma must be in (0, 1]: the target divides by sigma, "
                 f"got {self.shape_swap_min_sigma!r}"
             )
+        last = self.shape_swap_last_steps
+        if last is not None and (
+            isinstance(last, bool)
+            or not isinstance(last, int)
+            or not 1 <= last <= self.dit_steps - self.layout_steps
+        ):
+            raise ValueError(
+                f"shape_swap_last_steps must be a whole number in [1, dit_steps - layout_steps = "
+                f"{self.dit_steps - self.layout_steps}] (or null: every step after the layout steps), "
+                f"got {last!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
@@ -318,6 +333,12 @@ class TrainConfig:
     def layout_side(self) -> int:
         """Side of the layout steps' images (``layout_resolution``, else the base resolution)."""
         return self.layout_resolution or self.base
+
+    @property
+    def shape_swap_start(self) -> int:
+        """The first DiT step that may get swapped inputs (``shape_swap_last_steps``)."""
+        last = self.shape_swap_last_steps
+        return self.layout_steps if last is None else self.dit_steps - last
 
     @property
     def vae_factor(self) -> int:
@@ -493,7 +514,7 @@ def batch_plan(cfg: TrainConfig, stage: str, step: int) -> BatchPlan:
         start = first * cfg.batch
     dropped = tuple(int(j) for j in np.flatnonzero(rng.random(n) < cfg.caption_dropout))
     swapped = ()
-    if step >= cfg.layout_steps and cfg.shape_swap > 0:  # drawn last: the fields above stay as they were
+    if step >= cfg.shape_swap_start and cfg.shape_swap > 0:  # drawn last: the fields above stay as they were
         swap = rng.random(n) < cfg.shape_swap
         swapped = tuple(int(j) for j in np.flatnonzero(swap) if j not in dropped)
     indices = tuple(range(start, start + n))
