@@ -129,7 +129,12 @@ def main(argv=None) -> int:
         rows.append(
             [f"{size[0]}x{size[1]}", label, f"{s['percent']:.1f}", f"{s['strict_percent']:.1f}"]
             + [f"{s['by_fact_percent'][k]:.0f}" for k in KINDS]
-            + [" / ".join(_percent(s["shape_by_size_percent"][z]) for z in ("small", "large"))]
+            + [
+                " / ".join(
+                    _percent(s["by_object_size_percent"][z][k]) for k in ("object present", "shape", "size")
+                )
+                for z in ("small", "large")
+            ]
             + [per_image]
         )
         results.append({"height": size[0], "width": size[1], "attention": label, **s, "seconds": seconds})
@@ -174,7 +179,8 @@ def main(argv=None) -> int:
             "size",
             "bg colours",
             "bg pattern",
-            "shape small / large",
+            "small: present / shape / size",
+            "large: present / shape / size",
             "s/image",
         ],
         rows,

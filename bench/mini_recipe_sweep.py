@@ -160,6 +160,18 @@ VARIANTS["r10-swap0.3"] = {
     "dit_steps": 1370,
     "shape_swap": 0.3,
 }
+# Round 11: the shapes came from swapped inputs on a model with a full second phase behind it, so
+# here the swap runs only in a base-size tail of 560 steps after 900 plain second-phase steps
+# (docs/mini_model.md, round 11; run there with --vae-from src/cleardit/mini/weights).
+VARIANTS["r11-swap-tail"] = {
+    **VARIANTS["r9-reuse2-tail150"],
+    "vae_steps": 2000,
+    "dit_steps": 2210,
+    "layout_steps": 750,
+    "base_tail_steps": 560,
+    "shape_swap": 0.3,
+    "shape_swap_last_steps": 560,
+}
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 

@@ -131,3 +131,20 @@ def test_distill_quality_picture_grid_is_written_whole(tmp_path):
     with Image.open(path) as im:
         assert im.size == (2 * (8 + 4) + 4, 16 + 2 * (6 + 4) + 4)
     assert sorted(p.name for p in path.parent.iterdir()) == ["grid.png"]  # no temp file left
+
+
+def test_mini_recipe_sweep_variants_are_valid_configs():
+    """Every variant of bench/mini_recipe_sweep.py passes the trainer's checks, its values sent the
+    way the sweep sends them (--set FIELD=<JSON>)."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mini_recipe_sweep
+
+    from cleardit.mini import train as T
+
+    for name, overrides in {**mini_recipe_sweep.VARIANTS, **mini_recipe_sweep.QUICK_VARIANTS}.items():
+        items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+        make = T.quick_config if name in mini_recipe_sweep.QUICK_VARIANTS else T.full_config
+        cfg = make(**T.parse_overrides(items))
+        assert all(cfg.to_dict()[k] == json.loads(json.dumps(v)) for k, v in overrides.items()), name

@@ -563,13 +563,15 @@ def test_summarize_adherence_counts_each_kind_and_shapes_by_size():
         "background colours": 100.0,
         "background pattern": 50.0,
     }
-    assert r["shape_by_size_percent"] == {"small": 50.0, "large": 100.0}
+    assert r["by_object_size_percent"] == {
+        "small": {"object present": 100.0, "shape": 50.0, "size": 100.0},
+        "large": {"object present": 100.0, "shape": 100.0, "size": 0.0},
+    }
     assert r["percent"] == pytest.approx(100 * (5 / 8 + 5 / 5) / 2) and r["strict_percent"] == 50.0
-    assert T.summarize_adherence([result(("red", "large", False, False, False))])[
-        "shape_by_size_percent"
-    ] == {
-        "small": None,
-        "large": 0.0,
+    lone = T.summarize_adherence([result(("red", "large", True, False, False))])
+    assert lone["by_object_size_percent"] == {
+        "small": {"object present": None, "shape": None, "size": None},
+        "large": {"object present": 100.0, "shape": 0.0, "size": 0.0},
     }
 
 

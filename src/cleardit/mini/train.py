@@ -1236,7 +1236,7 @@ class MiniTrainer:
             "adherence_percent": gen["percent"],
             "strict_percent": gen["strict_percent"],
             "by_fact_percent": gen["by_fact_percent"],
-            "shape_by_size_percent": gen["shape_by_size_percent"],
+            "by_object_size_percent": gen["by_object_size_percent"],
             "vae_roundtrip_percent": vae["percent"],
             "vae_roundtrip_strict_percent": vae["strict_percent"],
             "seconds": gen_seconds,
@@ -1306,31 +1306,30 @@ class MiniTrainer:
 
 def summarize_adherence(results) -> dict:
     """Percent of facts satisfied, of images with every fact right, per kind of fact, and the
-    shape facts of small and large objects apart."""
-    by_size: dict[str, list[bool]] = {"small": [], "large": []}
+    object facts (present, shape, size) of small and of large objects apart."""
+    object_kinds = ("object present", "shape", "size")
+    by_size = {z: {k: [] for k in object_kinds} for z in ("small", "large")}
     kinds: dict[str, list[bool]] = {
-        "object present": [],
-        "shape": [],
-        "size": [],
-        "background colours": [],
-        "background pattern": [],
+        k: [] for k in (*object_kinds, "background colours", "background pattern")
     }
     for r in results:
         objs, ((_, colours), (_, pattern)) = r.facts[:-2], r.facts[-2:]
-        for (_, present), (_, shape), (size_fact, size) in zip(
-            objs[0::3], objs[1::3], objs[2::3], strict=True
-        ):
-            kinds["object present"].append(present)
-            kinds["shape"].append(shape)
-            kinds["size"].append(size)
-            by_size[size_fact.rsplit(" ", 1)[1]].append(shape)  # "the red object ... is small"
+        for facts in zip(objs[0::3], objs[1::3], objs[2::3], strict=True):
+            stated = by_size[facts[2][0].rsplit(" ", 1)[1]]  # "the red object ... is small"
+            for kind, (_, ok) in zip(object_kinds, facts, strict=True):
+                kinds[kind].append(ok)
+                stated[kind].append(ok)
         kinds["background colours"].append(colours)
         kinds["background pattern"].append(pattern)
+
+    def percents(groups: dict) -> dict:
+        return {k: 100.0 * float(np.mean(v)) if v else None for k, v in groups.items()}
+
     return {
         "percent": 100.0 * float(np.mean([r.score for r in results])) if results else float("nan"),
         "strict_percent": 100.0 * float(np.mean([r.all_ok for r in results])) if results else float("nan"),
-        "by_fact_percent": {k: 100.0 * float(np.mean(v)) if v else None for k, v in kinds.items()},
-        "shape_by_size_percent": {k: 100.0 * float(np.mean(v)) if v else None for k, v in by_size.items()},
+        "by_fact_percent": percents(kinds),
+        "by_object_size_percent": {z: percents(groups) for z, groups in by_size.items()},
     }
 
 
