@@ -289,11 +289,7 @@ class TrainConfig:
         reuse, tail = self.latent_reuse, self.base_tail_steps
         if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
             raise ValueError(f"latent_reuse must be a whole number >= 1 (1: no reuse), got {reuse!r}")
-        if (
-            isinstance(tail, bool)
-            or not isinstance(tail, int)
-            or not 0 <= tail <= self.dit_steps - self.layout_steps
-        ):
+        if not _is_whole_in(tail, 0, self.dit_steps - self.layout_steps):
             raise ValueError(
                 f"base_tail_steps must be a whole number in [0, dit_steps - layout_steps = "
                 f"{self.dit_steps - self.layout_steps}], got {tail!r}"
@@ -306,11 +302,7 @@ class TrainConfig:
                 f"got {self.shape_swap_min_sigma!r}"
             )
         last = self.shape_swap_last_steps
-        if last is not None and (
-            isinstance(last, bool)
-            or not isinstance(last, int)
-            or not 1 <= last <= self.dit_steps - self.layout_steps
-        ):
+        if last is not None and not _is_whole_in(last, 1, self.dit_steps - self.layout_steps):
             raise ValueError(
                 f"shape_swap_last_steps must be a whole number in [1, dit_steps - layout_steps = "
                 f"{self.dit_steps - self.layout_steps}] (or null: every step after the layout steps), "
@@ -393,6 +385,11 @@ class RunOptions:
     device: str = "cpu"
     vae_from: Path | None = None
     render_workers: int = 0
+
+
+def _is_whole_in(value, low: int, high: int) -> bool:
+    """An int (not a bool) in [low, high]: the step-count options' check."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def full_config(**overrides) -> TrainConfig:
