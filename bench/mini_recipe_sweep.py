@@ -116,6 +116,8 @@ RECIPE_BEFORE_ROUND_7 = {
     "object_loss_weight": 0,
     "latent_reuse": 1,
     "base_tail_steps": 0,
+    "shape_swap": 0.0,
+    "shape_swap_last_steps": None,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
 # Round 7: a layout phase at 64 px (the shipped model's recipe), and the same without bf16.
@@ -126,6 +128,8 @@ RECIPE_ROUND_7 = {
     "object_loss_weight": 0,
     "latent_reuse": 1,
     "base_tail_steps": 0,
+    "shape_swap": 0.0,
+    "shape_swap_last_steps": None,
     "mixed_precision": "bf16",
 }
 VARIANTS.update({"r7-shipped": RECIPE_ROUND_7, "r7-fp32": {**RECIPE_ROUND_7, "mixed_precision": "no"}})
@@ -171,6 +175,14 @@ VARIANTS["r11-swap-tail"] = {
     "base_tail_steps": 560,
     "shape_swap": 0.3,
     "shape_swap_last_steps": 560,
+}
+# Round 12: round 11's run cut to fit 60 minutes of DiT training on 2 AVX2 cores: 500 plain
+# second-phase steps instead of 900, and a 470-step swap tail (docs/mini_model.md, round 12).
+VARIANTS["r12-swap-tail-fit60"] = {
+    **VARIANTS["r11-swap-tail"],
+    "dit_steps": 1720,
+    "base_tail_steps": 470,
+    "shape_swap_last_steps": 470,
 }
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 

@@ -111,8 +111,17 @@ def test_render_workers_give_the_same_run(tmp_path):
     )
 
 
+def test_the_defaults_are_the_shipped_models_recipe():
+    """`python -m cleardit.mini.train` trains what ships: the defaults equal the shipped run's logged
+    configuration (mixed_precision aside: "auto" is logged as what the machine chose)."""
+    logged = json.loads((T.DEFAULT_OUTPUT / "training_log.json").read_text())["config"]
+    defaults = T.full_config().to_dict()
+    assert logged.pop("mixed_precision") in ("no", "bf16") and defaults.pop("mixed_precision") == "auto"
+    assert logged == defaults
+
+
 def test_resolution_mix_and_batch_sizes():
-    cfg = T.full_config()
+    cfg = T.full_config(latent_reuse=1)  # a new size draw every step
     res = T.dit_resolutions(cfg)
     assert abs(sum(p for _, _, p in res) - 1) < 1e-9
     sizes = {(h, w) for h, w, _ in res}
@@ -169,7 +178,7 @@ def record_transformer_input(trainer, name: str) -> list:
 def test_layout_steps_train_at_sigma_one_on_base_images(tmp_path):
     """The layout phase: sigma = 1, base size, peak learning rate; bf16 autocast; resumable."""
     with pytest.raises(ValueError, match="layout_steps must be in"):
-        T.full_config(layout_steps=2000)
+        T.full_config(layout_steps=T.full_config().dit_steps)
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         T.full_config(mixed_precision="fp16")
     cfg = T.full_config(layout_steps=300, layout_resolution=None, layout_batch=None)
@@ -348,6 +357,10 @@ def test_latent_reuse_repeats_a_batch_with_new_noise_and_base_tail_ends_at_base_
         ValueError, match=r"base_tail_steps must be a whole number in \[0, dit_steps - layout"
     ):
         T.full_config(base_tail_steps=T.full_config().dit_steps)
+    with pytest.raises(
+        ValueError, match=r"got 560 \(with fewer --dit-steps, also pass --set base_tail_steps=N"
+    ):
+        T.full_config(dit_steps=1000)  # the default tail no longer fits: the message names the fix
     cfg = T.full_config(latent_reuse=3, base_tail_steps=100, caption_dropout=0.2)
     first = cfg.layout_steps
     plans = [T.batch_plan(cfg, "dit", s) for s in range(first, first + 30)]
@@ -358,7 +371,7 @@ def test_latent_reuse_repeats_a_batch_with_new_noise_and_base_tail_ends_at_base_
     assert len({(p.height, p.width) for p in plans}) > 1
     tail = [T.batch_plan(cfg, "dit", s) for s in range(cfg.dit_steps - 100, cfg.dit_steps)]
     assert {(p.height, p.width, len(p.indices)) for p in tail} == {(cfg.base, cfg.base, cfg.batch)}
-    plain = T.full_config()
+    plain = T.full_config(latent_reuse=1)
     assert T.batch_plan(plain, "dit", first + 1).indices[0] == (first + 1) * plain.batch
 
     cfg = tiny_config(dit_steps=7, layout_steps=1, latent_reuse=3, base_tail_steps=2)
@@ -389,8 +402,8 @@ def test_shape_swap_plans_renders_and_targets_the_captioned_picture(tmp_path):
         T.full_config(shape_swap=1.0)
     with pytest.raises(ValueError, match=r"shape_swap_min_sigma must be in \(0, 1\]"):
         T.full_config(shape_swap_min_sigma=0.0)
-    cfg = T.full_config(shape_swap=0.4, caption_dropout=0.2)
-    plain = T.full_config(caption_dropout=0.2)
+    cfg = T.full_config(shape_swap=0.4, shape_swap_last_steps=None, caption_dropout=0.2)
+    plain = T.full_config(shape_swap=0.0, caption_dropout=0.2)
     steps = range(cfg.layout_steps - 5, cfg.layout_steps + 100)
     plans = [T.batch_plan(cfg, "dit", s) for s in steps]
     assert [replace(p, swapped=()) for p in plans] == [T.batch_plan(plain, "dit", s) for s in steps]

@@ -13,13 +13,16 @@ from scratch on the procedural scenes of :mod:`.dataset` in two stages:
    ``noise - x0``, ``sigma`` = sigmoid of a normal sample, shifted per resolution exactly as the
    pipeline's scheduler shifts it at inference (``mu`` from the image token count; a much larger
    shift than FLUX's, saved with the model), plus a share of uniform noise levels. Each step draws
-   one resolution from a mix (base 128 px, 192 px, 256 px, 384 px, 128x256 and 128x512 strips both
-   ways), with the batch scaled to keep the pixels per step about constant, so the RoPE positions
-   of a 4x-base (512 px) image have been seen along each axis. The first ``layout_steps`` are a
-   layout phase instead: sigma = 1 only, on 64 px renders whose position ids are stretched onto
-   the base token grid (``stretch_image_ids``), which teaches what goes where at a quarter of the
-   cost of base-size images. An exponential moving average
-   (EMA) of the weights is what gets shipped.
+   one resolution from a mix (mostly the base 128 px; 192 px, 256 px, 128x256 and 128x512 strips
+   both ways), with the batch scaled to keep the pixels per step about constant, so the RoPE
+   positions of a 4x-base (512 px) image have been seen along each axis. The first
+   ``layout_steps`` are a layout phase instead: sigma = 1 only, on 64 px renders whose position ids
+   are stretched onto the base token grid (``stretch_image_ids``), which teaches what goes where at
+   a quarter of the cost of base-size images. After it the loss is weighted towards the objects,
+   each encoded batch is trained on twice, and the last ``base_tail_steps`` train at the base size
+   with some inputs drawn with other shapes than the caption's (``shape_swap``), which teaches the
+   model to redraw a round blob as the stated shape. An exponential moving average (EMA) of the
+   weights is what gets shipped.
 
 For transformer experiments, ``--vae-from DIR`` skips stage 1 by taking the VAE (and its latent
 scaling) of a trained pipeline; ``--set zero_init=true`` starts the transformer as adaLN-Zero.
@@ -168,16 +171,16 @@ class TrainConfig:
         object_loss_weight: after the layout steps, the loss of a token is weighted by 1 + this x the
             share of it (or of its 8 neighbours) that objects cover, normalised over the batch.
             Objects are a small part of each picture, so their shapes barely move an unweighted
-            loss. In a ~160-step fine-tune of the shipped model, weight 4 scored shapes 34% against
+            loss. In a ~160-step fine-tune of the round-7 model, weight 4 scored shapes 34% against
             29% unweighted (77.2 vs 76.3% of facts: within the noise; docs/mini_model.md, round 8).
-            0 (default): unweighted.
+            Default 4; 0: unweighted.
         latent_reuse: after the layout steps, each rendered and VAE-encoded batch is trained on for
             this many consecutive steps, each with its own noise and noise levels ("data echoing").
             In fp32 on 2 CPU cores the VAE encoding is ~40% of a base-size step, which the repeats
-            skip (as they skip rendering and the object weights). 1 (default): every step draws new
+            skip (as they skip rendering and the object weights). Default 2; 1: every step draws new
             scenes.
         base_tail_steps: the last N DiT steps train only at the base resolution (where adherence is
-            measured), after the resolution mix of the steps before. 0 (default): none.
+            measured), after the resolution mix of the steps before. Default 560; 0: none.
         shape_swap: after the layout steps, this share of each batch's captioned samples gets a
             noisy input rendered with every object's shape replaced by another (``swapped_scene``)
             whenever its noise level is at least ``shape_swap_min_sigma``, and the target is still
@@ -185,13 +188,14 @@ class TrainConfig:
             training the picture always matches the caption, so the transformer learned to copy
             an object's shape from the picture once sigma is below ~0.6; in sampling the picture
             there is its own round blob, which it then kept as a circle. As a 560-step warm start
-            of the shipped model (0.3, with object_loss_weight 4) it raised sampled shapes to 46%
-            (a plain warm start: 27%); in a full CPU run from scratch it cost object presence and
-            size instead (docs/mini_model.md, round 10). 0 (default): off.
+            of the round-7 model (0.3, with object_loss_weight 4) it raised sampled shapes to 46%
+            (a plain warm start: 27%); in every step of a short second phase it cost object
+            presence and size instead (docs/mini_model.md, round 10), so the default keeps it to
+            a tail (``shape_swap_last_steps``). Default 0.3; 0: off.
         shape_swap_min_sigma: the lowest noise level that gets a swapped input.
         shape_swap_last_steps: swap only in the last N DiT steps, so that the model has learned
             to place and size its objects before it sees inputs that contradict their shapes.
-            None (default): every step after the layout steps.
+            Default 560 (the base-size tail); None: every step after the layout steps.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
             optimizer, loss and the VAE stage stay fp32. On CPUs with AVX-512 BF16 the encoder runs
@@ -204,7 +208,7 @@ class TrainConfig:
     size: str = "mini"
     seed: int = 0
     vae_steps: int = 2000
-    dit_steps: int = 2000
+    dit_steps: int = 2210
     batch: int = 32
     vae_batch: int = 8
     vae_crop: int = 64
@@ -214,7 +218,7 @@ class TrainConfig:
     warmup_steps: int = 100
     kl_weight: float = 1e-4
     vae_logvar_init: float = -6.0
-    dit_mix: tuple[tuple[float, float, float], ...] = FULL_MIX
+    dit_mix: tuple[tuple[float, float, float], ...] = BASE_HEAVY_MIX
     train_text_encoders: bool = True
     ema_decay: float = 0.995
     grad_clip: float = 1.0
@@ -227,15 +231,15 @@ class TrainConfig:
     sigma_uniform_share: float = 0.4
     true_cfg: float = 1.0
     zero_init: bool = False
-    layout_steps: int = 900
+    layout_steps: int = 750
     layout_resolution: int | None = 64
     layout_batch: int | None = 64
-    object_loss_weight: float = 0.0
-    latent_reuse: int = 1
-    base_tail_steps: int = 0
-    shape_swap: float = 0.0
+    object_loss_weight: float = 4.0
+    latent_reuse: int = 2
+    base_tail_steps: int = 560
+    shape_swap: float = 0.3
     shape_swap_min_sigma: float = 0.3
-    shape_swap_last_steps: int | None = None
+    shape_swap_last_steps: int | None = 560
     mixed_precision: str = "auto"
 
     def __post_init__(self):
@@ -292,7 +296,8 @@ class TrainConfig:
         if not _is_whole_in(tail, 0, self.dit_steps - self.layout_steps):
             raise ValueError(
                 f"base_tail_steps must be a whole number in [0, dit_steps - layout_steps = "
-                f"{self.dit_steps - self.layout_steps}], got {tail!r}"
+                f"{self.dit_steps - self.layout_steps}], got {tail!r} (with fewer --dit-steps, also pass "
+                "--set base_tail_steps=N and --set shape_swap_last_steps=N)"
             )
         if isinstance(self.shape_swap, bool) or not 0 <= self.shape_swap < 1:
             raise ValueError(f"shape_swap must be in [0, 1) (0: off), got {self.shape_swap!r}")
@@ -306,7 +311,7 @@ class TrainConfig:
             raise ValueError(
                 f"shape_swap_last_steps must be a whole number in [1, dit_steps - layout_steps = "
                 f"{self.dit_steps - self.layout_steps}] (or null: every step after the layout steps), "
-                f"got {last!r}"
+                f"got {last!r} (with fewer --dit-steps, also pass --set shape_swap_last_steps=N)"
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
@@ -373,7 +378,7 @@ class RunOptions:
 
     output: Path = DEFAULT_OUTPUT
     work_dir: Path = DEFAULT_WORK_DIR
-    minutes_budget: float = 57.0
+    minutes_budget: float = 100.0
     vae_budget_share: float = 0.3
     export_reserve_minutes: float = 3.0
     checkpoint_minutes: float = 1.5
@@ -401,6 +406,10 @@ def quick_config(**overrides) -> TrainConfig:
     """``--quick``: a few minutes end to end (an untrained-looking model; for tests and smoke runs)."""
     cfg = dict(
         vae_steps=40, dit_steps=60, batch=8, vae_batch=8, warmup_steps=10, dit_mix=QUICK_MIX, stats_images=16
+    )
+    # a plain second phase (no data echoing, object weights, tail or swap): a smoke run needs none
+    cfg.update(
+        object_loss_weight=0.0, latent_reuse=1, base_tail_steps=0, shape_swap=0.0, shape_swap_last_steps=None
     )
     cfg.update(overrides)
     cfg.setdefault("layout_steps", cfg["dit_steps"] // 3)  # the full recipe's shape, scaled down
