@@ -120,7 +120,7 @@ RECIPE_BEFORE_ROUND_7 = {
     "shape_swap_last_steps": None,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
-# Round 7: a layout phase at 64 px (the shipped model's recipe), and the same without bf16.
+# Round 7: a layout phase at 64 px (the recipe shipped from round 7 to round 11), and the same without bf16.
 RECIPE_ROUND_7 = {
     "dit_steps": 2000,
     "layout_steps": 900,
