@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cleardit.argtypes import nonneg_int, positive_float, positive_int
 from cleardit.atomic import atomic_write_text
-from cleardit.mini.train import BASE_HEAVY_MIX, FULL_MIX
+from cleardit.mini.train import BASE_HEAVY_MIX, FULL_MIX, PLAIN_SECOND_PHASE
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
 # learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
@@ -113,11 +113,7 @@ RECIPE_BEFORE_ROUND_7 = {
     "layout_batch": None,
     "mixed_precision": "no",
     "dit_mix": FULL_MIX,
-    "object_loss_weight": 0,
-    "latent_reuse": 1,
-    "base_tail_steps": 0,
-    "shape_swap": 0.0,
-    "shape_swap_last_steps": None,
+    **PLAIN_SECOND_PHASE,
 }
 VARIANTS = {name: {**RECIPE_BEFORE_ROUND_7, **v} for name, v in VARIANTS.items()}
 # Round 7: a layout phase at 64 px (the recipe shipped from round 7 to round 11), and the same without bf16.
@@ -125,11 +121,7 @@ RECIPE_ROUND_7 = {
     "dit_steps": 2000,
     "layout_steps": 900,
     "dit_mix": FULL_MIX,
-    "object_loss_weight": 0,
-    "latent_reuse": 1,
-    "base_tail_steps": 0,
-    "shape_swap": 0.0,
-    "shape_swap_last_steps": None,
+    **PLAIN_SECOND_PHASE,
     "mixed_precision": "bf16",
 }
 VARIANTS.update({"r7-shipped": RECIPE_ROUND_7, "r7-fp32": {**RECIPE_ROUND_7, "mixed_precision": "no"}})

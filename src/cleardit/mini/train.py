@@ -113,6 +113,15 @@ QUICK_MIX: tuple[tuple[float, float, float], ...] = (
     (1.0, 2.0, 0.1),
     (2.0, 1.0, 0.1),
 )
+# The second-phase options switched off (no object weights, data echoing, base-size tail or shape
+# swap): what --quick runs, and what the recipes before round 8 had.
+PLAIN_SECOND_PHASE = {
+    "object_loss_weight": 0.0,
+    "latent_reuse": 1,
+    "base_tail_steps": 0,
+    "shape_swap": 0.0,
+    "shape_swap_last_steps": None,
+}
 
 
 @dataclass(frozen=True)
@@ -407,10 +416,7 @@ def quick_config(**overrides) -> TrainConfig:
     cfg = dict(
         vae_steps=40, dit_steps=60, batch=8, vae_batch=8, warmup_steps=10, dit_mix=QUICK_MIX, stats_images=16
     )
-    # a plain second phase (no data echoing, object weights, tail or swap): a smoke run needs none
-    cfg.update(
-        object_loss_weight=0.0, latent_reuse=1, base_tail_steps=0, shape_swap=0.0, shape_swap_last_steps=None
-    )
+    cfg.update(PLAIN_SECOND_PHASE)  # a smoke run needs none of the second phase's options
     cfg.update(overrides)
     cfg.setdefault("layout_steps", cfg["dit_steps"] // 3)  # the full recipe's shape, scaled down
     cfg.setdefault("layout_batch", None)
