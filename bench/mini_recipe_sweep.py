@@ -176,6 +176,14 @@ VARIANTS["r12-swap-tail-fit60"] = {
     "base_tail_steps": 470,
     "shape_swap_last_steps": 470,
 }
+# Round 14: round 11's recipe with 1,050 plain second-phase steps and a 700-step swap tail, the
+# shipped defaults since round 14 (55.4 min from scratch on 2 AVX-512 BF16 cores; docs/mini_model.md).
+VARIANTS["r14-swap-tail700"] = {
+    **VARIANTS["r11-swap-tail"],
+    "dit_steps": 2500,
+    "base_tail_steps": 700,
+    "shape_swap_last_steps": 700,
+}
 QUICK_VARIANTS: dict[str, dict] = {"quick-a": {}, "quick-b": {"dit_lr": 2e-3}}
 
 

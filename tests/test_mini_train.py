@@ -358,7 +358,7 @@ def test_latent_reuse_repeats_a_batch_with_new_noise_and_base_tail_ends_at_base_
     ):
         T.full_config(base_tail_steps=T.full_config().dit_steps)
     with pytest.raises(
-        ValueError, match=r"got 560 \(with fewer --dit-steps, also pass --set base_tail_steps=N"
+        ValueError, match=r"got 700 \(with fewer --dit-steps, also pass --set base_tail_steps=N"
     ):
         T.full_config(dit_steps=1000)  # the default tail no longer fits: the message names the fix
     cfg = T.full_config(latent_reuse=3, base_tail_steps=100, caption_dropout=0.2)
