@@ -12,8 +12,12 @@ only" row per resolution encodes and decodes the rendered scene itself: the ceil
 allows.
 
 Square sizes are base * scale (128, 256, 512 px for the shipped model). With ``--highres`` the
-CLEAR rows above the base size also run the two-stage recipe (stage 1 near the base size with full
-attention, then CLEAR at the target; see docs/generate.md).
+rows above the base size also run the two-stage recipe, with full attention and with CLEAR at the
+target (stage 1 near the base size with full attention, re-noised to ``--strength``; see
+docs/generate.md); ``--highres-only`` drops the plain rows there. ``--strength``, ``--shift-rule``,
+``--ntk-factor`` and ``--proportional-attention`` are generate's options for the rows above the base.
+Every row above the base also says how faithful it is to the base-size full-attention image of the
+same prompt and seed, upscaled (Lanczos): PSNR and MS-SSIM ("vs base").
 
     python bench/mini_adherence.py                     # shipped model, 20 prompts, 20 steps, 1x 2x 4x
     python bench/mini_adherence.py --quick             # 4 prompts, 8 steps, 1x 2x: < 60 s on 2 cores
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, print_table  # noqa: E402
@@ -40,6 +45,7 @@ from cleardit.mini.adherence import adherence  # noqa: E402
 from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
 from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
+from cleardit.pipelines.generate import DEFAULT_STRENGTH, ms_ssim, psnr  # noqa: E402
 from cleardit.pipelines.loading import (  # noqa: E402
     ModelNotFoundError,
     base_size,
@@ -47,6 +53,7 @@ from cleardit.pipelines.loading import (  # noqa: E402
     read_model_info,
     resolve_model,
 )
+from cleardit.schedule import DEFAULT_SHIFT_RULE, SHIFT_RULES  # noqa: E402
 
 KINDS = ("object present", "shape", "size", "background colours", "background pattern")
 
@@ -84,7 +91,19 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--radius", type=positive_int, default=8, help="CLEAR radius in tokens (default 8)")
     ap.add_argument("--seed", type=int, default=0, help="held-out scene stream and first generator seed")
-    ap.add_argument("--highres", action="store_true", help="also CLEAR + the two-stage recipe above the base")
+    ap.add_argument(
+        "--highres", action="store_true", help="also the two-stage recipe above the base (full and CLEAR)"
+    )
+    ap.add_argument(
+        "--highres-only", action="store_true", help="with --highres: no plain rows above the base"
+    )
+    ap.add_argument(
+        "--clear-only", action="store_true", help="no full-attention rows above the base (they are slow)"
+    )
+    ap.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="--highres noise level")
+    ap.add_argument("--shift-rule", choices=SHIFT_RULES, default=DEFAULT_SHIFT_RULE)
+    ap.add_argument("--ntk-factor", type=float, default=None, help="RoPE theta factor above the base")
+    ap.add_argument("--proportional-attention", action="store_true", help="above the base")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="4 prompts, 8 steps, scales 1,2")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -115,16 +134,33 @@ def main(argv=None) -> int:
     prompts = [s.caption() for s in scenes]
 
     print(machine_header(device))
+    options = dict(
+        strength=args.strength,
+        shift_rule=args.shift_rule,
+        ntk_factor=args.ntk_factor,
+        proportional_attention=args.proportional_attention,
+    )
     print(
         f"model: {folder}; {n} held-out prompts (seed {args.seed}), {steps} steps, base {base_h}x{base_w}, "
-        f"CLEAR r={args.radius}"
+        f"CLEAR r={args.radius}; above the base: {options}"
     )
     rows, results = [], []
     k = min(args.grid_images, n)
     grid_rows = [("scene", [render(s, base_h) for s in scenes[:k]])]
 
-    def add(size, label, scored, seconds):
+    base_images = None  # the base-size full-attention images, which the larger rows are held against
+
+    def add(size, label, scored, seconds, images=None):
         s = summarize_adherence(scored)
+        faithful = {"psnr_vs_base": None, "ms_ssim_vs_base": None}
+        if images is not None and base_images is not None and size != (base_h, base_w):
+            ups = [b.resize((size[1], size[0]), Image.LANCZOS) for b in base_images]
+            faithful["psnr_vs_base"] = float(
+                np.mean([psnr(u, im) for u, im in zip(ups, images, strict=True)])
+            )
+            values = [ms_ssim(u, im)[0] for u, im in zip(ups, images, strict=True)]
+            if None not in values:
+                faithful["ms_ssim_vs_base"] = float(np.mean(values))
         per_image = f"{seconds / n:.2f}" if seconds is not None else "-"
         rows.append(
             [f"{size[0]}x{size[1]}", label, f"{s['percent']:.1f}", f"{s['strict_percent']:.1f}"]
@@ -135,16 +171,25 @@ def main(argv=None) -> int:
                 )
                 for z in ("small", "large")
             ]
-            + [per_image]
+            + [
+                "-" if faithful["psnr_vs_base"] is None else f"{faithful['psnr_vs_base']:.1f}",
+                "-" if faithful["ms_ssim_vs_base"] is None else f"{faithful['ms_ssim_vs_base']:.3f}",
+                per_image,
+            ]
         )
-        results.append({"height": size[0], "width": size[1], "attention": label, **s, "seconds": seconds})
+        results.append(
+            {"height": size[0], "width": size[1], "attention": label, **s, **faithful, "seconds": seconds}
+        )
 
     for scale in scales:
         h, w = base_h * scale, base_w * scale
         add((h, w), "VAE only", vae_roundtrip(pipe, scenes, h, w), None)
         modes = [("full", 0, False), (f"CLEAR r={args.radius}", args.radius, False)]
         if args.highres and scale > 1:
-            modes.append((f"CLEAR r={args.radius} + highres", args.radius, True))
+            modes = modes[:0] if args.highres_only else modes
+            modes += [("full + highres", 0, True), (f"CLEAR r={args.radius} + highres", args.radius, True)]
+        if args.clear_only and scale > 1:
+            modes = [m for m in modes if m[1] > 0]
         for label, radius, highres in modes:
             t0 = time.perf_counter()
             res = generate(
@@ -158,10 +203,13 @@ def main(argv=None) -> int:
                 radius=radius,
                 highres=highres,
                 quiet=True,
+                **(options if scale > 1 else {}),
             )
             seconds = time.perf_counter() - t0
             scored = [adherence(im, s, shapes=BASIC_SHAPES) for im, s in zip(res.images, scenes, strict=True)]
-            add((h, w), label, scored, seconds)
+            if scale == 1 and radius == 0:
+                base_images = res.images
+            add((h, w), label, scored, seconds, res.images)
             grid_rows.append((f"{h}x{w} {label}", res.images[:k]))
             print(
                 f"  {h}x{w} {label}: {rows[-1][2]}% of facts ({seconds:.0f} s)", file=sys.stderr, flush=True
@@ -181,6 +229,8 @@ def main(argv=None) -> int:
             "bg pattern",
             "small: present / shape / size",
             "large: present / shape / size",
+            "PSNR vs base",
+            "MS-SSIM vs base",
             "s/image",
         ],
         rows,
@@ -195,9 +245,11 @@ def main(argv=None) -> int:
         print(f"grid: {args.grid}")
     top = max(scales)
     by = {(r["height"], r["attention"]): r["percent"] for r in results}
-    full, clear = by[(base_h * top, "full")], by[(base_h * top, f"CLEAR r={args.radius}")]
+    suffix = " + highres" if args.highres and top > 1 and args.highres_only else ""
+    full = by.get((base_h * top, "full" + suffix), float("nan"))
+    clear = by[(base_h * top, f"CLEAR r={args.radius}" + suffix)]
     print(
-        f"headline: at {top}x base ({base_h * top}x{base_w * top}) CLEAR r={args.radius} keeps "
+        f"headline: at {top}x base ({base_h * top}x{base_w * top}{suffix}) CLEAR r={args.radius} keeps "
         f"{clear:.1f}% of the prompts' facts vs {full:.1f}% with full attention (base size, full attention: "
         f"{by[(base_h, 'full')]:.1f}%)"
     )

@@ -73,11 +73,15 @@ def test_mini_adherence_bench_on_the_shipped_model(tmp_path):
     labels = [(r["height"], r["attention"]) for r in rows]
     assert labels == [
         (128, "VAE only"), (128, "full"), (128, "CLEAR r=8"),
-        (256, "VAE only"), (256, "full"), (256, "CLEAR r=8"), (256, "CLEAR r=8 + highres"),
+        (256, "VAE only"), (256, "full"), (256, "CLEAR r=8"), (256, "full + highres"),
+        (256, "CLEAR r=8 + highres"),
     ]  # fmt: skip
     assert all(0 <= r["percent"] <= 100 for r in rows)
-    with Image.open(grid) as im:  # scene row + 5 generated rows, 2 columns of 64 px tiles
-        assert im.size[1] == 6 * (64 + 4) and im.size[0] > 2 * 64
+    # faithfulness to the upscaled base image: only above the base, only for generated rows
+    assert [r["psnr_vs_base"] is not None for r in rows] == [False] * 4 + [True] * 4
+    assert all(r["psnr_vs_base"] > 5 and 0 < r["ms_ssim_vs_base"] <= 1 for r in rows[4:])
+    with Image.open(grid) as im:  # scene row + 6 generated rows, 2 columns of 64 px tiles
+        assert im.size[1] == 7 * (64 + 4) and im.size[0] > 2 * 64
 
 
 def test_mini_probe_on_the_shipped_model(tmp_path, capsys):

@@ -154,6 +154,36 @@ def test_output_paths_numbering(tmp_path):
     assert output_paths(tmp_path / "a.PNG", ["x"], 1) == [tmp_path / "a.PNG"]
 
 
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    generate_module = importlib.import_module("cleardit.pipelines.generate")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(generate_module, "load_pipeline", no_loading)
+    monkeypatch.setattr(generate_module, "resolve_model", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for output in ("/proc/x.png", blocker / "x.png", "/proc/cleardit-out/"):
+        with pytest.raises(ValueError, match="cannot write files in"):
+            generate(PROMPT, output=output, quiet=True)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ValueError, match="is a folder, not a file name"):
+        generate(PROMPT, output=tmp_path / "dir.png", quiet=True)
+    assert cli("--prompt", PROMPT, "--output", "/proc/x.png") == 2
+    assert "cannot write files in /proc" in capsys.readouterr().err
+
+
+def test_output_check_leaves_nothing_behind(tmp_path):
+    from cleardit.atomic import check_writable
+
+    target = tmp_path / "new" / "deeper" / "x.png"
+    check_writable([target])
+    assert list(tmp_path.iterdir()) == []  # the folders it made to try are gone again
+
+
 # -- high resolution --------------------------------------------------------------------------------
 
 
@@ -175,17 +205,20 @@ def test_highres(tiny_dir, tmp_path, upscale):
 def test_highres_needs_larger_target(tiny_pipe):
     with pytest.raises(ValueError, match="not larger"):
         generate(PROMPT, model=tiny_pipe, info=mini_model_info("tiny"), highres=True, quiet=True)
-    with pytest.raises(ValueError, match="no denoising step"):
-        generate(
-            PROMPT,
-            model=tiny_pipe,
-            info=mini_model_info("tiny"),
-            height=128,
-            highres=True,
-            steps=1,
-            strength=0.5,
-            quiet=True,
-        )
+    with pytest.raises(ValueError, match="--strength must be a noise level in"):
+        generate(PROMPT, model=tiny_pipe, height=128, highres=True, strength=1.5, quiet=True)
+    # one step and a small strength still leave one step at the target size, from that noise level
+    result = generate(
+        PROMPT,
+        model=tiny_pipe,
+        info=mini_model_info("tiny"),
+        height=128,
+        highres=True,
+        steps=1,
+        strength=0.2,
+        quiet=True,
+    )
+    assert result.steps == 2 and json.loads(result.metadata[0]["sigmas"]) == [0.2]
 
 
 def test_stage1_size_keeps_aspect():

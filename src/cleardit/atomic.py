@@ -52,4 +52,36 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
+def check_writable(paths) -> None:
+    """A ValueError naming the first of ``paths`` whose folder cannot take a new file.
+
+    Tries for real (root may pass ``os.access`` where the write would still fail, e.g. under /proc):
+    creates the missing folders, writes and removes a probe file, then removes the folders it made,
+    so nothing is left behind. Called before long work so that it fails in seconds, not after it.
+    """
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--output {path} is a folder, not a file name; pass another name")
+    for folder in dict.fromkeys(p.parent for p in paths):
+        made = []
+        probe = folder / f".cleardit-write-test-{os.getpid()}"
+        try:
+            missing = [f for f in (folder, *folder.parents) if not f.exists()]
+            for f in reversed(missing):
+                f.mkdir()
+                made.append(f)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(
+                f"--output: cannot write files in {folder} ({exc.strerror or exc}); "
+                "choose a folder you can write to"
+            ) from exc
+        finally:
+            for f in reversed(made):
+                with contextlib.suppress(OSError):
+                    f.rmdir()
+
+
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "check_writable"]

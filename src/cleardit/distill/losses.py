@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schedule import shift_mu
+
 
 def parse_attention_layers(spec: str, num_single_layers: int) -> list[int]:
     """Single-stream block indices from ``"every:N"`` (0, N, 2N, ...), ``"none"`` or ``"0,4,9"``."""
@@ -115,20 +117,11 @@ def distillation_loss(
     return {"total": total, "flow": flow, "output": output, "attention": attention}
 
 
-def timestep_shift_mu(image_seq_len: int, scheduler_config: dict) -> float:
-    """FLUX's resolution-dependent shift ``mu`` (linear in the image token count)."""
-    c = scheduler_config
-    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-    base_shift, max_shift = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + base_shift - m * base_len
-
-
 def sample_sigma(generator: torch.Generator, image_seq_len: int, scheduler_config: dict) -> float:
     """One training noise level: logit-normal, then the exponential time shift of the scheduler."""
     sigma = torch.sigmoid(torch.randn((), generator=generator)).item()
     if not scheduler_config.get("use_dynamic_shifting", True):
         shift = scheduler_config.get("shift", 1.0)
         return shift * sigma / (1 + (shift - 1) * sigma)
-    e = math.exp(timestep_shift_mu(image_seq_len, scheduler_config))
+    e = math.exp(shift_mu(scheduler_config, image_seq_len))  # the model's own (linear) rule
     return e / (e + 1 / sigma - 1)

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int
-from ..distill.losses import timestep_shift_mu as _shift_mu
+from ..schedule import shift_mu
 from ..seeds import derive_seed
 from .dataset import BASIC_SHAPES, ProceduralDataset, Scene, model_range, object_coverage, render
 from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
@@ -647,7 +647,7 @@ def learning_rate(peak: float, step: int, total: int, warmup: int, hold: int = 0
 
 def timestep_shift_mu(image_seq_len: int, scheduler_config: dict = SCHEDULER_CONFIG) -> float:
     """The pipeline scheduler's ``mu`` for an image token count (FLUX's linear rule)."""
-    return _shift_mu(image_seq_len, scheduler_config)
+    return shift_mu(scheduler_config, image_seq_len)
 
 
 def sample_sigmas(

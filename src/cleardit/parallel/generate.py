@@ -17,18 +17,17 @@ The result equals one process up to float rounding (tests: max pixel difference 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.multiprocessing as mp
 
+from ..atomic import check_writable
 from ..pipelines.generate import GenerationResult, _prompts, generate, output_paths
 from ..pipelines.loading import (
     read_model_info,
@@ -37,6 +36,7 @@ from ..pipelines.loading import (
     size_factor,
     size_factor_of_folder,
 )
+from ..schedule import sigmas_as_given
 from .launch import ParallelLaunchError, spawn
 from .patch import KINDS, CommCounter, StripPlan
 
@@ -69,39 +69,6 @@ class ParallelGenerationResult(GenerationResult):
 
 
 # ----------------------------------------------------------------------------- one rank
-@contextlib.contextmanager
-def full_image_shift(scheduler, image_seq_len: int) -> Iterator[None]:
-    """Make FLUX's timestep shift use the full image's token count, not this rank's strip.
-
-    FluxPipeline computes the shift ``mu`` from ``latents.shape[1]``, which is the strip's length
-    when it is handed a strip; inside this block ``scheduler.set_timesteps`` gets the ``mu`` of
-    ``image_seq_len`` tokens instead (schedulers without dynamic shifting ignore ``mu``).
-    """
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    c = scheduler.config
-    mu = calculate_shift(
-        image_seq_len,
-        c.get("base_image_seq_len", 256),
-        c.get("max_image_seq_len", 4096),
-        c.get("base_shift", 0.5),
-        c.get("max_shift", 1.15),
-    )
-    original = scheduler.set_timesteps
-
-    @functools.wraps(original)  # keeps the signature: diffusers inspects it for `sigmas`
-    def set_timesteps(*args, **kwargs):
-        if "mu" in kwargs:
-            kwargs["mu"] = mu
-        return original(*args, **kwargs)
-
-    scheduler.set_timesteps = set_timesteps
-    try:
-        yield
-    finally:
-        del scheduler.set_timesteps
-
-
 def _check_scheduler(scheduler) -> None:
     name = type(scheduler).__name__
     if name != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling", False):
@@ -126,6 +93,14 @@ class StripPipeline:
     def __getattr__(self, name: str):
         return getattr(self.pipe, name)
 
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:  # cleardit.schedule.sigmas_as_given swaps the wrapped one's
+        self.pipe.scheduler = value
+
     @torch.no_grad()
     def __call__(
         self,
@@ -134,6 +109,7 @@ class StripPipeline:
         height: int,
         width: int,
         num_inference_steps: int,
+        sigmas: list[float],
         generator,
         guidance_scale: float,
         max_sequence_length: int,
@@ -188,7 +164,9 @@ class StripPipeline:
             embeds.shape[0], channels, height, width, embeds.dtype, device, generator
         )  # [B, rows * cols, C]: the same full noise as on one device
         y0, y1 = plan.strip(comm.rank)
-        with full_image_shift(pipe.scheduler, rows * cols):
+        # the sigmas are the whole image's (``generate`` sets them with the scheduler's own shift
+        # turned off); FluxPipeline would otherwise shift by the strip's token count
+        with sigmas_as_given(pipe):
             strip = pipe(
                 prompt_embeds=embeds,
                 pooled_prompt_embeds=pooled,
@@ -196,6 +174,7 @@ class StripPipeline:
                 height=height,
                 width=width,
                 num_inference_steps=num_inference_steps,
+                sigmas=sigmas,
                 guidance_scale=guidance_scale,
                 max_sequence_length=max_sequence_length,
                 output_type="latent",
@@ -363,7 +342,7 @@ def generate_parallel(
         )
     prompts = _prompts(prompt)
     if options.get("output") is not None:
-        output_paths(options["output"], prompts, options.get("batch", 1))
+        check_writable(output_paths(options["output"], prompts, options.get("batch", 1)))
     folder = resolve_model(model)
     factor = size_factor_of_folder(folder)
     height = options.get("height") or (options.get("info") or read_model_info(folder)).base_height

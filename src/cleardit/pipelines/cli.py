@@ -10,6 +10,8 @@ import functools
 import sys
 
 from ..argtypes import nonneg_int, positive_float, positive_int
+from ..schedule import DEFAULT_SHIFT_RULE, SHIFT_RULES
+from .generate import DEFAULT_STRENGTH
 
 
 def _float(text: str) -> float:
@@ -51,6 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             highres=args.highres,
             strength=args.strength,
             upscale=args.upscale,
+            shift_rule=args.shift_rule,
             ntk_factor=args.ntk_factor,
             proportional_attention=args.proportional_attention,
             compare=args.compare,
@@ -183,8 +186,18 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--strength",
         type=positive_float,
-        default=0.7,
-        help="re-noising strength of --highres, in (0, 1] (default 0.7)",
+        default=DEFAULT_STRENGTH,
+        help="the noise level --highres re-noises the upscaled image to, in (0, 1]: "
+        "(1 - S) x image + S x noise; higher = more new detail, less of stage 1 kept "
+        f"(default {DEFAULT_STRENGTH})",
+    )
+    g.add_argument(
+        "--shift-rule",
+        choices=SHIFT_RULES,
+        default=DEFAULT_SHIFT_RULE,
+        help="the scheduler's resolution shift past its max_image_seq_len: hold (mu stays at max_shift), "
+        "sqrt (shift factor grows with sqrt(tokens), as SD3), linear (diffusers' extrapolation) "
+        f"(default {DEFAULT_SHIFT_RULE}; see docs/generate.md)",
     )
     g.add_argument(
         "--upscale",

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
+from .. import schedule
+from ..atomic import atomic_write_bytes, check_writable
 from ..config import ClearConfig
 from . import highres as hr
 from .loading import (
@@ -42,6 +43,7 @@ from .loading import (
 )
 
 DEFAULT_RADIUS = 16
+DEFAULT_STRENGTH = 0.7
 UPSCALE_MODES = ("image", "latent")
 # torchmetrics' MS-SSIM defaults: 5 scales with these weights, an 11-px Gaussian window of sigma 1.5.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -135,6 +137,11 @@ def _fmt_flops(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:,.2f} {unit}"
     return f"{flops:,.0f} FLOPs"
+
+
+def _fmt_sigmas(sigmas: Sequence[float]) -> str:
+    """The noise levels of a run as PNG metadata: a JSON list, 4 decimals (the final 0 left out)."""
+    return json.dumps([round(float(x), 4) for x in sigmas])
 
 
 def _fmt_bytes(n: int) -> str:
@@ -426,8 +433,9 @@ def generate(
     clear_weights: str | os.PathLike | None = None,
     backend: str = "auto",
     highres: bool = False,
-    strength: float = 0.7,
+    strength: float = DEFAULT_STRENGTH,
     upscale: str = "image",
+    shift_rule: str = schedule.DEFAULT_SHIFT_RULE,
     ntk_factor: float | None = None,
     proportional_attention: bool = False,
     compare: bool = False,
@@ -459,8 +467,11 @@ def generate(
         clear_weights: a CLEAR checkpoint (reference release or ``save_weights``), loaded after
             ``linearize``; its radius / down factor must match (checked).
         highres: two-stage recipe: stage 1 at about the base area with full attention, upscale
-            (``upscale``: "image" or "latent"), re-noise to ``strength`` and denoise at the target
-            size with CLEAR (``int(steps * strength)`` steps).
+            (``upscale``: "image" or "latent"), re-noise to the noise level ``strength``
+            (``(1 - strength) * x0 + strength * noise``) and denoise from there at the target size
+            with CLEAR (``round(steps * strength)`` steps along the model's shifted schedule).
+        shift_rule: the resolution shift ``mu`` past the scheduler's ``max_image_seq_len``
+            (``cleardit.schedule.SHIFT_RULES``): "hold" (default), "sqrt" or "linear" (diffusers').
         ntk_factor: multiply RoPE's theta by this at the target size (NTK-scaled RoPE).
         proportional_attention: softmax scale ``sqrt(log_base(N) / d)`` at the target size,
             ``base`` = the training sequence length (base-size image tokens + text tokens).
@@ -486,12 +497,13 @@ def generate(
         raise ValueError(f"--radius must be a whole number >= 0 (0 = full attention), got {radius!r}")
     if ntk_factor is not None:
         _positive("ntk-factor", ntk_factor, float)
-    if not 0 < strength <= 1:
-        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"--strength must be a noise level in (0, 1], got {strength!r}")
+    schedule.check_shift_rule(shift_rule)
     if upscale not in UPSCALE_MODES:
         raise ValueError(f"--upscale must be one of {UPSCALE_MODES}, got {upscale!r}")
-    if output is not None:
-        output_paths(output, prompts, batch)  # refuse a .png name for several images before any work
+    if output is not None:  # refuse a .png name for several images, or an unwritable place, before any work
+        check_writable(output_paths(output, prompts, batch))
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
     # -- the model -----------------------------------------------------------------------------
@@ -592,10 +604,14 @@ def generate(
                 "is not larger (drop --highres, or ask for a larger --height/--width)"
             )
         s1 = hr.stage1_size(height, width, base_h, base_w, factor)
-        if hr.stage2_steps(steps, strength) < 1:
-            raise ValueError(
-                f"--steps {steps} x --strength {strength} leaves no denoising step at the target size"
-            )
+    # the sigmas of every run, set here so that the PNGs can say which were used
+    sigmas = schedule.denoising_sigmas(
+        pipe.scheduler, steps, grid[0] * grid[1], shift_rule, strength if highres else 1.0
+    ).tolist()
+    sigmas1 = None
+    if highres:
+        tokens1 = (s1[0] // factor) * (s1[1] // factor)
+        sigmas1 = schedule.denoising_sigmas(pipe.scheduler, steps, tokens1, shift_rule).tolist()
 
     scale = None
     if proportional_attention:
@@ -644,101 +660,106 @@ def generate(
         _sync(dev)
         return value, time.perf_counter() - t
 
-    if use_clear and weights_path is not None:
-        with modes.clear():  # load and check the CLEAR weights once, before anything is timed
-            pass
-    if warmup:
-        for clear in [True, False] if compare else [use_clear]:
-            with target_mode(clear):
-                pipe(
-                    prompts[0],
-                    height=height,
-                    width=width,
-                    num_inference_steps=1,
-                    output_type="latent",
-                    generator=gens([seed]),
-                    **common,
-                )
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    main_images, full_images = [], []
-    main_seconds = full_seconds = 0.0
-    run_steps = 0
-    n_images = len(prompts) * batch
-    for pi, text in enumerate(prompts):
-        seeds = [seed + pi * batch + b for b in range(batch)]
-        desc = (
-            f"image {pi * batch + 1}/{n_images}"
-            if batch == 1
-            else (f"images {pi * batch + 1}-{pi * batch + batch}/{n_images}")
-        )
-        for p in (pipe, img2img):
-            if p is not None:
-                p.set_progress_bar_config(disable=quiet, leave=False, desc=desc)
-        call = dict(num_images_per_prompt=batch, **common)
-        if not highres:
-
-            def run(clear, seeds=seeds, text=text, call=call):
+    with schedule.sigmas_as_given(pipe, img2img):  # every run takes the sigmas chosen above
+        if use_clear and weights_path is not None:
+            with modes.clear():  # load and check the CLEAR weights once, before anything is timed
+                pass
+        if warmup:
+            for clear in [True, False] if compare else [use_clear]:
                 with target_mode(clear):
-                    return pipe(
-                        text,
+                    pipe(
+                        prompts[0],
                         height=height,
                         width=width,
+                        num_inference_steps=1,
+                        sigmas=sigmas[:1],
+                        output_type="latent",
+                        generator=gens([seed]),
+                        **common,
+                    )
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        main_images, full_images = [], []
+        main_seconds = full_seconds = 0.0
+        run_steps = 0
+        n_images = len(prompts) * batch
+        for pi, text in enumerate(prompts):
+            seeds = [seed + pi * batch + b for b in range(batch)]
+            desc = (
+                f"image {pi * batch + 1}/{n_images}"
+                if batch == 1
+                else (f"images {pi * batch + 1}-{pi * batch + batch}/{n_images}")
+            )
+            for p in (pipe, img2img):
+                if p is not None:
+                    p.set_progress_bar_config(disable=quiet, leave=False, desc=desc)
+            call = dict(num_images_per_prompt=batch, **common)
+            if not highres:
+
+                def run(clear, seeds=seeds, text=text, call=call):
+                    with target_mode(clear):
+                        return pipe(
+                            text,
+                            height=height,
+                            width=width,
+                            num_inference_steps=steps,
+                            sigmas=sigmas,
+                            generator=gens(seeds),
+                            **call,
+                        ).images
+
+                images, t = timed(lambda: run(use_clear))
+                main_images += images
+                main_seconds += t
+                run_steps += steps
+                if compare:
+                    images, t = timed(lambda: run(False))
+                    full_images += images
+                    full_seconds += t
+                continue
+            # two-stage: stage 1 near the base area with the original attention
+            g1 = gens(seeds)
+            kind = "latent" if upscale == "latent" else "pil"
+            first, t1 = timed(
+                lambda text=text, g1=g1, call=call, kind=kind: (
+                    pipe(
+                        text,
+                        height=s1[0],
+                        width=s1[1],
                         num_inference_steps=steps,
-                        generator=gens(seeds),
+                        sigmas=sigmas1,
+                        generator=g1,
+                        output_type=kind,
+                        **call,
+                    ).images
+                )
+            )
+            states = [g.get_state() for g in g1]
+            init = hr.upscale_latents(pipe, first, s1, (height, width)) if upscale == "latent" else first
+
+            def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
+                with target_mode(clear):
+                    return img2img(
+                        text,
+                        image=init,
+                        height=height,
+                        width=width,
+                        strength=1.0,  # the noise level is sigmas[0] = strength
+                        num_inference_steps=len(sigmas),
+                        sigmas=sigmas,
+                        generator=gens(seeds, states),
                         **call,
                     ).images
 
-            images, t = timed(lambda: run(use_clear))
+            images, t2 = timed(lambda: run2(use_clear))
             main_images += images
-            main_seconds += t
-            run_steps += steps
+            main_seconds += t1 + t2
+            run_steps += steps + len(sigmas)
             if compare:
-                images, t = timed(lambda: run(False))
+                images, t2 = timed(lambda: run2(False))
                 full_images += images
-                full_seconds += t
-            continue
-        # two-stage: stage 1 near the base area with the original attention
-        g1 = gens(seeds)
-        kind = "latent" if upscale == "latent" else "pil"
-        first, t1 = timed(
-            lambda text=text, g1=g1, call=call, kind=kind: (
-                pipe(
-                    text,
-                    height=s1[0],
-                    width=s1[1],
-                    num_inference_steps=steps,
-                    generator=g1,
-                    output_type=kind,
-                    **call,
-                ).images
-            )
-        )
-        states = [g.get_state() for g in g1]
-        init = hr.upscale_latents(pipe, first, s1, (height, width)) if upscale == "latent" else first
-
-        def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
-            with target_mode(clear):
-                return img2img(
-                    text,
-                    image=init,
-                    height=height,
-                    width=width,
-                    strength=strength,
-                    num_inference_steps=steps,
-                    generator=gens(seeds, states),
-                    **call,
-                ).images
-
-        images, t2 = timed(lambda: run2(use_clear))
-        main_images += images
-        main_seconds += t1 + t2
-        run_steps += steps + hr.stage2_steps(steps, strength)
-        if compare:
-            images, t2 = timed(lambda: run2(False))
-            full_images += images
-            full_seconds += t1 + t2
+                full_seconds += t1 + t2
     peak, memory_source = _peak_memory(dev)
 
     # -- metadata, files, comparison ------------------------------------------------------------
@@ -765,6 +786,9 @@ def generate(
             "stage1_size": f"{s1[0]}x{s1[1]}" if s1 else None,
             "strength": strength if highres else None,
             "upscale": upscale if highres else None,
+            "shift_rule": shift_rule,
+            "sigmas": _fmt_sigmas(sigmas),
+            "stage1_sigmas": _fmt_sigmas(sigmas1) if highres else None,
             "ntk_factor": ntk_factor,
             "proportional_attention": bool(proportional_attention),
             "attention_scale": scale,

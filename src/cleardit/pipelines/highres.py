@@ -1,8 +1,9 @@
 """High-resolution tricks of the CLEAR reference notebooks, as small reusable pieces.
 
 * Two-stage "SDEdit" upscaling: generate near the model's base size with full attention, upscale
-  the image (or the latents), re-noise to ``strength`` and denoise at the target size with CLEAR.
-  diffusers' ``FluxImg2ImgPipeline`` built from the same components does the re-noising.
+  the image (or the latents), re-noise to the noise level ``strength`` and denoise at the target
+  size with CLEAR. diffusers' ``FluxImg2ImgPipeline`` built from the same components runs stage 2
+  on the sigmas of ``cleardit.schedule.denoising_sigmas``, whose first sigma is ``strength``.
 * NTK-scaled RoPE: the rotary base ``theta`` multiplied by a factor while generating.
 * Proportional attention: softmax scale ``sqrt(log_base(N) / d)``, ``base`` the sequence length the
   model was trained at, ``N`` the one at the target size (equal to 1/sqrt(d) at the base size).
@@ -125,8 +126,3 @@ def img2img_pipeline(pipe):
     img2img = FluxImg2ImgPipeline(**pipe.components)
     img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     return img2img
-
-
-def stage2_steps(steps: int, strength: float) -> int:
-    """Denoising steps the img2img stage runs (diffusers: int(steps * strength))."""
-    return min(int(steps * strength), steps)

@@ -1,0 +1,88 @@
+"""HIGHRES-SWEEP: which high-resolution settings hold the mini model together above its base size.
+
+Runs bench/mini_adherence.py (two-stage rows only above the base, full attention and CLEAR) once per
+variant: the --strength noise level, NTK-scaled RoPE, proportional attention, and the shift rule
+past the scheduler's max_image_seq_len (the mini model's scheduler reaches it at 4x = 4096 tokens, so
+the rules only differ at 8x). Each variant's JSON goes to --out; the table at the end gives, per
+size and attention, adherence (% of facts) and PSNR / MS-SSIM against the upscaled base image.
+
+    python bench/highres_sweep.py --n 20                     # the strength / NTK / proportional grid
+    python bench/highres_sweep.py --n 10 --rules --scales 8  # shift rules at 8x (CLEAR only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mini_adherence  # noqa: E402
+from common import print_table  # noqa: E402
+
+from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
+from cleardit.schedule import SHIFT_RULES  # noqa: E402
+
+SETTINGS = {
+    "S=0.3": ["--strength", "0.3"],
+    "S=0.5": ["--strength", "0.5"],
+    "S=0.7": ["--strength", "0.7"],
+    "S=0.5 NTK x10": ["--strength", "0.5", "--ntk-factor", "10"],
+    "S=0.5 prop. attn": ["--strength", "0.5", "--proportional-attention"],
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=positive_int, default=20, help="held-out prompts per variant (default 20)")
+    ap.add_argument("--scales", type=positive_int_list, default=[2, 4], help="sizes above the base (2,4)")
+    ap.add_argument("--rules", action="store_true", help="compare the shift rules (at --strength) instead")
+    ap.add_argument("--strength", default="0.5", help="the strength of --rules variants (default 0.5)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
+    ap.add_argument("--out", type=Path, default=Path("out/highres_sweep"))
+    args = ap.parse_args(argv)
+    if args.rules:
+        variants = {
+            f"S={args.strength} {r}": ["--strength", args.strength, "--shift-rule", r] for r in SHIFT_RULES
+        }
+    else:
+        variants = dict(SETTINGS)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    args.out.mkdir(parents=True, exist_ok=True)
+    scales = ",".join(str(s) for s in [1, *args.scales])
+    results = {}
+    for name, extra in variants.items():
+        path = args.out / (name.replace(" ", "_").replace("=", "").replace(".", "") + ".json")
+        if not path.exists():  # finished variants are kept: an interrupted sweep goes on where it was
+            t0 = time.perf_counter()
+            argv = ["--n", str(args.n), "--scales", scales, "--highres", "--highres-only"]
+            argv += ["--json", str(path), *(["--clear-only"] if args.rules else []), *extra]
+            mini_adherence.main(argv)
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        results[name] = json.loads(path.read_text())["rows"]
+
+    rows = []
+    for name, variant_rows in results.items():
+        for r in variant_rows:
+            if r["height"] == variant_rows[0]["height"] or r["psnr_vs_base"] is None:
+                continue
+            ms = "-" if r["ms_ssim_vs_base"] is None else f"{r['ms_ssim_vs_base']:.3f}"
+            rows.append(
+                [name, f"{r['height']}x{r['width']}", r["attention"], f"{r['percent']:.1f}"]
+                + [f"{r['psnr_vs_base']:.1f}", ms, f"{r['seconds'] / args.n:.2f}"]
+            )
+    base = next(r for r in next(iter(results.values())) if r["attention"] == "full")
+    print()
+    print_table(
+        ["variant", "size", "attention", "facts %", "PSNR vs base", "MS-SSIM vs base", "s/image"], rows
+    )
+    size = f"{base['height']}x{base['width']}"
+    print(f"headline: base size {size}, full attention: {base['percent']:.1f}% of facts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
