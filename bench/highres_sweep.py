@@ -2,9 +2,10 @@
 
 Runs bench/mini_adherence.py (two-stage rows only above the base, full attention and CLEAR) once per
 variant: the --strength noise level, NTK-scaled RoPE, proportional attention, and the shift rule
-past the scheduler's max_image_seq_len (the mini model's scheduler reaches it at 4x = 4096 tokens, so
-the rules only differ at 8x). Each variant's JSON goes to --out; the table at the end gives, per
-size and attention, adherence (% of facts) and PSNR / MS-SSIM against the upscaled base image.
+past the scheduler's max_image_seq_len. The mini model's scheduler reaches it at 4x (4096 tokens),
+so the rules only differ at 8x; --rules runs CLEAR only, plain generation and two-stage. Each
+variant's JSON goes to --out; the table at the end gives, per size and attention, adherence (% of
+facts) and PSNR / MS-SSIM against the upscaled base image.
 
     python bench/highres_sweep.py --n 20                     # the strength / NTK / proportional grid
     python bench/highres_sweep.py --n 10 --rules --scales 8  # shift rules at 8x (CLEAR only)
@@ -26,6 +27,7 @@ from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
 from cleardit.schedule import SHIFT_RULES  # noqa: E402
 
 SETTINGS = {
+    "S=0.2": ["--strength", "0.2"],
     "S=0.3": ["--strength", "0.3"],
     "S=0.5": ["--strength", "0.5"],
     "S=0.7": ["--strength", "0.7"],
@@ -58,8 +60,10 @@ def main(argv=None) -> int:
         path = args.out / (name.replace(" ", "_").replace("=", "").replace(".", "") + ".json")
         if not path.exists():  # finished variants are kept: an interrupted sweep goes on where it was
             t0 = time.perf_counter()
-            argv = ["--n", str(args.n), "--scales", scales, "--highres", "--highres-only"]
-            argv += ["--json", str(path), *(["--clear-only"] if args.rules else []), *extra]
+            argv = ["--n", str(args.n), "--scales", scales, "--highres", "--json", str(path)]
+            # the rules: CLEAR only (full attention at 8x is slow), plain generation too
+            argv += ["--clear-only"] if args.rules else ["--highres-only"]
+            argv += extra
             mini_adherence.main(argv)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         results[name] = json.loads(path.read_text())["rows"]

@@ -45,6 +45,7 @@ from cleardit.mini.adherence import adherence  # noqa: E402
 from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
 from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
+from cleardit.pipelines import highres as hr  # noqa: E402
 from cleardit.pipelines.generate import DEFAULT_STRENGTH, ms_ssim, psnr  # noqa: E402
 from cleardit.pipelines.loading import (  # noqa: E402
     ModelNotFoundError,
@@ -63,10 +64,11 @@ def _percent(value: float | None) -> str:
 
 
 def vae_roundtrip(pipe, scenes, height: int, width: int) -> list:
-    """Adherence of the rendered scenes after a VAE encode + decode (no diffusion)."""
+    """Adherence of the rendered scenes after a VAE encode + decode (no diffusion), tiled as
+    ``generate`` tiles by default (above the VAE's trained size)."""
     vae = pipe.vae
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), hr.vae_tiles(vae, hr.wants_vae_tiles(vae, height, width, None)):
         for s in scenes:
             img = render(s, height, width)
             x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)[None]

@@ -221,6 +221,23 @@ def test_highres_needs_larger_target(tiny_pipe):
     assert result.steps == 2 and json.loads(result.metadata[0]["sigmas"]) == [0.2]
 
 
+def test_vae_tiles_above_its_trained_size_by_default(tiny_pipe):
+    """The tiny VAE was built for 64 px: 128 px images go through it in 64 px tiles unless told not."""
+    kw = dict(model=tiny_pipe, info=mini_model_info("tiny"), steps=1, radius=2, quiet=True)
+    assert tiny_pipe.vae.config.sample_size == 64 and not tiny_pipe.vae.use_tiling
+    assert generate(PROMPT, height=64, **kw).metadata[0]["vae_tiling"] is False
+    tiled = generate(PROMPT, height=128, width=128, **kw)
+    assert tiled.metadata[0]["vae_tiling"] is True
+    assert not tiny_pipe.vae.use_tiling  # the user's VAE is left as it was
+    plain = generate(PROMPT, height=128, width=128, vae_tiling=False, **kw)
+    assert plain.metadata[0]["vae_tiling"] is False
+    assert not np.array_equal(np.asarray(tiled.images[0]), np.asarray(plain.images[0]))
+    assert hr.wants_vae_tiles(tiny_pipe.vae, 64, 65, None) and not hr.wants_vae_tiles(
+        tiny_pipe.vae, 64, 64, None
+    )
+    assert hr.wants_vae_tiles(tiny_pipe.vae, 32, 32, True)
+
+
 def test_stage1_size_keeps_aspect():
     assert hr.stage1_size(4096, 4096, 1024, 1024, 16) == (1024, 1024)
     assert hr.stage1_size(2048, 4096, 1024, 1024, 16) == (720, 1456)
@@ -242,6 +259,26 @@ def test_compare_side_by_side(tiny_dir, tmp_path, capsys):
     assert board.size[0] >= 2 * 96 and board.size[1] > 64
     full = png_text(next(out.glob("*-full.png")))
     assert full["attention"] == "full" and full["radius"] == "0"
+
+
+def test_highres_compare_shows_stage1_full_and_clear(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "hi"
+    rc = run(tiny_dir, "--height 128 --width 128 --radius 2 --highres --strength 0.4 --compare", output=out)
+    assert rc == 0
+    files = sorted(p.name for p in out.iterdir())
+    clear_name = "00000-a-small-red-circle-at-the-top-left-on-a.png"
+    assert files == sorted(
+        [clear_name] + [clear_name.replace(".png", f"-{t}.png") for t in ("base", "full", "compare")]
+    )
+    base = next(out.glob("*-base.png"))
+    assert Image.open(base).size == (64, 64)
+    text = png_text(base)
+    assert text["height"] == "64" and text["attention"] == "full" and text["highres"] == "False"
+    assert json.loads(text["sigmas"])[0] == 1.0  # stage 1 starts from noise
+    board = Image.open(next(out.glob("*-compare.png")))
+    assert board.size[0] >= 3 * 128  # stage 1 (upscaled) | full | CLEAR
+    clear = png_text(out / clear_name)
+    assert json.loads(clear["sigmas"])[0] == 0.4 and clear["attention"] == "clear"
 
 
 def test_compare_result_api(tiny_pipe):

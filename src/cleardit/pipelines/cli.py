@@ -140,7 +140,11 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="a folder (NNNNN-<prompt>.png files) or a .png file for one image (default: outputs/)",
     )
     g.add_argument(
-        "--vae-tiling", action="store_true", help="VAE in tiles (less memory at very high resolution)"
+        "--vae-tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="VAE encode/decode in tiles of its trained size (default: when the image is larger; "
+        "keeps colours and bounds memory at very high resolution)",
     )
     g.add_argument(
         "--devices",

@@ -105,6 +105,7 @@ class GenerationResult:
         memory_source: "cuda max allocated" or "cpu max rss".
         load_seconds: model loading time.
         full_images, full_paths: the full-attention images of ``compare``.
+        base_images, base_paths: ``highres``'s stage-1 images (base size, full attention).
         compare: CompareStats of ``compare``.
         summary: the one-line summary (plus the compare line).
     """
@@ -120,6 +121,8 @@ class GenerationResult:
     load_seconds: float = 0.0
     full_images: list | None = None
     full_paths: list[Path] = field(default_factory=list)
+    base_images: list | None = None
+    base_paths: list[Path] = field(default_factory=list)
     compare: CompareStats | None = None
     summary: str = ""
 
@@ -315,11 +318,16 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def side_by_side(full, clear, lines: Sequence[str], names: tuple[str, str] = ("full attention", "CLEAR")):
-    """``[full | CLEAR]`` with a caption band above each image and ``lines`` of text below both."""
+def side_by_side(images: Sequence, names: Sequence[str], lines: Sequence[str]):
+    """``[image 1 | image 2 | ...]``, each under a caption band, with ``lines`` of text below them all.
+
+    Smaller images (a high-res run's base-size stage 1) are shown upscaled (Lanczos) to the largest.
+    """
     from PIL import Image, ImageDraw
 
-    w, h = full.size
+    w, h = max(im.size[0] for im in images), max(im.size[1] for im in images)
+    images = [im if im.size == (w, h) else im.resize((w, h), Image.LANCZOS) for im in images]
+    n = len(images)
     gap = max(4, w // 64)
     size = max(11, min(w, h) // 24)
     font = _font(size)
@@ -331,12 +339,13 @@ def side_by_side(full, clear, lines: Sequence[str], names: tuple[str, str] = ("f
 
     line_h = size + size // 2
     pad = size // 2
-    width = max(2 * w + gap, max(text_width(t) for t in [*lines, *names]) + 2 * pad)
+    row = n * w + (n - 1) * gap
+    width = max(row, max(text_width(t) for t in [*lines, *names]) + 2 * pad)
     height = line_h + h + pad + line_h * len(lines) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    x0 = (width - (2 * w + gap)) // 2
-    for i, (image, name) in enumerate(((full, names[0]), (clear, names[1]))):
+    x0 = (width - row) // 2
+    for i, (image, name) in enumerate(zip(images, names, strict=True)):
         x = x0 + i * (w + gap)
         canvas.paste(image.convert("RGB"), (x, line_h))
         draw.text((x + max(0, (w - text_width(name)) // 2), pad // 2), name, fill="black", font=font)
@@ -440,7 +449,7 @@ def generate(
     proportional_attention: bool = False,
     compare: bool = False,
     warmup: bool = False,
-    vae_tiling: bool = False,
+    vae_tiling: bool | None = None,
     output: str | os.PathLike | None = None,
     quiet: bool = False,
     parallel_rank=None,
@@ -478,7 +487,8 @@ def generate(
         compare: also run full attention on the same seeds; write ``*-full.png`` and a side-by-side
             ``*-compare.png`` (timings, speedup, attention FLOPs, PSNR, MS-SSIM).
         warmup: one untimed 1-step run per attention mode first (kernel compilation, caches).
-        vae_tiling: decode/encode with the VAE in tiles (less memory at very high resolution).
+        vae_tiling: encode/decode with the VAE in tiles; None (default) = when the image is larger
+            than the VAE's ``sample_size`` (colours hold, less memory at very high resolution).
         output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
         quiet: no progress bars or log lines.
         parallel_rank: set by ``cleardit.parallel.generate_parallel`` in each of its processes (its
@@ -574,9 +584,6 @@ def generate(
     transformer = pipe.transformer
     if get_handle(transformer) is not None:
         raise ValueError("the pipeline's transformer is already linearized; call handle.restore() first")
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-
     factor = size_factor(pipe)
     base_h, base_w = base_size(pipe, info)
     height = height or base_h
@@ -660,7 +667,9 @@ def generate(
         _sync(dev)
         return value, time.perf_counter() - t
 
-    with schedule.sigmas_as_given(pipe, img2img):  # every run takes the sigmas chosen above
+    tiled = hr.wants_vae_tiles(pipe.vae, height, width, vae_tiling)
+    # every run takes the sigmas chosen above; the VAE tiles (if at all) only past its size
+    with schedule.sigmas_as_given(pipe, img2img), hr.vae_tiles(pipe.vae, tiled):
         if use_clear and weights_path is not None:
             with modes.clear():  # load and check the CLEAR weights once, before anything is timed
                 pass
@@ -680,8 +689,8 @@ def generate(
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        main_images, full_images = [], []
-        main_seconds = full_seconds = 0.0
+        main_images, full_images, base_images = [], [], []
+        main_seconds = full_seconds = stage1_seconds = 0.0
         run_steps = 0
         n_images = len(prompts) * batch
         for pi, text in enumerate(prompts):
@@ -736,6 +745,7 @@ def generate(
                 )
             )
             states = [g.get_state() for g in g1]
+            base_images += first if kind == "pil" else hr.decode_latents(pipe, first, s1)
             init = hr.upscale_latents(pipe, first, s1, (height, width)) if upscale == "latent" else first
 
             def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
@@ -755,6 +765,7 @@ def generate(
             images, t2 = timed(lambda: run2(use_clear))
             main_images += images
             main_seconds += t1 + t2
+            stage1_seconds += t1
             run_steps += steps + len(sigmas)
             if compare:
                 images, t2 = timed(lambda: run2(False))
@@ -787,6 +798,7 @@ def generate(
             "strength": strength if highres else None,
             "upscale": upscale if highres else None,
             "shift_rule": shift_rule,
+            "vae_tiling": tiled,
             "sigmas": _fmt_sigmas(sigmas),
             "stage1_sigmas": _fmt_sigmas(sigmas1) if highres else None,
             "ntk_factor": ntk_factor,
@@ -797,9 +809,27 @@ def generate(
             "Software": f"cleardit {version}",
         }
 
+    def stage1_meta(i: int) -> dict:
+        """The stage-1 image: the base-size generation that ``highres`` upscaled."""
+        return {
+            **meta(i, False),
+            "height": s1[0],
+            "width": s1[1],
+            "highres": False,
+            "highres_stage": "1 (base size, full attention; upscaled for stage 2)",
+            "sigmas": _fmt_sigmas(sigmas1),
+            "stage1_sigmas": None,
+            "strength": None,
+            "upscale": None,
+            "ntk_factor": None,
+            "proportional_attention": False,
+            "attention_scale": None,
+        }
+
     metadata = [meta(i, use_clear) for i in range(n_images)]
     paths: list[Path] = []
     full_paths: list[Path] = []
+    base_paths: list[Path] = []
     if output is not None:
         paths = output_paths(output, prompts, batch)
         for image, path, md in zip(main_images, paths, metadata, strict=True):
@@ -808,6 +838,10 @@ def generate(
             full_paths = [_sibling(p, "full") for p in paths]
             for i, (image, path) in enumerate(zip(full_images, full_paths, strict=True)):
                 save_png(image, path, meta(i, False))
+        if highres:
+            base_paths = [_sibling(p, "base") for p in paths]
+            for i, (image, path) in enumerate(zip(base_images, base_paths, strict=True)):
+                save_png(image, path, stage1_meta(i))
 
     stats = None
     if compare:
@@ -843,7 +877,19 @@ def generate(
                     f"PSNR {_fmt_db(stats.psnr[i])}"
                     + (f", MS-SSIM {stats.ms_ssim[i]:.4f}" if stats.ms_ssim is not None else ""),
                 ]
-                board = side_by_side(full_images[i], main_images[i], lines, ("full attention", name))
+                if highres:
+                    stage2 = (full_seconds - stage1_seconds) / max(main_seconds - stage1_seconds, 1e-9)
+                    lines.insert(
+                        2,
+                        f"both include stage 1 ({stage1_seconds:.2f} s); "
+                        f"at {height}x{width} alone: {stage2:.2f}x speedup",
+                    )
+                panels = [full_images[i], main_images[i]]
+                names = [f"full attention {height}x{width}", f"{name} {height}x{width}"]
+                if highres:  # what both started from
+                    panels.insert(0, base_images[i])
+                    names.insert(0, f"stage 1: {s1[0]}x{s1[1]}, full")
+                board = side_by_side(panels, names, lines)
                 stats.paths.append(
                     save_png(board, _sibling(path, "compare"), {**meta(i, True), "compare": True})
                 )
@@ -889,6 +935,8 @@ def generate(
         load_seconds=load_seconds,
         full_images=full_images if compare else None,
         full_paths=full_paths,
+        base_images=base_images if highres else None,
+        base_paths=base_paths,
         compare=stats,
         summary=summary,
     )
