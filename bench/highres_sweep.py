@@ -8,6 +8,7 @@ variant's JSON goes to --out; the table at the end gives, per size and attention
 facts) and PSNR / MS-SSIM against the upscaled base image.
 
     python bench/highres_sweep.py --n 20                     # the strength / NTK / proportional grid
+    python bench/highres_sweep.py --n 10 --plain             # NTK / proportional, from noise at the target
     python bench/highres_sweep.py --n 10 --rules --scales 8  # shift rules at 8x (CLEAR only)
 """
 
@@ -31,8 +32,14 @@ SETTINGS = {
     "S=0.3": ["--strength", "0.3"],
     "S=0.5": ["--strength", "0.5"],
     "S=0.7": ["--strength", "0.7"],
-    "S=0.5 NTK x10": ["--strength", "0.5", "--ntk-factor", "10"],
-    "S=0.5 prop. attn": ["--strength", "0.5", "--proportional-attention"],
+    "S=0.3 NTK x10": ["--strength", "0.3", "--ntk-factor", "10"],
+    "S=0.3 prop. attn": ["--strength", "0.3", "--proportional-attention"],
+}
+# Generation from noise at the target size (no --highres): do the tricks help there?
+PLAIN_SETTINGS = {
+    "plain": [],
+    "plain NTK x10": ["--ntk-factor", "10"],
+    "plain prop. attn": ["--proportional-attention"],
 }
 
 
@@ -41,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=positive_int, default=20, help="held-out prompts per variant (default 20)")
     ap.add_argument("--scales", type=positive_int_list, default=[2, 4], help="sizes above the base (2,4)")
     ap.add_argument("--rules", action="store_true", help="compare the shift rules (at --strength) instead")
-    ap.add_argument("--strength", default="0.5", help="the strength of --rules variants (default 0.5)")
+    ap.add_argument("--plain", action="store_true", help="NTK / proportional attention without --highres")
+    ap.add_argument("--strength", default="0.3", help="the strength of --rules variants (default 0.3)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     ap.add_argument("--out", type=Path, default=Path("out/highres_sweep"))
     args = ap.parse_args(argv)
@@ -50,7 +58,7 @@ def main(argv=None) -> int:
             f"S={args.strength} {r}": ["--strength", args.strength, "--shift-rule", r] for r in SHIFT_RULES
         }
     else:
-        variants = dict(SETTINGS)
+        variants = dict(PLAIN_SETTINGS if args.plain else SETTINGS)
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -60,9 +68,11 @@ def main(argv=None) -> int:
         path = args.out / (name.replace(" ", "_").replace("=", "").replace(".", "") + ".json")
         if not path.exists():  # finished variants are kept: an interrupted sweep goes on where it was
             t0 = time.perf_counter()
-            argv = ["--n", str(args.n), "--scales", scales, "--highres", "--json", str(path)]
-            # the rules: CLEAR only (full attention at 8x is slow), plain generation too
-            argv += ["--clear-only"] if args.rules else ["--highres-only"]
+            argv = ["--n", str(args.n), "--scales", scales, "--json", str(path)]
+            if args.rules:  # CLEAR only (full attention at 8x is slow), plain generation and two-stage
+                argv += ["--highres", "--clear-only"]
+            elif not args.plain:
+                argv += ["--highres", "--highres-only"]
             argv += extra
             mini_adherence.main(argv)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
     rows = []
     for name, variant_rows in results.items():
         for r in variant_rows:
-            if r["height"] == variant_rows[0]["height"] or r["psnr_vs_base"] is None:
+            if r["psnr_vs_base"] is None:  # the base size and the VAE-only rows
                 continue
             ms = "-" if r["ms_ssim_vs_base"] is None else f"{r['ms_ssim_vs_base']:.3f}"
             rows.append(

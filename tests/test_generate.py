@@ -197,7 +197,7 @@ def test_highres(tiny_dir, tmp_path, upscale):
     assert rc == 0
     assert Image.open(out).size == (96, 128)
     text = png_text(out)
-    assert text["highres"] == "True" and text["upscale"] == upscale and text["strength"] == "0.7"
+    assert text["highres"] == "True" and text["upscale"] == upscale and text["strength"] == "0.3"
     assert text["stage1_size"] == "80x48" and text["ntk_factor"] == "10.0"
     assert float(text["attention_scale"]) > 1 / math.sqrt(16)  # longer sequence -> sharper softmax
 

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 
 from ..atomic import check_writable
 from ..pipelines.generate import GenerationResult, _prompts, generate, output_paths
+from ..pipelines.highres import decode_latents
 from ..pipelines.loading import (
     read_model_info,
     resolve_device,
@@ -190,11 +191,7 @@ class StripPipeline:
 
     def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str = "pil"):
         """Packed latents [B, H*W, C] -> images, as FluxPipeline decodes them."""
-        pipe = self.pipe
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type)
+        return decode_latents(self.pipe, latents, (height, width), output_type)
 
 
 class PatchParallelRank:

@@ -43,7 +43,7 @@ from .loading import (
 )
 
 DEFAULT_RADIUS = 16
-DEFAULT_STRENGTH = 0.7
+DEFAULT_STRENGTH = 0.3
 UPSCALE_MODES = ("image", "latent")
 # torchmetrics' MS-SSIM defaults: 5 scales with these weights, an 11-px Gaussian window of sigma 1.5.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

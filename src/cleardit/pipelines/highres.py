@@ -150,13 +150,13 @@ def vae_tiles(vae, on: bool) -> Iterator[None]:
         vae.use_tiling = before
 
 
-def decode_latents(pipe, packed: torch.Tensor, size: tuple[int, int]) -> list:
-    """Packed FLUX latents of a ``size`` image -> PIL images, as FluxPipeline decodes them."""
+def decode_latents(pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+    """Packed FLUX latents of a ``size`` image -> images (PIL by default), as FluxPipeline decodes them."""
     latents = pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     with torch.no_grad():
         image = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
+    return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 def img2img_pipeline(pipe):
