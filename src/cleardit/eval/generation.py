@@ -62,6 +62,8 @@ class Settings:
     text_len: int
     dtype: str
     device: str
+    sigmas: str = ""  # the run's noise levels as generate() writes them (JSON list)
+    vae_tiling: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def expected_parameters(
         "backend": BACKEND if clear else None,
         "max_sequence_length": settings.text_len,
         "highres": False,
+        "sigmas": settings.sigmas,
+        "vae_tiling": settings.vae_tiling,
         "model_fingerprint": settings.fingerprint,
         "clear_weights_fingerprint": weights_fingerprint if clear else None,
         "dtype": settings.dtype,

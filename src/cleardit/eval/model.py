@@ -231,7 +231,8 @@ def evaluate_model(
         quiet: no progress bars or log lines.
         generate_fn: replaces ``cleardit.pipelines.generate`` (tests count its calls).
     """
-    from ..pipelines.highres import check_size
+    from ..pipelines.generate import sigmas_metadata
+    from ..pipelines.highres import check_size, wants_vae_tiles
     from ..pipelines.loading import (
         base_size,
         load_pipeline,
@@ -242,6 +243,7 @@ def evaluate_model(
         resolve_model,
         size_factor,
     )
+    from ..schedule import denoising_sigmas
 
     started = time.perf_counter()
     log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -293,6 +295,11 @@ def evaluate_model(
         text_len=max_sequence_length(pipe, info),
         dtype=str(dt).replace("torch.", ""),
         device=dev.type,
+        # images made with another schedule or VAE tiling are not reused
+        sigmas=sigmas_metadata(
+            denoising_sigmas(pipe.scheduler, steps or info.default_steps or DEFAULT_STEPS, grid[0] * grid[1])
+        ),
+        vae_tiling=wants_vae_tiles(pipe.vae, height, width, None),
     )
     cfg = pipe.transformer.config
     heads, head_dim = int(cfg.num_attention_heads), int(cfg.attention_head_dim)

@@ -142,7 +142,7 @@ def _fmt_flops(flops: float) -> str:
     return f"{flops:,.0f} FLOPs"
 
 
-def _fmt_sigmas(sigmas: Sequence[float]) -> str:
+def sigmas_metadata(sigmas: Sequence[float]) -> str:
     """The noise levels of a run as PNG metadata: a JSON list, 4 decimals (the final 0 left out)."""
     return json.dumps([round(float(x), 4) for x in sigmas])
 
@@ -799,8 +799,8 @@ def generate(
             "upscale": upscale if highres else None,
             "shift_rule": shift_rule,
             "vae_tiling": tiled,
-            "sigmas": _fmt_sigmas(sigmas),
-            "stage1_sigmas": _fmt_sigmas(sigmas1) if highres else None,
+            "sigmas": sigmas_metadata(sigmas),
+            "stage1_sigmas": sigmas_metadata(sigmas1) if highres else None,
             "ntk_factor": ntk_factor,
             "proportional_attention": bool(proportional_attention),
             "attention_scale": scale,
@@ -817,7 +817,7 @@ def generate(
             "width": s1[1],
             "highres": False,
             "highres_stage": "1 (base size, full attention; upscaled for stage 2)",
-            "sigmas": _fmt_sigmas(sigmas1),
+            "sigmas": sigmas_metadata(sigmas1),
             "stage1_sigmas": None,
             "strength": None,
             "upscale": None,
