@@ -151,12 +151,15 @@ def main(argv=None) -> int:
     grid_rows = [("scene", [render(s, base_h) for s in scenes[:k]])]
 
     base_images = None  # the base-size full-attention images, which the larger rows are held against
+    upscaled = {}  # size -> base_images resized to it, made once for all rows of that size
 
     def add(size, label, scored, seconds, images=None):
         s = summarize_adherence(scored)
         faithful = {"psnr_vs_base": None, "ms_ssim_vs_base": None}
         if images is not None and base_images is not None and size != (base_h, base_w):
-            ups = [b.resize((size[1], size[0]), Image.LANCZOS) for b in base_images]
+            if size not in upscaled:
+                upscaled[size] = [b.resize((size[1], size[0]), Image.LANCZOS) for b in base_images]
+            ups = upscaled[size]
             faithful["psnr_vs_base"] = float(
                 np.mean([psnr(u, im) for u, im in zip(ups, images, strict=True)])
             )
@@ -188,7 +191,8 @@ def main(argv=None) -> int:
         add((h, w), "VAE only", vae_roundtrip(pipe, scenes, h, w), None)
         modes = [("full", 0, False), (f"CLEAR r={args.radius}", args.radius, False)]
         if args.highres and scale > 1:
-            modes = modes[:0] if args.highres_only else modes
+            if args.highres_only:
+                modes = []
             modes += [("full + highres", 0, True), (f"CLEAR r={args.radius} + highres", args.radius, True)]
         if args.clear_only and scale > 1:
             modes = [m for m in modes if m[1] > 0]

@@ -62,8 +62,8 @@ class Settings:
     text_len: int
     dtype: str
     device: str
-    sigmas: str = ""  # the run's noise levels as generate() writes them (JSON list)
-    vae_tiling: bool = False
+    sigmas: str  # the run's noise levels as generate() writes them (JSON list)
+    vae_tiling: bool
 
 
 @dataclass(frozen=True)

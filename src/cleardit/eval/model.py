@@ -284,21 +284,20 @@ def evaluate_model(
     height, width = height or base_h, width or base_w
     factor = size_factor(pipe)
     grid = (check_size(height, factor, "height"), check_size(width, factor, "width"))
+    run_steps = steps or info.default_steps or DEFAULT_STEPS
     settings = Settings(
         model=str(model) if model is not None else f"cleardit-mini ({folder})",
         fingerprint=files_fingerprint(folder),
         height=height,
         width=width,
-        steps=steps or info.default_steps or DEFAULT_STEPS,
+        steps=run_steps,
         guidance=float(guidance if guidance is not None else _or(info.default_guidance, DEFAULT_GUIDANCE)),
         seed=seed,
         text_len=max_sequence_length(pipe, info),
         dtype=str(dt).replace("torch.", ""),
         device=dev.type,
         # images made with another schedule or VAE tiling are not reused
-        sigmas=sigmas_metadata(
-            denoising_sigmas(pipe.scheduler, steps or info.default_steps or DEFAULT_STEPS, grid[0] * grid[1])
-        ),
+        sigmas=sigmas_metadata(denoising_sigmas(pipe.scheduler, run_steps, grid[0] * grid[1])),
         vae_tiling=wants_vae_tiles(pipe.vae, height, width, None),
     )
     cfg = pipe.transformer.config
