@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from .layout import TokenLayout
+from .pooling import with_pooled_keys
 
 _TEXT, _IMAGE, _POOLED = 0, 1, 2
 
@@ -95,6 +96,8 @@ def flex_clear_attention(
     return_lse: bool,
     compile: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLEAR attention with FlexAttention and the cached block mask (``dispatch.AttentionBackend``);
+    ``compile`` overrides the choice of compiled (CUDA) or eager (CPU) flex_attention."""
     if (
         q.device.type == "cpu"
         and torch.is_grad_enabled()
@@ -104,9 +107,7 @@ def flex_clear_attention(
             "the flex backend has no backward pass on the CPU (a FlexAttention limit); "
             "use backend='tiled' for training on the CPU, or run under torch.no_grad()"
         )
-    if pooled_k is not None:
-        k = torch.cat([k, pooled_k], dim=2)
-        v = torch.cat([v, pooled_v], dim=2)
+    k, v = with_pooled_keys(k, v, pooled_k, pooled_v)
     block_mask = clear_block_mask(layout, radius, q.device)
     use_compiled = _use_compiled(q.device) if compile is None else compile
     fn = _compiled_flex() if use_compiled else flex_attention

@@ -166,11 +166,6 @@ def check_radius(radius: int) -> int:
     return radius
 
 
-def max_offset(radius: int) -> int:
-    """Largest |dy| (or |dx|) with dy^2 < r^2: a key can be at most r-1 rows/columns away."""
-    return radius - 1
-
-
 def row_half_width(radius: int, dy: int) -> int:
     """Largest |dx| with dy^2 + dx^2 < r^2 (-1 when the row dy holds no key)."""
     m = radius * radius - dy * dy - 1

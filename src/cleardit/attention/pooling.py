@@ -40,3 +40,13 @@ def pool_image_tokens(x: torch.Tensor, layout: TokenLayout, weight: torch.Tensor
     w = weight.reshape(df, df).to(x.dtype)
     pooled = torch.einsum("bhpiqjd,ij->bhpqd", blocks, w)
     return pooled.reshape(b, h, hp * wp, d)
+
+
+def with_pooled_keys(
+    k: torch.Tensor, v: torch.Tensor, pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, h, N + P, d] with the pooled ones appended (the key order of
+    ``reference.allowed_mask``), or k, v unchanged when there are none."""
+    if pooled_k is None:
+        return k, v
+    return torch.cat([k, pooled_k], dim=2), torch.cat([v, pooled_v], dim=2)

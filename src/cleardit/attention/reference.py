@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TokenLayout
+from .pooling import with_pooled_keys
 
 
 def allowed_mask(layout: TokenLayout, radius: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -39,9 +40,8 @@ def reference_attention(
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if pooled_k is not None:
-        k = torch.cat([k, pooled_k], dim=2)
-        v = torch.cat([v, pooled_v], dim=2)
+    """CLEAR attention as one SDPA call with the dense mask (``dispatch.AttentionBackend``)."""
+    k, v = with_pooled_keys(k, v, pooled_k, pooled_v)
     mask = allowed_mask(layout, radius, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     lse = None

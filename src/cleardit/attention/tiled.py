@@ -28,12 +28,8 @@ part with the *joint* output and log-sum-exp, which makes each part's gradient e
 of the joint softmax's gradient; window gradients are folded back onto the grid. A gradient
 flowing into the returned log-sum-exp is supported (one extra kernel call per part).
 
-Why these shapes (measured on a 2-core AMD EPYC, fp32, 4 heads, d=128, 128x128 grid, T=256):
-the fused kernel cuts a batch entry with fewer than 192 queries into blocks of 32 queries, so a
-4 x 8 tile runs the same GEMM shape as an 8 x 8 one with a smaller window (396 vs 484 keys at
-r=8); 4 x 8 was fastest for r in {8, 16, 32} (against 8x8, 2x16, 4x16, 4x4, 8x16, 16x16).
-The backward uses 8 x 8 tiles in calls of at most 16384 window rows, which keeps the per-window
-key/value gradients in cache until they are folded.
+Query tiles are 4 x 8 in the forward and 8 x 8 in the backward (in calls of at most 16384 window
+rows), chosen by measurement: docs/benchmarks.md, "Tile shapes of the tiled backend".
 
 Few, large calls also matter on a shared machine: every parallel region waits for its slowest
 thread, so when other processes hold a core each small op can stall for a scheduler slice.
@@ -151,12 +147,8 @@ def release_workspace() -> None:
     _WORKSPACE.buffers.clear()
 
 
-# Set to False to allocate scratch tensors afresh on every call (no memory kept between calls).
-RETAIN_WORKSPACE = True
-
-
 def _scratch(name, shape, dtype, device):
-    if device.type == "cpu" and RETAIN_WORKSPACE:
+    if device.type == "cpu":
         return _WORKSPACE.get(name, shape, dtype, device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -167,16 +159,10 @@ def _scratch(name, shape, dtype, device):
 # permuted to raster order once per head.
 # ---------------------------------------------------------------------------------------------
 def tile_shape(radius: int, height: int, width: int, backward: bool = False) -> tuple[int, int]:
-    """Query tile (th, tw) for this radius, clipped to the grid. Chosen by measurement (see module doc)."""
-    th, tw = _TILE_RULE(radius, backward)
+    """Query tile (th, tw), clipped to the grid: 4 x 8 forward, 8 x 8 backward, for every radius
+    (chosen by measurement, see the module doc)."""
+    th, tw = (8, 8) if backward else (4, 8)
     return min(th, height), min(tw, width)
-
-
-def _default_tile_rule(radius: int, backward: bool) -> tuple[int, int]:
-    return (8, 8) if backward else (4, 8)
-
-
-_TILE_RULE = _default_tile_rule
 
 
 def _groups(signatures: list, part: list) -> list[tuple[int, int, bool]]:
@@ -665,15 +651,8 @@ def tiled_attention(
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLEAR attention with tiles plus halo; same contract as ``reference_attention``.
-
-    Args:
-        q, k, v: [B, heads, N, d], N = layout.seq_len.
-        pooled_k, pooled_v: [B, heads, P, d] pooled image keys/values, or None.
-        scale: softmax scale.
-        return_lse: also return the natural-log log-sum-exp [B, heads, N] (float32).
-    Memory is linear in N: no N x N (or image x image) tensor is ever formed.
-    """
+    """CLEAR attention with tiles plus halo (``dispatch.AttentionBackend``). Memory is linear in N:
+    no N x N (or image x image) tensor is ever formed."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _TiledClear.apply(q, k, v, pooled_k, pooled_v, layout, int(radius), float(scale))
     return out, (lse if return_lse else None)

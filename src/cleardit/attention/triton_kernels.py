@@ -160,8 +160,6 @@ class _Plan:
     q_part: tuple[torch.Tensor, torch.Tensor]
     k_full: tuple[torch.Tensor, torch.Tensor]  # CSR over key blocks [0, n_text + n_img + n_pool)
     k_part: tuple[torch.Tensor, torch.Tensor]
-    full_pairs: int  # image x image block pairs visited without / with a mask
-    partial_pairs: int
 
 
 @functools.lru_cache(maxsize=32)
@@ -180,8 +178,7 @@ def _plan(layout: TokenLayout, radius: int, tile_tokens: int, device: str) -> _P
     cls[:nt, : nt + ni] = 2  # text queries: every text and image key
     cls[nt:, :nt] = 2  # image queries: every text key ...
     cls[nt:, nt + ni :] = 2  # ... every pooled key ...
-    image_cls = classify_block_pairs(table[nt : nt + ni, :5], radius)
-    cls[nt:, nt : nt + ni] = image_cls  # ... and the image keys in the disc
+    cls[nt:, nt : nt + ni] = classify_block_pairs(table[nt : nt + ni, :5], radius)  # ... and the disc
     full, part = cls == 2, cls == 1
     return _Plan(
         table.to(torch.int32).contiguous(),
@@ -192,22 +189,7 @@ def _plan(layout: TokenLayout, radius: int, tile_tokens: int, device: str) -> _P
         _csr(part),
         _csr(full.t()),
         _csr(part.t()),
-        int((image_cls == 2).sum()),
-        int((image_cls == 1).sum()),
     )
-
-
-def plan_stats(layout: TokenLayout, radius: int, tile_tokens: int | None = None) -> dict[str, int]:
-    """Blocks and image x image block pairs the kernels visit (for benchmarks and docs)."""
-    tile_tokens = tile_tokens or _default_tile_tokens(128)
-    p = _plan(layout, check_radius(radius), tile_tokens, "cpu")
-    return {
-        "text_blocks": p.n_text,
-        "image_blocks": p.n_img,
-        "pooled_blocks": p.n_pool,
-        "full_pairs": p.full_pairs,
-        "partial_pairs": p.partial_pairs,
-    }
 
 
 @dataclass(frozen=True)
@@ -257,10 +239,24 @@ def _config(head_dim: int, dtype: torch.dtype, overrides: dict) -> _Config:
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
+
+def _device_fn(fn):
+    """``triton.jit`` for the helpers the kernels call (inlined by the compiler on a GPU).
+
+    In Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests) a kernel already runs as Python
+    with ``triton.language`` patched, and a nested jit call patches it again on every call (about
+    0.25 ms, as long as a whole chunk of work): there the helpers are the interpreter's rewritten
+    Python functions, called directly.
+    """
+    jitted = triton.jit(fn)
+    rewrite = getattr(jitted, "rewrite", None)  # only the interpreter's InterpretedFunction has it
+    return rewrite() if rewrite is not None else jitted
+
+
 # fmt: off
 if triton is not None:
 
-    @triton.jit
+    @_device_fn
     def _load_rows(base, offs, s_n, valid, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
         ptrs = base + offs[:, None] * s_n + offs_d[None, :]
         if EVEN_D:
@@ -269,7 +265,7 @@ if triton is not None:
             x = tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         return x
 
-    @triton.jit
+    @_device_fn
     def _store_rows(base, offs, s_n, valid, offs_d, x, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
         ptrs = base + offs[:, None] * s_n + offs_d[None, :]
         if EVEN_D:
@@ -277,51 +273,118 @@ if triton is not None:
         else:
             tl.store(ptrs, x, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
 
-    # The chunk functions inline their loads and masks by hand: nested jit calls are slow in the
-    # CPU interpreter that runs the tests.
+    @_device_fn
+    def _block(BLK, bid):
+        """Row ``bid`` of the block table: (first token as int64, y0, x0, bw, size, pooled)."""
+        row = BLK + bid * 8
+        first = tl.load(row).to(tl.int64)
+        pooled = tl.load(row + 5) != 0
+        return first, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), pooled
 
-    @triton.jit
-    def _fwd_chunk(
-        acc, l_i, m_i, q, qr, qc, k_base, v_base, skn, svn, offs, count, ky0, kx0, kbw, r2, qk_scale,
-        offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        kvalid = offs < count
-        if EVEN_D:
-            lmask = kvalid[:, None]
+    @_device_fn
+    def _block_cells(BLK, bid, offs):
+        """Block ``bid`` as the rows of a program: (first token, pooled, validity of ``offs`` and the
+        (row, col) of those tokens in fp32)."""
+        first, y0, x0, bw, size, pooled = _block(BLK, bid)
+        rows = (y0 + offs // bw).to(tl.float32)
+        cols = (x0 + offs % bw).to(tl.float32)
+        return first, pooled, offs < size, rows, cols
+
+    @_device_fn
+    def _disc_mask(ar, ac, offs, valid, y0, x0, bw, r2):
+        """The rule between image tokens: [len(ar), len(offs)], True where token (ar, ac) and token
+        ``offs`` of the block rectangle (y0, x0, width bw) have dy^2 + dx^2 < r2.
+
+        The block token's (row, col) is computed in fp32 (exact for these small integers; no integer
+        division); tokens past the block's end (``~valid``) are moved far away, so one compare masks
+        both."""
+        o = offs.to(tl.float32)
+        bwf = bw.to(tl.float32)
+        lr = tl.floor((o + 0.5) / bwf)
+        br = tl.where(valid, y0 + lr, 1.0e6)
+        bc = x0 + (o - lr * bwf)
+        dy = ar[:, None] - br[None, :]
+        dx = ac[:, None] - bc[None, :]
+        return dy * dy + dx * dx < r2
+
+    @_device_fn
+    def _kv_bases(first, pooled, k_bh, v_bh, pk_bh, pv_bh, skn, svn, HAS_POOL: tl.constexpr):
+        """K and V pointers of a key block's first token: pooled blocks live in their own tensors."""
+        if HAS_POOL:
+            kb = tl.where(pooled, pk_bh, k_bh) + first * skn
+            vb = tl.where(pooled, pv_bh, v_bh) + first * svn
         else:
-            lmask = kvalid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + offs[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+            kb = k_bh + first * skn
+            vb = v_bh + first * svn
+        return kb, vb
+
+    @_device_fn
+    def _key_chunk(
+        acc, l_i, m_i, q, do, lse2, delta, qr, qc, k_base, v_base, skn, svn, offs, count, ky0, kx0, kbw, r2,
+        qk_scale, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
+        BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """One chunk of keys for a query block. Forward: the online softmax (acc, l_i, m_i). dq
+        (BACKWARD): acc is dq, from the saved lse (lse2, log2 domain) and delta; l_i, m_i pass through."""
+        kvalid = offs < count
+        k = _load_rows(k_base, offs, skn, kvalid, offs_d, HEAD_DIM, EVEN_D)
+        v = _load_rows(v_base, offs, svn, kvalid, offs_d, HEAD_DIM, EVEN_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASK:
-            # key (row, col) from the block rectangle in fp32 (exact for these small integers; no
-            # integer division); missing keys are moved far away, so one compare masks both
-            o = offs.to(tl.float32)
-            bw = kbw.to(tl.float32)
-            lr = tl.floor((o + 0.5) / bw)
-            kr = tl.where(kvalid, ky0 + lr, 1.0e6)
-            kc = kx0 + (o - lr * bw)
-            dy = qr[:, None] - kr[None, :]
-            dx = qc[:, None] - kc[None, :]
-            ok = dy * dy + dx * dx < r2
+            ok = _disc_mask(qr, qc, offs, kvalid, ky0, kx0, kbw, r2)
         else:
             ok = kvalid[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        # m starts at -1e30 (finite), so a row whose keys are all masked so far never makes NaNs
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        return acc, l_i, m_new
+        if BACKWARD:
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        else:
+            s = tl.where(ok, s, float("-inf"))
+            # m starts at -1e30 (finite), so a row whose keys are all masked so far never makes NaNs
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, l_i, m_i
 
-    @triton.jit
-    def _query_program(pid, BH, n_text, n_img):
-        """(bh, query block id): text query blocks first (long rows start first), then image blocks."""
+    @_device_fn
+    def _walk_key_blocks(
+        acc, l_i, m_i, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX, k_bh, v_bh, pk_bh, pv_bh,
+        skn, svn, r2, qk_scale, offs_d, TILE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """The forward's and dq's walk over the key blocks of query block ``qid``, in chunks of BLOCK_N
+        keys: first the full ones (text, image blocks inside the disc, pooled: no mask), then the
+        image blocks the disc boundary crosses. See ``_key_chunk`` for the state."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for j in range(tl.load(FOFF + qid), tl.load(FOFF + qid + 1)):
+            k0, _, _, _, ksize, pooled = _block(BLK, tl.load(FIDX + j))
+            kb, vb = _kv_bases(k0, pooled, k_bh, v_bh, pk_bh, pv_bh, skn, svn, HAS_POOL)
+            for c in tl.static_range(TILE // BLOCK_N):
+                acc, l_i, m_i = _key_chunk(
+                    acc, l_i, m_i, q, do, lse2, delta, qr, qc, kb, vb, skn, svn, offs_n + c * BLOCK_N, ksize,
+                    0, 0, 1, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, False, BACKWARD, DOT_PREC, UPCAST,
+                )
+        for j in range(tl.load(POFF + qid), tl.load(POFF + qid + 1)):
+            k0, ky0, kx0, kbw, ksize, _ = _block(BLK, tl.load(PIDX + j))
+            for c in tl.static_range(TILE // BLOCK_N):
+                acc, l_i, m_i = _key_chunk(
+                    acc, l_i, m_i, q, do, lse2, delta, qr, qc, k_bh + k0 * skn, v_bh + k0 * svn, skn, svn,
+                    offs_n + c * BLOCK_N, ksize, ky0, kx0, kbw, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, True,
+                    BACKWARD, DOT_PREC, UPCAST,
+                )
+        return acc, l_i, m_i
+
+    @_device_fn
+    def _query_program(pid, BH, H, n_text, n_img):
+        """(bh, b, h, query block id): text query blocks first (long rows start first), then image blocks."""
         n_text_prog = BH * n_text
         if pid < n_text_prog:
             bh = pid % BH
@@ -329,7 +392,7 @@ if triton is not None:
         else:
             bh = (pid - n_text_prog) // n_img
             qid = n_text + (pid - n_text_prog) % n_img
-        return bh, qid
+        return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), qid
 
     @triton.jit(do_not_specialize=["BH", "H", "N", "n_text", "n_img", "r2"])
     def _clear_fwd_kernel(
@@ -339,61 +402,25 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        bh, qid = _query_program(tl.program_id(0), BH, n_text, n_img)
+        bh, b, h, qid = _query_program(tl.program_id(0), BH, H, n_text, n_img)
         offs_m = tl.arange(0, TILE)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        qm = BLK + qid * 8
-        q_first = tl.load(qm)
-        qvalid = offs_m < tl.load(qm + 4)
-        qbw = tl.load(qm + 3)
-        qr = (tl.load(qm + 1) + offs_m // qbw).to(tl.float32)
-        qc = (tl.load(qm + 2) + offs_m % qbw).to(tl.float32)
-        q = _load_rows(Q + b * sqb + h * sqh + q_first.to(tl.int64) * sqn, offs_m, sqn, qvalid, offs_d,
-                       HEAD_DIM, EVEN_D)
+        q_first, _, qvalid, qr, qc = _block_cells(BLK, qid, offs_m)
+        q = _load_rows(Q + b * sqb + h * sqh + q_first * sqn, offs_m, sqn, qvalid, offs_d, HEAD_DIM, EVEN_D)
         if UPCAST:  # the CPU interpreter has no bf16 tl.dot: emulate it in fp32
             q = q.to(tl.float32)
-        k_bh = K + b * skb + h * skh
-        v_bh = V + b * svb + h * svh
         m_i = tl.full([TILE], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([TILE], dtype=tl.float32)
         acc = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
-        # key blocks without a mask: text, image blocks inside the disc, pooled
-        for j in range(tl.load(FOFF + qid), tl.load(FOFF + qid + 1)):
-            km = BLK + tl.load(FIDX + j) * 8
-            k0 = tl.load(km).to(tl.int64)
-            ksize = tl.load(km + 4)
-            if HAS_POOL:
-                pooled = tl.load(km + 5) != 0
-                kb = tl.where(pooled, PK + b * spkb + h * spkh, k_bh) + k0 * skn
-                vb = tl.where(pooled, PV + b * spvb + h * spvh, v_bh) + k0 * svn
-            else:
-                kb = k_bh + k0 * skn
-                vb = v_bh + k0 * svn
-            for c in tl.static_range(TILE // BLOCK_N):
-                acc, l_i, m_i = _fwd_chunk(
-                    acc, l_i, m_i, q, qr, qc, kb, vb, skn, svn, offs_n + c * BLOCK_N, ksize, 0, 0, 1, r2,
-                    qk_scale, offs_d, HEAD_DIM, EVEN_D, False, DOT_PREC, UPCAST,
-                )
-        # image key blocks crossing the disc boundary
-        for j in range(tl.load(POFF + qid), tl.load(POFF + qid + 1)):
-            km = BLK + tl.load(PIDX + j) * 8
-            k0 = tl.load(km).to(tl.int64)
-            ky0 = tl.load(km + 1)
-            kx0 = tl.load(km + 2)
-            kbw = tl.load(km + 3)
-            ksize = tl.load(km + 4)
-            for c in tl.static_range(TILE // BLOCK_N):
-                acc, l_i, m_i = _fwd_chunk(
-                    acc, l_i, m_i, q, qr, qc, k_bh + k0 * skn, v_bh + k0 * svn, skn, svn,
-                    offs_n + c * BLOCK_N, ksize, ky0, kx0, kbw, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, True,
-                    DOT_PREC, UPCAST,
-                )
+        acc, l_i, m_i = _walk_key_blocks(  # do, lse2, delta: unused in the forward
+            acc, l_i, m_i, q, q, l_i, l_i, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX,
+            K + b * skb + h * skh, V + b * svb + h * svh, PK + b * spkb + h * spkh, PV + b * spvb + h * spvh,
+            skn, svn, r2, qk_scale, offs_d, TILE, BLOCK_N, HEAD_DIM, EVEN_D, HAS_POOL, False, DOT_PREC,
+            UPCAST,
+        )
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past the end of an edge block have l = 0
         out = acc / l_i[:, None]
-        _store_rows(Out + b * sob + h * soh + q_first.to(tl.int64) * son, offs_m, son, qvalid, offs_d,
+        _store_rows(Out + b * sob + h * soh + q_first * son, offs_m, son, qvalid, offs_d,
                     out.to(Out.dtype.element_ty), HEAD_DIM, EVEN_D)
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + bh.to(tl.int64) * N + q_first + offs_m, lse, mask=qvalid)
@@ -419,42 +446,6 @@ if triton is not None:
         tl.store(DELTA + bh.to(tl.int64) * N + rows, delta, mask=valid)
 
     # ---- backward: dq -------------------------------------------------------------------------------
-    @triton.jit
-    def _dq_chunk(
-        dq, q, do, lse2, delta, qr, qc, k_base, v_base, skn, svn, offs, count, ky0, kx0, kbw, r2, qk_scale,
-        offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        kvalid = offs < count
-        if EVEN_D:
-            lmask = kvalid[:, None]
-        else:
-            lmask = kvalid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + offs[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASK:
-            # key (row, col) from the block rectangle in fp32 (exact for these small integers; no
-            # integer division); missing keys are moved far away, so one compare masks both
-            o = offs.to(tl.float32)
-            bw = kbw.to(tl.float32)
-            lr = tl.floor((o + 0.5) / bw)
-            kr = tl.where(kvalid, ky0 + lr, 1.0e6)
-            kc = kx0 + (o - lr * bw)
-            dy = qr[:, None] - kr[None, :]
-            dx = qc[:, None] - kc[None, :]
-            ok = dy * dy + dx * dx < r2
-        else:
-            ok = kvalid[None, :]
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        return dq
-
     @triton.jit(do_not_specialize=["BH", "H", "N", "n_text", "n_img", "r2"])
     def _clear_dq_kernel(
         Q, K, V, PK, PV, DO, LSE, DELTA, DQ, BLK, FOFF, FIDX, POFF, PIDX,
@@ -463,77 +454,38 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        bh, qid = _query_program(tl.program_id(0), BH, n_text, n_img)
+        bh, b, h, qid = _query_program(tl.program_id(0), BH, H, n_text, n_img)
         offs_m = tl.arange(0, TILE)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        qm = BLK + qid * 8
-        q_first = tl.load(qm)
-        qvalid = offs_m < tl.load(qm + 4)
-        qbw = tl.load(qm + 3)
-        qr = (tl.load(qm + 1) + offs_m // qbw).to(tl.float32)
-        qc = (tl.load(qm + 2) + offs_m % qbw).to(tl.float32)
-        q = _load_rows(Q + b * sqb + h * sqh + q_first.to(tl.int64) * sqn, offs_m, sqn, qvalid, offs_d,
-                       HEAD_DIM, EVEN_D)
-        do = _load_rows(DO + b * sdob + h * sdoh + q_first.to(tl.int64) * sdon, offs_m, sdon, qvalid, offs_d,
-                        HEAD_DIM, EVEN_D)
+        q_first, _, qvalid, qr, qc = _block_cells(BLK, qid, offs_m)
+        q = _load_rows(Q + b * sqb + h * sqh + q_first * sqn, offs_m, sqn, qvalid, offs_d, HEAD_DIM, EVEN_D)
+        do = _load_rows(DO + b * sdob + h * sdoh + q_first * sdon, offs_m, sdon, qvalid, offs_d, HEAD_DIM,
+                        EVEN_D)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         row = bh.to(tl.int64) * N + q_first + offs_m
         lse2 = tl.load(LSE + row, mask=qvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
-        k_bh = K + b * skb + h * skh
-        v_bh = V + b * svb + h * svh
         dq = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
-        for j in range(tl.load(FOFF + qid), tl.load(FOFF + qid + 1)):
-            km = BLK + tl.load(FIDX + j) * 8
-            k0 = tl.load(km).to(tl.int64)
-            ksize = tl.load(km + 4)
-            if HAS_POOL:
-                pooled = tl.load(km + 5) != 0
-                kb = tl.where(pooled, PK + b * spkb + h * spkh, k_bh) + k0 * skn
-                vb = tl.where(pooled, PV + b * spvb + h * spvh, v_bh) + k0 * svn
-            else:
-                kb = k_bh + k0 * skn
-                vb = v_bh + k0 * svn
-            for c in tl.static_range(TILE // BLOCK_N):
-                dq = _dq_chunk(
-                    dq, q, do, lse2, delta, qr, qc, kb, vb, skn, svn, offs_n + c * BLOCK_N, ksize, 0, 0, 1,
-                    r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, False, DOT_PREC, UPCAST,
-                )
-        for j in range(tl.load(POFF + qid), tl.load(POFF + qid + 1)):
-            km = BLK + tl.load(PIDX + j) * 8
-            k0 = tl.load(km).to(tl.int64)
-            ky0 = tl.load(km + 1)
-            kx0 = tl.load(km + 2)
-            kbw = tl.load(km + 3)
-            ksize = tl.load(km + 4)
-            for c in tl.static_range(TILE // BLOCK_N):
-                dq = _dq_chunk(
-                    dq, q, do, lse2, delta, qr, qc, k_bh + k0 * skn, v_bh + k0 * svn, skn, svn,
-                    offs_n + c * BLOCK_N, ksize, ky0, kx0, kbw, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, True,
-                    DOT_PREC, UPCAST,
-                )
-        _store_rows(DQ + b * sgb + h * sgh + q_first.to(tl.int64) * sgn, offs_m, sgn, qvalid, offs_d,
+        dq, _, _ = _walk_key_blocks(
+            dq, lse2, delta, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX,
+            K + b * skb + h * skh, V + b * svb + h * svh, PK + b * spkb + h * spkh, PV + b * spvb + h * spvh,
+            skn, svn, r2, qk_scale, offs_d, TILE, BLOCK_N, HEAD_DIM, EVEN_D, HAS_POOL, True, DOT_PREC, UPCAST,
+        )
+        _store_rows(DQ + b * sgb + h * sgh + q_first * sgn, offs_m, sgn, qvalid, offs_d,
                     (dq * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, EVEN_D)
 
     # ---- backward: dk, dv ---------------------------------------------------------------------------
-    @triton.jit
+    @_device_fn
     def _dkdv_chunk(
         dk, dv, k, v, kr, kc, q_base, do_base, lse_ptr, delta_ptr, sqn, sdon, offs, count, qy0, qx0, qbw, r2,
         qk_scale, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASK: tl.constexpr,
         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         qvalid = offs < count
-        if EVEN_D:
-            lmask = qvalid[:, None]
-        else:
-            lmask = qvalid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_base + offs[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-        do = tl.load(do_base + offs[:, None] * sdon + offs_d[None, :], mask=lmask, other=0.0)
+        q = _load_rows(q_base, offs, sqn, qvalid, offs_d, HEAD_DIM, EVEN_D)
+        do = _load_rows(do_base, offs, sdon, qvalid, offs_d, HEAD_DIM, EVEN_D)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -543,14 +495,7 @@ if triton is not None:
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.exp2(st - lse2[None, :])
         if MASK:
-            o = offs.to(tl.float32)
-            bw = qbw.to(tl.float32)
-            lr = tl.floor((o + 0.5) / bw)
-            qr = qy0 + lr  # missing query rows already have p = 0 (lse = +inf)
-            qc = qx0 + (o - lr * bw)
-            dy = kr[:, None] - qr[None, :]
-            dx = kc[:, None] - qc[None, :]
-            pt = tl.where(dy * dy + dx * dx < r2, pt, 0.0)
+            pt = tl.where(_disc_mask(kr, kc, offs, qvalid, qy0, qx0, qbw, r2), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
@@ -582,19 +527,9 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        km = BLK + kid * 8
-        k_first = tl.load(km).to(tl.int64)
-        kvalid = offs_k < tl.load(km + 4)
-        kbw = tl.load(km + 3)
-        kr = (tl.load(km + 1) + offs_k // kbw).to(tl.float32)
-        kc = (tl.load(km + 2) + offs_k % kbw).to(tl.float32)
-        if HAS_POOL:
-            pooled = tl.load(km + 5) != 0
-            k_src = tl.where(pooled, PK + b * spkb + h * spkh, K + b * skb + h * skh) + k_first * skn
-            v_src = tl.where(pooled, PV + b * spvb + h * spvh, V + b * svb + h * svh) + k_first * svn
-        else:
-            k_src = K + b * skb + h * skh + k_first * skn
-            v_src = V + b * svb + h * svh + k_first * svn
+        k_first, pooled, kvalid, kr, kc = _block_cells(BLK, kid, offs_k)
+        k_src, v_src = _kv_bases(k_first, pooled, K + b * skb + h * skh, V + b * svb + h * svh,
+                                 PK + b * spkb + h * spkh, PV + b * spvb + h * spvh, skn, svn, HAS_POOL)
         k = _load_rows(k_src, offs_k, skn, kvalid, offs_d, HEAD_DIM, EVEN_D)
         v = _load_rows(v_src, offs_k, svn, kvalid, offs_d, HEAD_DIM, EVEN_D)
         if UPCAST:
@@ -607,9 +542,7 @@ if triton is not None:
         dv = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
         # query blocks that see every key of this block
         for j in range(tl.load(FOFF + kid), tl.load(FOFF + kid + 1)):
-            qm = BLK + tl.load(FIDX + j) * 8
-            q0 = tl.load(qm).to(tl.int64)
-            qsize = tl.load(qm + 4)
+            q0, _, _, _, qsize, _ = _block(BLK, tl.load(FIDX + j))
             for c in tl.static_range(TILE // BLOCK_M):
                 dk, dv = _dkdv_chunk(
                     dk, dv, k, v, kr, kc, q_bh + q0 * sqn, do_bh + q0 * sdon, LSE + row_bh + q0,
@@ -618,12 +551,7 @@ if triton is not None:
                 )
         # image query blocks across the disc boundary
         for j in range(tl.load(POFF + kid), tl.load(POFF + kid + 1)):
-            qm = BLK + tl.load(PIDX + j) * 8
-            q0 = tl.load(qm).to(tl.int64)
-            qy0 = tl.load(qm + 1)
-            qx0 = tl.load(qm + 2)
-            qbw = tl.load(qm + 3)
-            qsize = tl.load(qm + 4)
+            q0, qy0, qx0, qbw, qsize, _ = _block(BLK, tl.load(PIDX + j))
             for c in tl.static_range(TILE // BLOCK_M):
                 dk, dv = _dkdv_chunk(
                     dk, dv, k, v, kr, kc, q_bh + q0 * sqn, do_bh + q0 * sdon, LSE + row_bh + q0,
@@ -777,7 +705,7 @@ def triton_clear_attention(
     dq_n: int | None = None,
     dkv_m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLEAR attention with the fused Triton kernels; same contract as ``reference_attention``.
+    """CLEAR attention with the fused Triton kernels (``dispatch.AttentionBackend``).
 
     q, k, v: [B, heads, N, d], fp16/bf16/fp32, any strides with a unit last stride (used in place).
     pooled_k / pooled_v: [B, heads, P, d] or None. Differentiable in q, k, v, pooled_k and pooled_v,
