@@ -34,7 +34,7 @@ PRELOAD = [
     "cleardit",
     "cleardit.parallel",
     "cleardit.models.flux",
-    "cleardit.parallel.flux",
+    "cleardit.models.strips",
 ]
 
 # (text_len, height, width, text_first, down_factor, radius)

@@ -28,7 +28,7 @@ from cleardit.parallel.generate import (
     generate_parallel,
     user_error,
 )
-from cleardit.parallel.patch import allgather_bytes
+from cleardit.attention.strips import allgather_bytes
 from cleardit.pipelines import generate, loading
 from cleardit.pipelines.cli import add_generate_parser
 from cleardit.schedule import denoising_sigmas

@@ -17,8 +17,9 @@ from torch import nn
 from ..schedule import shift_mu
 
 
-def parse_attention_layers(spec: str, num_single_layers: int) -> list[int]:
-    """Single-stream block indices from ``"every:N"`` (0, N, 2N, ...), ``"none"`` or ``"0,4,9"``."""
+def parse_attention_layers(spec: str, count: int) -> list[int]:
+    """Indices into the adapter's ``consistency_modules`` (FLUX: the single-stream blocks) from
+    ``"every:N"`` (0, N, 2N, ...), ``"none"`` or ``"0,4,9"``; ``count`` modules exist."""
     spec = spec.strip().lower()
     if spec == "none":
         return []
@@ -29,17 +30,17 @@ def parse_attention_layers(spec: str, num_single_layers: int) -> list[int]:
             step = 0
         if step < 1:
             raise ValueError(f"--attention-layers {spec!r}: write every:N with N >= 1, e.g. every:4")
-        return list(range(0, num_single_layers, step))
+        return list(range(0, count, step))
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
         raise ValueError(
             f"--attention-layers {spec!r}: expected every:N, none, or comma-separated block indices"
         ) from None
-    bad = [i for i in layers if not 0 <= i < num_single_layers]
+    bad = [i for i in layers if not 0 <= i < count]
     if bad or not layers:
         raise ValueError(
-            f"--attention-layers {spec!r}: single-stream block indices must be in 0..{num_single_layers - 1}"
+            f"--attention-layers {spec!r}: single-stream block indices must be in 0..{count - 1}"
         )
     return layers
 
@@ -69,11 +70,6 @@ class AttentionRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def single_block_attention(transformer: nn.Module, layers: list[int]) -> dict[str, nn.Module]:
-    blocks = transformer.single_transformer_blocks
-    return {f"single_transformer_blocks.{i}.attn": blocks[i].attn for i in layers}
 
 
 @dataclass

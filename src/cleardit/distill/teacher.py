@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..models.flux import flux_attention_modules
+from ..models import adapter_for
 
 
 class TeacherView:
@@ -28,7 +28,7 @@ class TeacherView:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._attention = flux_attention_modules(model)
+        self._attention = adapter_for(model).attention_modules(model)
         self._original = [attn.processor for attn in self._attention]
         self._params: dict[str, torch.Tensor] | None = None
 

@@ -3,15 +3,15 @@
 The teacher is the pipeline itself with its original full attention. For every sample it denoises
 from the sample's own seed and we keep what the student's training step consumes: the final latents
 (the transformer's normalised latent space, unpacked to ``[C, H/vae_scale, W/vae_scale]``) and the
-text embeddings ``FluxPipeline.encode_prompt`` returns (``prompt_embeds [L, D]``,
-``pooled_prompt_embeds [Dp]``). Sample ``i`` uses prompt ``prompts[i // samples_per_prompt]`` and
-seed ``seed + i``.
+encoded text, as the model adapter's ``text_conditions`` (FLUX.1: ``prompt_embeds [L, D]``,
+``pooled_prompt_embeds [Dp]``; Chroma: ``prompt_embeds``, ``prompt_attention_mask [L]``). Sample
+``i`` uses prompt ``prompts[i // samples_per_prompt]`` and seed ``seed + i``.
 
 On disk (``output/``)::
 
     manifest.json               settings, prompts, the finished shards and their sha256
-    shard-00000.safetensors     latents [n, C, h, w], prompt_embeds [n, L, D],
-    shard-00001.safetensors     pooled_prompt_embeds [n, Dp], index [n] (int64)
+    shard-00000.safetensors     latents [n, C, h, w], the text conditions [n, ...],
+    shard-00001.safetensors     index [n] (int64)
     ...
 
 Shard ``k`` holds samples ``k * shard_size ...`` up to the next shard. Every file is written to a
@@ -243,6 +243,7 @@ class _Teacher:
     """A loaded pipeline and the resolved generation settings."""
 
     pipe: object
+    adapter: object
     height: int
     width: int
     steps: int
@@ -251,45 +252,38 @@ class _Teacher:
     dtype: torch.dtype  # storage dtype
 
     @torch.no_grad()
-    def embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode_prompt`` of one prompt: prompt_embeds [1, L, D], pooled_prompt_embeds [1, Dp]."""
-        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt, prompt_2=None, num_images_per_prompt=1, max_sequence_length=self.text_len
-        )
-        return prompt_embeds, pooled
+    def embed(self, prompt: str) -> dict[str, torch.Tensor]:
+        """One prompt's text conditions (the adapter's ``text_conditions``, no batch dimension)."""
+        return self.adapter.encode_text(self.pipe, prompt, self.text_len)
 
-    def latents(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor, seed: int) -> torch.Tensor:
+    def latents(self, text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
         """Final denoised latents of one seed, unpacked: [C, H / vae_scale, W / vae_scale]."""
-        pipe = self.pipe
+        pipe, adapter = self.pipe, self.adapter
         packed = pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
+            **{name: t[None] for name, t in text.items()},
+            **adapter.call_options(self.guidance, 1.0, "", self.text_len),
             height=self.height,
             width=self.width,
             num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            max_sequence_length=self.text_len,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="latent",
         ).images
-        return pipe._unpack_latents(packed, self.height, self.width, pipe.vae_scale_factor)[0]
+        return adapter.unpack_latents(pipe, packed, (self.height, self.width))[0]
 
 
-def _shard_bytes(
-    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], indices: list[int], dtype
-) -> bytes:
-    """One shard as safetensors bytes from per-sample (latents, prompt_embeds, pooled) rows."""
+def _shard_bytes(rows: list[dict[str, torch.Tensor]], indices: list[int], dtype) -> bytes:
+    """One shard as safetensors bytes from per-sample rows (``latents`` and the text conditions).
+
+    Floating-point tensors are stored in ``dtype``; others (masks) as they are."""
     from safetensors.torch import save
 
-    def stack(j: int) -> torch.Tensor:
-        return torch.stack([row[j].to(device="cpu", dtype=dtype) for row in rows]).contiguous()
+    def stack(name: str) -> torch.Tensor:
+        parts = [row[name].to("cpu") for row in rows]
+        parts = [t.to(dtype) if t.is_floating_point() else t for t in parts]
+        return torch.stack(parts).contiguous()
 
-    tensors = {
-        "latents": stack(0),
-        "prompt_embeds": stack(1),
-        "pooled_prompt_embeds": stack(2),
-        "index": torch.tensor(indices, dtype=torch.int64),
-    }
+    tensors = {name: stack(name) for name in rows[0]}
+    tensors["index"] = torch.tensor(indices, dtype=torch.int64)
     return save(tensors, metadata={"format": FORMAT})
 
 
@@ -322,14 +316,15 @@ def make_teacher_data(
     """Generate (or finish) a teacher-data folder; returns the path of its ``manifest.json``.
 
     Args:
-        model: None (the shipped mini model), a diffusers FLUX pipeline folder, a Hugging Face id in
-            the local cache, or a loaded ``FluxPipeline`` (used as it is; must not be linearized).
+        model: None (the shipped mini model), a diffusers pipeline folder of a supported family, a
+            Hugging Face id in the local cache, or a loaded pipeline (used as it is; must not be
+            linearized).
         prompts: the prompts; sample ``i`` uses ``prompts[i // samples_per_prompt]`` and seed ``seed + i``.
         output: the folder. If it holds a manifest, the run completes it (same settings required):
             it deletes temp files and shards the manifest does not list, regenerates listed shards
             that are missing or fail their sha256, and generates the shards not yet made.
         resolution: pixels, ``256`` or ``(height, width)``; multiples of the pipeline's size factor.
-        steps, guidance: teacher denoising steps and FLUX guidance (default: the model's
+        steps, guidance: teacher denoising steps and distilled guidance (default: the model's
             cleardit.json, else 28 / 3.5).
         samples_per_prompt: samples (seeds) per prompt.
         shard_size: samples per shard file.
@@ -374,7 +369,7 @@ def _run(
     """``make_teacher_data``, returning RunStats (the CLI prints them)."""
     from tqdm.auto import tqdm
 
-    from ..models import get_handle
+    from ..models import adapter_for, get_handle
     from ..pipelines import highres as hr
     from ..pipelines.loading import (
         ModelInfo,
@@ -417,7 +412,7 @@ def _run(
     else:
         if not hasattr(model, "transformer") or not hasattr(model, "encode_prompt"):
             raise TypeError(
-                f"model must be a path, a Hugging Face id or a FluxPipeline, got {type(model).__name__}"
+                f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
             )
         info = ModelInfo()
         name = getattr(model, "name_or_path", None) or type(model).__name__
@@ -461,10 +456,18 @@ def _run(
         factor = size_factor(pipe)
         hr.check_size(height, factor, "resolution")
         hr.check_size(width, factor, "resolution")
+        adapter = adapter_for(pipe.transformer)
         teacher = _Teacher(
-            pipe, height, width, steps, float(guidance), max_sequence_length(pipe, info), _store_dtype(dt)
+            pipe,
+            adapter,
+            height,
+            width,
+            steps,
+            float(guidance),
+            max_sequence_length(pipe, info),
+            _store_dtype(dt),
         )
-        settings["latent_channels"] = int(pipe.transformer.config.in_channels) // 4
+        settings["latent_channels"] = adapter.latent_channels(pipe.transformer)
         settings["text_len"] = teacher.text_len
         if manifest is not None:
             _check_settings(manifest, settings, folder)
@@ -486,7 +489,7 @@ def _run(
         config = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)
         generated, t0 = 0, time.perf_counter()
-        cached: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        cached: tuple[int, dict[str, torch.Tensor]] | None = None
         try:
             with tqdm(
                 total=total,
@@ -503,9 +506,8 @@ def _run(
                         p = i // samples_per_prompt
                         if cached is None or cached[0] != p:
                             cached = (p, teacher.embed(prompts[p]))
-                        prompt_embeds, pooled = cached[1]
-                        latents = teacher.latents(prompt_embeds, pooled, seed + i)
-                        rows.append((latents, prompt_embeds[0], pooled[0]))
+                        text = cached[1]
+                        rows.append({"latents": teacher.latents(text, seed + i), **text})
                         generated += 1
                         bar.update(1)
                     data = _shard_bytes(rows, indices, teacher.dtype)
@@ -527,8 +529,9 @@ def _run(
 class TeacherDataset(torch.utils.data.Dataset):
     """A finished teacher-data folder as a map-style dataset.
 
-    ``dataset[i]`` is a dict: ``latents`` [C, H/vae_scale, W/vae_scale], ``prompt_embeds`` [L, D],
-    ``pooled_prompt_embeds`` [Dp] (the stored dtype, see ``manifest["dtype"]``), ``index`` (i),
+    ``dataset[i]`` is a dict: ``latents`` [C, H/vae_scale, W/vae_scale], the text conditions
+    (FLUX.1: ``prompt_embeds`` [L, D], ``pooled_prompt_embeds`` [Dp]; floating point in the stored
+    dtype, see ``manifest["dtype"]``), ``index`` (i),
     ``seed`` and ``prompt`` (str). Shards load on first use; the shard in use stays cached.
 
     Args:
@@ -628,9 +631,7 @@ class TeacherDataset(torch.utils.data.Dataset):
         tensors = self._shard(s)
         m = self._manifest
         return {
-            "latents": tensors["latents"][row].clone(),
-            "prompt_embeds": tensors["prompt_embeds"][row].clone(),
-            "pooled_prompt_embeds": tensors["pooled_prompt_embeds"][row].clone(),
+            **{name: t[row].clone() for name, t in tensors.items() if name != "index"},
             "index": i,
             "seed": int(m["seed"]) + i,
             "prompt": m["prompts"][i // int(m["samples_per_prompt"])],
@@ -645,7 +646,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--model",
         default=None,
-        help="the teacher: diffusers FLUX pipeline folder or cached Hugging Face id "
+        help="the teacher: diffusers pipeline folder or cached Hugging Face id "
         "(default: the shipped mini model)",
     )
     parser.add_argument("--prompts", metavar="FILE", required=True, help="a text file, one prompt per line")
@@ -663,7 +664,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--steps", type=positive_int, default=None, help="teacher steps (default: the model's, else 28)"
     )
     parser.add_argument(
-        "--guidance", type=float, default=None, help="FLUX guidance (default: the model's, else 3.5)"
+        "--guidance", type=float, default=None, help="distilled guidance (default: the model's, else 3.5)"
     )
     parser.add_argument("--seed", type=nonneg_int, default=0, help="seed of sample 0; sample i uses seed + i")
     parser.add_argument(

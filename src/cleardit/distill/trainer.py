@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..config import ClearConfig
+from ..models import adapter_for
 from ..seeds import derive_seed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import (
@@ -38,7 +39,6 @@ from .losses import (
     distillation_loss,
     parse_attention_layers,
     sample_sigma,
-    single_block_attention,
 )
 from .teacher import TeacherView
 
@@ -143,40 +143,22 @@ def learning_rate(cfg: DistillConfig, step: int) -> float:
 
 def load_transformer(model, dtype: torch.dtype) -> tuple[nn.Module, dict, str]:
     """(transformer, scheduler config, name) from a folder / cached id / None / pipeline / transformer."""
-    if isinstance(model, nn.Module) and hasattr(model, "single_transformer_blocks"):
+    if isinstance(model, nn.Module):
+        adapter_for(model)  # a clear error for a model no adapter supports
         return model, {}, type(model).__name__
     if hasattr(model, "transformer") and hasattr(model, "scheduler"):
         return model.transformer, dict(model.scheduler.config), type(model).__name__
-    from diffusers import FluxTransformer2DModel
-
-    from ..pipelines.loading import resolve_model
+    from ..pipelines.loading import folder_adapter, resolve_model
 
     folder = resolve_model(model)
+    adapter = folder_adapter(folder)
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
+        transformer = adapter.load_transformer(folder, dtype)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the FLUX transformer of {folder}: {exc}") from exc
+        raise ValueError(f"could not load the transformer of {folder}: {exc}") from exc
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text(encoding="utf-8")) if sched_file.is_file() else {}
     return transformer, sched, str(model) if model is not None else "cleardit-mini"
-
-
-def _check_data_fits(transformer: nn.Module, data) -> None:
-    cfg = transformer.config
-    item = data[0]
-    checks = [
-        ("text embedding width", item["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
-        ("pooled embedding width", item["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
-        ("latent channels x 4", item["latents"].shape[0] * 4, cfg.in_channels),
-    ]
-    for what, got, want in checks:
-        if got != want:
-            raise ValueError(
-                f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                "transformer; make the data with the same --model (cleardit distill data --model ...)"
-            )
 
 
 class Distiller:
@@ -231,7 +213,8 @@ class Distiller:
         ]
         transformer, self.scheduler_config, self.model_name = load_transformer(model, frozen_dtype)
         transformer.to(acc.device)
-        _check_data_fits(transformer, data)
+        self.adapter = adapter_for(transformer)
+        self.adapter.check_conditions(transformer, data[0])
         self.guidance = float(data.manifest.get("guidance") or 3.5)
         self._build_student(transformer, frozen_dtype)
         self._resume_state = load_checkpoint(self.checkpoint, asdict(cfg)) if resume else None
@@ -255,8 +238,9 @@ class Distiller:
             p.requires_grad_(True)
         if self.opts.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        layers = parse_attention_layers(cfg.attention_layers, len(transformer.single_transformer_blocks))
-        self.recorder = AttentionRecorder(single_block_attention(transformer, layers))
+        candidates = self.adapter.consistency_modules(transformer)
+        layers = parse_attention_layers(cfg.attention_layers, len(candidates))
+        self.recorder = AttentionRecorder(dict(candidates[i] for i in layers))
         self.transformer = transformer
         self.trainable_count = sum(p.numel() for _, p in self.named_trainable)
         self.frozen_count = sum(p.numel() for p in transformer.parameters() if not p.requires_grad)
@@ -264,8 +248,6 @@ class Distiller:
     # -- one step ----------------------------------------------------------------------------------
     def _inputs(self, positions: list[int], indices: list[int], step: int) -> tuple[dict, torch.Tensor]:
         """Transformer inputs of the samples at ``positions`` of the global batch, and the target."""
-        from diffusers import FluxPipeline
-
         dev = self.accelerator.device
         items = [self.data[i] for i in indices]
         x0 = torch.stack([it["latents"] for it in items]).float()
@@ -280,18 +262,14 @@ class Distiller:
         sigma = torch.tensor(sigmas, dtype=torch.float32)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
-        target = FluxPipeline._pack_latents(noise - x0, b, c, h, w).to(dev)
-        inputs = dict(
-            hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w).to(dev),
-            timestep=sigma.to(dev),
-            pooled_projections=torch.stack([it["pooled_prompt_embeds"] for it in items]).float().to(dev),
-            encoder_hidden_states=torch.stack([it["prompt_embeds"] for it in items]).float().to(dev),
-            txt_ids=torch.zeros(items[0]["prompt_embeds"].shape[0], 3, device=dev),
-            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, dev, torch.float32),
-            return_dict=False,
+        target = self.adapter.pack_latents(noise - x0).to(dev)
+        conditions = {}
+        for name in self.adapter.text_conditions:
+            value = torch.stack([it[name] for it in items]).to(dev)
+            conditions[name] = value.float() if value.is_floating_point() else value
+        inputs = self.adapter.training_inputs(
+            self.transformer, x_t.to(dev), sigma.to(dev), conditions, self.guidance
         )
-        if self.transformer.config.guidance_embeds:
-            inputs["guidance"] = torch.full((b,), self.guidance, device=dev)
         return inputs, target
 
     def _step(self, model, optimizer, step: int) -> dict[str, float]:

@@ -231,6 +231,7 @@ def evaluate_model(
         quiet: no progress bars or log lines.
         generate_fn: replaces ``cleardit.pipelines.generate`` (tests count its calls).
     """
+    from ..models import adapter_for
     from ..pipelines.generate import sigmas_metadata
     from ..pipelines.highres import check_size, wants_vae_tiles
     from ..pipelines.loading import (
@@ -300,9 +301,7 @@ def evaluate_model(
         sigmas=sigmas_metadata(denoising_sigmas(pipe.scheduler, run_steps, grid[0] * grid[1])),
         vae_tiling=wants_vae_tiles(pipe.vae, height, width, None),
     )
-    cfg = pipe.transformer.config
-    heads, head_dim = int(cfg.num_attention_heads), int(cfg.attention_head_dim)
-    layers = int(cfg.num_layers) + int(cfg.num_single_layers)
+    heads, head_dim, layers = adapter_for(pipe.transformer).attention_geometry(pipe.transformer)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "prompts.txt", "".join(p + "\n" for p in prompt_list))
     fill = dict(chunk=batch_size, progress=not quiet, log=log, generate_fn=generate_fn)

@@ -1,24 +1,30 @@
-"""FLUX adapter: CLEAR attention processors for diffusers' ``FluxTransformer2DModel``.
+"""FLUX.1 adapter: diffusers' ``FluxTransformer2DModel`` / ``FluxPipeline``.
 
 FLUX's joint sequence is ``[text (txt_ids) | image (img_ids)]``; ``img_ids[:, 1:3]`` hold each
 image token's row and column. A forward pre-hook on the transformer reads the grid from those ids
 (so callers never pass H and W), optionally permutes the image tokens into tile-major order (every
 op but attention is token-wise, so this is done once per forward and undone at the output), and
-publishes the ``TokenLayout`` that every attention processor of that forward uses.
+publishes the ``TokenLayout`` that every attention processor of that forward uses. The
+patch-parallel variant (``install_strips``) cuts this rank's rows in the same kind of hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+from collections.abc import Iterator
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
-from .handle import ClearHandle
+from .adapter import ModelAdapter
+from .handle import ClearHandle, ForwardGrid
+from .strips import ParallelHandle, StripContext
 
 # The image-stream attention projections the reference release trains, plus pooling weights.
 TRAINABLE_PATTERN = re.compile(
@@ -26,22 +32,8 @@ TRAINABLE_PATTERN = re.compile(
     r"|single_transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v)\.(?:weight|bias)"
     r"|(?:single_)?transformer_blocks\.\d+\.attn\.processor\.spatial_weight)$"
 )
-
-
-class FluxGeometry:
-    """The layout of the forward in flight, shared by all processors of one model."""
-
-    def __init__(self, config: ClearConfig):
-        self.config = config
-        self.layout: TokenLayout | None = None
-
-    def require_layout(self) -> TokenLayout:
-        if self.layout is None:
-            raise RuntimeError(
-                "a CLEAR attention processor ran outside FluxTransformer2DModel.forward, so the image grid "
-                "is unknown; call the transformer itself (its img_ids give the grid)"
-            )
-        return self.layout
+MAX_TEXT_TOKENS = 512  # FluxPipeline refuses max_sequence_length > 512
+CONTROLNET_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
 def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
@@ -73,63 +65,6 @@ def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
     return height, width
 
 
-class ClearFluxAttnProcessor(nn.Module):
-    """Replaces FluxAttnProcessor: same projections, norms and RoPE; CLEAR instead of full attention."""
-
-    def __init__(self, geometry: FluxGeometry, config: ClearConfig, param_like: torch.Tensor):
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        if config.down_factor is not None:
-            df = config.down_factor
-            # Reference layout (1, 1, 1, df, 1, df, 1) so reference-release files load as they are.
-            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
-        else:
-            self.spatial_weight = None
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ):
-        if attention_mask is not None:
-            raise ValueError("CLEAR attention does not take an attention_mask; FLUX pipelines pass none")
-        layout = self.geometry.require_layout()
-        dual_stream = encoder_hidden_states is not None
-        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        if query.shape[1] != layout.seq_len:
-            raise ValueError(
-                f"attention got {query.shape[1]} tokens but txt_ids/img_ids describe {layout.seq_len} "
-                f"({layout.text_len} text + {layout.height}x{layout.width} image)"
-            )
-        pool_weight = None
-        if self.spatial_weight is not None:
-            pool_weight = self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
-        out = clear_attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            layout,
-            self.config.radius,
-            pool_weight=pool_weight,
-            scale=self.config.scale,
-            backend=self.config.backend,
-        )
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if not dual_stream:
-            return out
-        text_out, image_out = out.split_with_sizes([layout.text_len, layout.image_len], dim=1)
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(text_out.contiguous())
-
-
 def project_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
     """q, k, v as [B, N, heads, d] for the joint sequence [text | image], normalised as FLUX does."""
     if getattr(attn, "fused_projections", False):
@@ -152,34 +87,184 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_sta
     return torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1), torch.cat([ev, value], dim=1)
 
 
-def flux_attention_modules(transformer: nn.Module) -> list[nn.Module]:
-    return [b.attn for b in transformer.transformer_blocks] + [
-        b.attn for b in transformer.single_transformer_blocks
-    ]
+def _project_kv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, heads, n, d] of image-stream tokens ``x`` [B, n, C], RoPE applied."""
+    if getattr(attn, "fused_projections", False):
+        _, key, value = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        key, value = attn.to_k(x), attn.to_v(x)
+    key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (key, value))
+    key = attn.norm_k(key)
+    if rope is not None:
+        key = apply_rotary_emb(key, rope, sequence_dim=1)
+    return key.transpose(1, 2), value.transpose(1, 2)
 
 
+def _finish(attn: nn.Module, out: torch.Tensor, text_len: int, dual_stream: bool):
+    """[B, N, heads * d] attention output -> what a FLUX processor returns (output projections)."""
+    if not dual_stream:
+        return out
+    text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+    image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+    return image_out, attn.to_add_out(text_out.contiguous())
+
+
+class ClearFluxAttnProcessor(nn.Module):
+    """Replaces FluxAttnProcessor: same projections, norms and RoPE; CLEAR instead of full attention."""
+
+    def __init__(self, geometry: ForwardGrid, config: ClearConfig, param_like: torch.Tensor):
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+        if config.down_factor is not None:
+            df = config.down_factor
+            # Reference layout (1, 1, 1, df, 1, df, 1) so reference-release files load as they are.
+            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
+            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+        else:
+            self.spatial_weight = None
+
+    def pool_weight(self) -> torch.Tensor | None:
+        if self.spatial_weight is None:
+            return None
+        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
+
+    def attend(self, q, k, v, layout: TokenLayout, attention_mask) -> torch.Tensor:
+        """CLEAR over [B, heads, N, d] tensors. FLUX pipelines pass no mask (Chroma's adapter does)."""
+        if attention_mask is not None:
+            raise ValueError("CLEAR attention for FLUX takes no attention_mask; FLUX pipelines pass none")
+        return clear_attention(
+            q, k, v, layout, self.config.radius, pool_weight=self.pool_weight(),
+            scale=self.config.scale, backend=self.config.backend,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        layout = self.geometry.require_layout()
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if query.shape[1] != layout.seq_len:
+            raise ValueError(
+                f"attention got {query.shape[1]} tokens but txt_ids/img_ids describe {layout.seq_len} "
+                f"({layout.text_len} text + {layout.height}x{layout.width} image)"
+            )
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = self.attend(q, k, v, layout, attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return _finish(attn, out, layout.text_len, encoder_hidden_states is not None)
+
+
+class ParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
+    """ClearFluxAttnProcessor for one strip: same parameters (``spatial_weight``), band exchange."""
+
+    def __init__(self, context: StripContext, config: ClearConfig, param_like: torch.Tensor, layer: int):
+        super().__init__(context, config, param_like)
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError("patch-parallel CLEAR takes no attention_mask; FLUX pipelines pass none")
+        ctx: StripContext = self.geometry
+        layout = ctx.require_layout()
+        plan, comm = ctx.plan, ctx.comm
+        text_len, w = layout.text_len, layout.width
+        dual_stream = encoder_hidden_states is not None
+        image_in = hidden_states if dual_stream else hidden_states[:, text_len:]
+        pending = None
+        if ctx.exchange == "input":  # start sending the band's attention input right away
+            pending = start_row_exchange(
+                image_in, plan, comm, 1, "halo exchange (attention input)", self.layer
+            )
+
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        own_rows = plan.rows(comm.rank)
+        if query.shape[1] != text_len + own_rows * w:
+            raise ValueError(
+                f"attention got {query.shape[1]} tokens but this rank's strip has {text_len} text + "
+                f"{own_rows}x{w} image tokens; call the parallel model with the full inputs on every rank"
+            )
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        k_img, v_img = key[:, :, text_len:], value[:, :, text_len:]
+        if ctx.exchange == "kv":
+            kv_own = torch.cat([k_img, v_img], dim=-1)
+            pending = start_row_exchange(kv_own, plan, comm, 2, "halo exchange (k/v)", self.layer)
+
+        def halo():
+            above, below = pending.wait()
+            if ctx.exchange == "kv":
+                kv = torch.cat([above, kv_own, below], dim=2)
+                return kv[..., : attn.head_dim], kv[..., attn.head_dim :]
+            (ka, va), (kb, vb) = (
+                _project_kv(attn, x, rope) for x, rope in zip((above, below), ctx.band_rope, strict=True)
+            )
+            return torch.cat([ka, k_img, kb], dim=2), torch.cat([va, v_img, vb], dim=2)
+
+        out_t, _, out_i, _ = strip_attention(
+            query[:, :, :text_len], key[:, :, :text_len], value[:, :, :text_len],
+            query[:, :, text_len:], k_img, v_img, halo, plan, comm, self.config.radius,
+            pool_weight=self.pool_weight(), scale=self.config.scale or 1.0 / attn.head_dim**0.5,
+            backend=self.config.backend, text_merge=ctx.text_merge, layer=self.layer,
+        )  # fmt: skip
+        out = torch.cat([out_t, out_i], dim=2).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return _finish(attn, out, text_len, dual_stream)
+
+
+# ----------------------------------------------------------------------------- forward hooks
 def bind_forward_args(transformer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(type(transformer).forward).bind(transformer, *args, **kwargs)
 
 
-def _install_token_order(transformer: nn.Module, geometry: FluxGeometry) -> list:
+def _ids(bound: inspect.BoundArguments, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    img_ids, txt_ids = bound.arguments.get("img_ids"), bound.arguments.get("txt_ids")
+    if img_ids is None or txt_ids is None:
+        raise ValueError(f"a {what} transformer needs img_ids and txt_ids to know the image grid")
+    return (img_ids[0] if img_ids.ndim == 3 else img_ids), (txt_ids[0] if txt_ids.ndim == 3 else txt_ids)
+
+
+def _hooks(transformer: nn.Module, pre_hook, post_hook) -> list:
+    return [
+        transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        transformer.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
+    ]
+
+
+def _replace_sample(output, fn):
+    """The transformer output with its sample tensor replaced by ``fn(sample)`` (tuple or dataclass)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    output.sample = fn(output.sample)
+    return output
+
+
+def _install_token_order(transformer: nn.Module, geometry: ForwardGrid) -> list:
     """Hooks that read the grid, permute to tile-major order on the way in and back on the way out."""
     tile = geometry.config.tile
     state: dict = {}
 
     def pre_hook(module, args, kwargs):
         bound = bind_forward_args(module, args, kwargs)
-        img_ids, txt_ids = bound.arguments.get("img_ids"), bound.arguments.get("txt_ids")
-        if img_ids is None or txt_ids is None:
-            raise ValueError("a linearized FLUX transformer needs img_ids and txt_ids to know the image grid")
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids, txt_ids = _ids(bound, "linearized")
         height, width = grid_from_ids(img_ids)
         # Controlnet residuals arrive in raster order, so such forwards keep raster order.
-        use_tile = tile is not None and not any(
-            bound.arguments.get(k) is not None
-            for k in ("controlnet_block_samples", "controlnet_single_block_samples")
-        )
+        use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
         layout = TokenLayout(
             txt_ids.shape[0],
             height,
@@ -204,25 +289,266 @@ def _install_token_order(transformer: nn.Module, geometry: FluxGeometry) -> list
         # processors) during backward, after this hook, and needs the layout of that forward.
         if inverse is None or output is None:  # output is None when forward raised
             return output
-        if isinstance(output, tuple):
-            return (output[0][:, inverse],) + tuple(output[1:])
-        output.sample = output.sample[:, inverse]
-        return output
+        return _replace_sample(output, lambda sample: sample[:, inverse])
 
-    return [
-        transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        transformer.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
-    ]
+    return _hooks(transformer, pre_hook, post_hook)
 
 
-def linearize_flux(transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-    """Install CLEAR processors in every attention layer of a FluxTransformer2DModel (in place)."""
-    geometry = FluxGeometry(config)
-    handle = ClearHandle(transformer, config, TRAINABLE_PATTERN)
-    for attn in flux_attention_modules(transformer):
-        original = attn.processor
-        attn.set_processor(ClearFluxAttnProcessor(geometry, config, attn.to_q.weight))
-        handle._undo.append(lambda attn=attn, original=original: attn.set_processor(original))
-    for hook in _install_token_order(transformer, geometry):
-        handle._undo.append(hook.remove)
-    return handle
+def _install_strip_hooks(transformer: nn.Module, ctx: StripContext) -> list:
+    """Hooks that cut this rank's rows (and their RoPE inputs) and gather the output strips."""
+
+    def pre_hook(module, args, kwargs):
+        bound = bind_forward_args(module, args, kwargs)
+        for name in CONTROLNET_INPUTS:
+            if bound.arguments.get(name) is not None:
+                raise ValueError(
+                    f"patch-parallel FLUX does not support {name}; run controlnets on one device"
+                )
+        img_ids, txt_ids = _ids(bound, "patch-parallel FLUX")
+        height, width = grid_from_ids(img_ids)
+        cfg = ctx.config
+        plan = StripPlan(height, width, ctx.comm.world, cfg.radius, cfg.down_factor)
+        hidden = bound.arguments["hidden_states"]
+        y0, y1 = plan.strip(ctx.comm.rank)
+        lo, hi = plan.needed_rows(ctx.comm.rank)
+        if ctx.strip_input:
+            if hidden.shape[1] != (y1 - y0) * width:
+                raise ValueError(
+                    f"hidden_states has {hidden.shape[1]} image tokens but rank {ctx.comm.rank}'s strip of "
+                    f"the {height}x{width} grid (img_ids) is rows {y0}..{y1 - 1} = {(y1 - y0) * width} "
+                    "tokens; with strip_input=True pass this rank's rows and the full img_ids"
+                )
+        elif hidden.shape[1] != height * width:
+            raise ValueError(
+                f"hidden_states has {hidden.shape[1]} image tokens but img_ids describe a "
+                f"{height}x{width} grid; "
+                "every rank must pass the full hidden_states and img_ids (the strip is cut here)"
+            )
+        else:
+            bound.arguments["hidden_states"] = hidden[:, y0 * width : y1 * width]
+        bound.arguments["img_ids"] = img_ids[y0 * width : y1 * width]
+        bound.arguments["txt_ids"] = txt_ids
+
+        def rope(ids):
+            return module.pos_embed(ids) if ids.shape[0] else None
+
+        ctx.band_rope = (rope(img_ids[lo * width : y0 * width]), rope(img_ids[y1 * width : hi * width]))
+        ctx.plan = plan
+        ctx.layout = TokenLayout(txt_ids.shape[0], height, width, down_factor=cfg.down_factor)
+        if ctx.counter is not None:
+            ctx.counter.next_step()
+        bound.arguments.pop("self", None)
+        return (), dict(bound.arguments)
+
+    def post_hook(module, args, kwargs, output):
+        plan, ctx.plan, ctx.layout, ctx.band_rope = ctx.plan, None, None, (None, None)
+        if output is None or plan is None or not ctx.gather_output:
+            return output
+        counts = [plan.rows(r) * plan.width for r in range(plan.world_size)]
+
+        def gather(sample):
+            return torch.cat(ctx.comm.all_gather(sample, counts, 1, "output", "output gather", None), dim=1)
+
+        return _replace_sample(output, gather)
+
+    return _hooks(transformer, pre_hook, post_hook)
+
+
+# ----------------------------------------------------------------------------- the adapter
+class FluxAdapter(ModelAdapter):
+    """FLUX.1 (dev, schnell) and FLUX-architecture models such as the shipped mini model."""
+
+    family = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+    pipeline_classes = ("FluxPipeline",)
+    img2img_class = "FluxImg2ImgPipeline"
+    trainable_pattern = TRAINABLE_PATTERN
+    text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
+    processor_class = ClearFluxAttnProcessor
+
+    # -- CLEAR attention ---------------------------------------------------------------------------
+    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
+        return [b.attn for b in transformer.transformer_blocks] + [
+            b.attn for b in transformer.single_transformer_blocks
+        ]
+
+    def _swap_processors(self, transformer, handle: ClearHandle, make) -> None:
+        for layer, attn in enumerate(self.attention_modules(transformer)):
+            original = attn.processor
+            attn.set_processor(make(attn, layer))
+            handle._undo.append(lambda attn=attn, original=original: attn.set_processor(original))
+
+    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        geometry = ForwardGrid(config)
+        handle = ClearHandle(transformer, config, self.trainable_pattern)
+        self._swap_processors(
+            transformer, handle, lambda attn, _layer: self.processor_class(geometry, config, attn.to_q.weight)
+        )
+        handle._undo += [hook.remove for hook in _install_token_order(transformer, geometry)]
+        return handle
+
+    def install_strips(
+        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    ) -> ClearHandle:
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        self._swap_processors(
+            transformer,
+            handle,
+            lambda attn, layer: ParallelClearFluxAttnProcessor(context, config, attn.to_q.weight, layer),
+        )
+        handle._undo += [hook.remove for hook in _install_strip_hooks(transformer, context)]
+        return handle
+
+    def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
+        cfg = transformer.config
+        layers = int(cfg.num_layers) + int(cfg.num_single_layers)
+        return int(cfg.num_attention_heads), int(cfg.attention_head_dim), layers
+
+    def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The single-stream blocks' attention (the reference's attention-consistency targets)."""
+        return [
+            (f"single_transformer_blocks.{i}.attn", b.attn)
+            for i, b in enumerate(transformer.single_transformer_blocks)
+        ]
+
+    # -- high-resolution hooks ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def rope_theta_scaled(self, transformer: nn.Module, factor: float) -> Iterator[None]:
+        pos_embed = transformer.pos_embed
+        original = pos_embed.theta
+        pos_embed.theta = original * factor
+        try:
+            yield
+        finally:
+            pos_embed.theta = original
+
+    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
+        norms = []
+        for attn in self.attention_modules(transformer):
+            norms += [n for n in (attn.norm_q, getattr(attn, "norm_added_q", None)) if n is not None]
+        return norms
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        return self._pipeline_class().from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_classes[0])
+        return cls.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+
+    def img2img_pipeline(self, pipe):
+        import diffusers
+
+        img2img = getattr(diffusers, self.img2img_class)(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def size_factor(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def default_size(self, pipe) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def max_text_tokens(self, pipe) -> int:
+        tok = getattr(pipe, "tokenizer_2", None)
+        length = getattr(tok, "model_max_length", None) if tok is not None else None
+        if not isinstance(length, int) or length <= 0:
+            return MAX_TEXT_TOKENS
+        return min(length, MAX_TEXT_TOKENS)
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        options = dict(guidance_scale=guidance, max_sequence_length=text_len)
+        if true_cfg > 1:
+            options.update(true_cfg_scale=float(true_cfg), negative_prompt=negative_prompt)
+        return options
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        device = pipe._execution_device
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device,
+            num_images_per_prompt=images_per_prompt, max_sequence_length=text_len,
+        )  # fmt: skip
+        kwargs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if true_cfg > 1 and negative_prompt is not None:  # every rank needs both texts' embeddings
+            neg, neg_pooled, _ = pipe.encode_prompt(
+                prompt=[negative_prompt] * (embeds.shape[0] // images_per_prompt), prompt_2=None,
+                device=device, num_images_per_prompt=images_per_prompt, max_sequence_length=text_len,
+            )  # fmt: skip
+            kwargs.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        return kwargs
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        channels = self.latent_channels(pipe.transformer)
+        noise, _ = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
+        return noise
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt, prompt_2=None, num_images_per_prompt=1, max_sequence_length=text_len
+        )
+        return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        cfg = transformer.config
+        checks = [
+            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+            ("pooled embedding width", sample["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
+            ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
+        ]
+        _check_fits(checks)
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        # FluxPipeline._pack_latents: 2x2 patches of the latent image, row-major.
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def image_ids(self, h: int, w: int, device) -> torch.Tensor:
+        """FLUX ``img_ids`` [h * w, 3] of an h x w token grid: (0, row, column)."""
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        return ids.reshape(h * w, 3).to(device)
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        dev = sigma.device
+        b, _, h, w = noisy.shape
+        inputs = dict(
+            hidden_states=self.pack_latents(noisy),
+            timestep=sigma,
+            pooled_projections=conditions["pooled_prompt_embeds"],
+            encoder_hidden_states=conditions["prompt_embeds"],
+            txt_ids=torch.zeros(conditions["prompt_embeds"].shape[1], 3, device=dev),
+            img_ids=self.image_ids(h // 2, w // 2, dev),
+            return_dict=False,
+        )
+        if transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((b,), guidance, device=dev)
+        return inputs
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        return int(transformer.config.in_channels) // 4
+
+
+def _check_fits(checks: list[tuple[str, int, int]]) -> None:
+    for what, got, want in checks:
+        if got != want:
+            raise ValueError(
+                f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                "transformer; make the data with the same --model (cleardit distill data --model ...)"
+            )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..attention import TokenLayout
 from ..config import ClearConfig
 
 
@@ -55,3 +56,22 @@ def get_handle(model: nn.Module) -> ClearHandle | None:
     """The active ClearHandle of a linearized model, or None."""
     handle = getattr(model, "_cleardit_handle", None)
     return handle if handle is not None and handle.active else None
+
+
+class ForwardGrid:
+    """The token layout of the forward in flight, shared by all CLEAR processors of one model.
+
+    A family's forward pre-hook sets ``layout`` from the forward's own inputs; processors read it.
+    """
+
+    def __init__(self, config: ClearConfig):
+        self.config = config
+        self.layout: TokenLayout | None = None
+
+    def require_layout(self) -> TokenLayout:
+        if self.layout is None:
+            raise RuntimeError(
+                "a CLEAR attention processor ran outside its transformer's forward, so the image grid "
+                "is unknown; call the transformer itself (its inputs give the grid)"
+            )
+        return self.layout

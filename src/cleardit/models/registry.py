@@ -1,21 +1,45 @@
-"""Which adapter linearizes which model class; ``linearize`` is the public verb."""
+"""Which adapter serves which model; ``linearize`` is the public verb."""
 
 from __future__ import annotations
+
+from functools import cache
 
 from torch import nn
 
 from ..config import ClearConfig
+from .adapter import ModelAdapter
 from .handle import ClearHandle, get_handle
 
 
-def _adapters() -> dict[str, callable]:
-    from .flux import linearize_flux
+@cache
+def adapters() -> tuple[ModelAdapter, ...]:
+    """Every family's adapter, the more specific first (imported on first use: they import diffusers)."""
+    from .chroma import ChromaAdapter
+    from .flux import FluxAdapter
 
-    return {"FluxTransformer2DModel": linearize_flux}
+    return (ChromaAdapter(), FluxAdapter())
 
 
 def supported_models() -> list[str]:
-    return sorted(_adapters())
+    return sorted(name for a in adapters() for name in a.transformer_classes)
+
+
+def adapter_for(model) -> ModelAdapter:
+    """The adapter of a transformer or pipeline; a TypeError naming what is supported otherwise."""
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "transformer", None), nn.Module):
+        model = model.transformer  # a pipeline, or a wrapper of one: its transformer says the family
+    for adapter in adapters():
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"cleardit cannot linearize a {type(model).__name__}: no adapter supports it; supported models: "
+        f"{', '.join(supported_models())} (pass the pipeline's transformer, e.g. linearize(pipe.transformer))"
+    )
+
+
+def adapter_for_pipeline_class(name: str) -> ModelAdapter | None:
+    """The adapter whose text-to-image pipelines include the class ``name`` (from model_index.json)."""
+    return next((a for a in adapters() if name in a.pipeline_classes), None)
 
 
 def linearize(
@@ -37,22 +61,21 @@ def linearize(
     Returns:
         a ClearHandle; ``handle.restore()`` puts the original attention back.
     """
-    adapters = _adapters()
-    name = type(model).__name__
-    adapter = next(
-        (fn for cls, fn in adapters.items() if cls in {c.__name__ for c in type(model).__mro__}), None
-    )
-    if adapter is None or not isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module):
         raise TypeError(
-            f"cleardit cannot linearize a {name}; supported models: {', '.join(supported_models())} "
-            "(pass the pipeline's transformer, e.g. linearize(pipe.transformer))"
+            f"cleardit cannot linearize a {type(model).__name__}; pass the pipeline's transformer, "
+            "e.g. linearize(pipe.transformer)"
         )
+    adapter = adapter_for(model)
     if get_handle(model) is not None:
-        raise ValueError(f"this {name} is already linearized; call handle.restore() before linearizing again")
+        raise ValueError(
+            f"this {type(model).__name__} is already linearized; "
+            "call handle.restore() before linearizing again"
+        )
     if config is None:
         config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend, **options)
     elif options:
         raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
-    handle = adapter(model, config)
+    handle = adapter.install(model, config)
     model._cleardit_handle = handle
     return handle

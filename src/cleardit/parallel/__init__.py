@@ -1,13 +1,12 @@
 """Patch-parallel CLEAR inference: each rank holds a strip of image rows, only a band is exchanged.
 
-``parallelize(flux_transformer, radius=16)`` on every rank of a process group (``init_distributed``
+``parallelize(transformer, radius=16)`` on every rank of a process group (``init_distributed``
 under torchrun, or ``spawn`` for local processes), then call the model with the same full inputs
 on every rank. ``strip_clear_attention`` is the attention-level function. ``generate_parallel``
 is ``cleardit generate --devices N``. See docs/parallel.md.
 """
 
-from .launch import ParallelLaunchError, free_port, init_distributed, spawn
-from .patch import (
+from ..attention.strips import (
     CommCounter,
     ParallelError,
     StripPlan,
@@ -16,6 +15,7 @@ from .patch import (
     strip_attention,
     strip_clear_attention,
 )
+from .launch import ParallelLaunchError, free_port, init_distributed, spawn
 
 __all__ = [
     "CommCounter",
@@ -36,11 +36,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The FLUX adapter and the generation job import diffusers; load them only when asked for.
+    # The model adapters and the generation job import diffusers; load them only when asked for.
     if name in ("parallelize", "ParallelHandle"):
-        from . import flux
+        from ..models import strips
 
-        return getattr(flux, name)
+        return getattr(strips, name)
     if name == "generate_parallel":
         from .generate import generate_parallel
 

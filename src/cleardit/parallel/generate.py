@@ -7,7 +7,7 @@ NCCL, rank i on ``cuda:i``; CPU processes with gloo otherwise). Every rank runs
 * its transformer is ``parallelize``-d with ``strip_input=True`` instead of ``linearize``-d;
 * its pipeline is wrapped in a ``StripPipeline``: every rank encodes the prompt (cheap, so nothing
   is broadcast), draws the same full noise from the seeds, keeps its strip of latent rows
-  ([B, rows_i * W, C]) and runs FLUX's own denoising loop on the strip (the scheduler step is
+  ([B, rows_i * W, C]) and runs the family's own denoising loop on the strip (the scheduler step is
   token-wise; the timestep shift is computed from the full image). The strips are all-gathered
   once after the last step; rank 0 decodes with the VAE (``vae_tiling`` for large images) and
   is the only rank that prints and writes files.
@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..atomic import check_writable
+from ..attention.strips import KINDS, CommCounter, StripPlan
 from ..pipelines.generate import GenerationResult, _prompts, generate, output_paths
 from ..pipelines.highres import decode_latents
 from ..pipelines.loading import (
@@ -39,9 +40,8 @@ from ..pipelines.loading import (
 )
 from ..schedule import sigmas_as_given
 from .launch import ParallelLaunchError, spawn
-from .patch import KINDS, CommCounter, StripPlan
 
-PRELOAD = ["torch", "diffusers.pipelines.flux.pipeline_flux", "cleardit.parallel.generate"]
+PRELOAD = ["torch", "diffusers", "cleardit.parallel.generate"]
 USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "ModelNotFoundError")
 UNSUPPORTED = {
     "compare": "its full-attention runs see every token, so they cannot be split into strips; "
@@ -74,15 +74,22 @@ def _check_scheduler(scheduler) -> None:
     name = type(scheduler).__name__
     if name != "FlowMatchEulerDiscreteScheduler" or scheduler.config.get("stochastic_sampling", False):
         raise ValueError(
-            f"--devices needs a token-wise sampler step (FLUX's deterministic "
+            f"--devices needs a token-wise sampler step (the deterministic "
             f"FlowMatchEulerDiscreteScheduler); this pipeline has {name}"
             + (" with stochastic_sampling" if name == "FlowMatchEulerDiscreteScheduler" else "")
             + "; generate on one device"
         )
 
 
+@dataclass
+class StripOutput:
+    """What a ``StripPipeline`` call returns, like a diffusers pipeline output."""
+
+    images: object
+
+
 class StripPipeline:
-    """A FluxPipeline whose denoising runs on this rank's strip of latent rows.
+    """A pipeline whose denoising runs on this rank's strip of latent rows (the family's own loop).
 
     Attributes are the wrapped pipeline's. ``__call__`` takes the arguments ``generate`` passes
     and needs the transformer ``parallelize``-d with ``strip_input=True`` (``PatchParallelRank``).
@@ -112,18 +119,16 @@ class StripPipeline:
         num_inference_steps: int,
         sigmas: list[float],
         generator,
-        guidance_scale: float,
         max_sequence_length: int,
+        guidance_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         true_cfg_scale: float = 1.0,
         negative_prompt: str | None = None,
     ):
         """Latents [B, H*W, C] (``output_type="latent"``, every rank) or images (rank 0; None elsewhere)."""
-        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-
-        from ..models.handle import get_handle
-        from .flux import ParallelHandle
+        from ..models import adapter_for, get_handle
+        from ..models.strips import ParallelHandle
 
         pipe = self.pipe
         handle = get_handle(pipe.transformer)
@@ -133,64 +138,48 @@ class StripPipeline:
                 "full attention cannot be split into strips"
             )
         _check_scheduler(pipe.scheduler)
+        adapter = adapter_for(pipe.transformer)
         comm = handle.context.comm
         factor = size_factor(pipe)
         rows, cols = height // factor, width // factor
         plan = StripPlan(rows, cols, comm.world, handle.config.radius, handle.config.down_factor)
         device = pipe._execution_device
-
-        embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=None,
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
+        # every rank encodes the text itself (cheap, so nothing is broadcast)
+        text = adapter.encode_prompt(
+            pipe, prompt, images_per_prompt=num_images_per_prompt, text_len=max_sequence_length,
+            true_cfg=true_cfg_scale, negative_prompt=negative_prompt,
+        )  # fmt: skip
+        batch = text["prompt_embeds"].shape[0]
+        noise = adapter.initial_noise(
+            pipe, batch, height, width, text["prompt_embeds"].dtype, device, generator
         )
-        negative = {}
-        if true_cfg_scale > 1 and negative_prompt is not None:  # every rank needs both texts' embeddings
-            neg, neg_pooled, _ = pipe.encode_prompt(
-                prompt=[negative_prompt] * (embeds.shape[0] // num_images_per_prompt),
-                prompt_2=None,
-                device=device,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length,
-            )
-            negative = dict(
-                true_cfg_scale=true_cfg_scale,
-                negative_prompt_embeds=neg,
-                negative_pooled_prompt_embeds=neg_pooled,
-            )
-        channels = pipe.transformer.config.in_channels // 4
-        noise, _ = pipe.prepare_latents(
-            embeds.shape[0], channels, height, width, embeds.dtype, device, generator
-        )  # [B, rows * cols, C]: the same full noise as on one device
+        # [B, rows * cols, C]: the same full noise as on one device
         y0, y1 = plan.strip(comm.rank)
+        options = adapter.call_options(guidance_scale, true_cfg_scale, negative_prompt, max_sequence_length)
+        options.pop("negative_prompt", None)  # encoded above
         # the sigmas are the whole image's (``generate`` sets them with the scheduler's own shift
-        # turned off); FluxPipeline would otherwise shift by the strip's token count
+        # turned off); the pipeline would otherwise shift by the strip's token count
         with sigmas_as_given(pipe):
             strip = pipe(
-                prompt_embeds=embeds,
-                pooled_prompt_embeds=pooled,
+                **text,
+                **options,
                 latents=noise[:, y0 * cols : y1 * cols],
                 height=height,
                 width=width,
                 num_inference_steps=num_inference_steps,
                 sigmas=sigmas,
-                guidance_scale=guidance_scale,
-                max_sequence_length=max_sequence_length,
                 output_type="latent",
-                **negative,
             ).images  # [B, rows_i * cols, C]
         counts = [plan.rows(r) * cols for r in range(comm.world)]
         latents = torch.cat(comm.all_gather(strip, counts, 1, "output", "final latent gather", None), 1)
         if output_type == "latent":
-            return FluxPipelineOutput(images=latents)
+            return StripOutput(latents)
         if comm.rank != 0:
-            return FluxPipelineOutput(images=[None] * latents.shape[0])
-        return FluxPipelineOutput(images=self.decode(latents, height, width, output_type))
+            return StripOutput([None] * latents.shape[0])
+        return StripOutput(self.decode(latents, height, width, output_type))
 
     def decode(self, latents: torch.Tensor, height: int, width: int, output_type: str = "pil"):
-        """Packed latents [B, H*W, C] -> images, as FluxPipeline decodes them."""
+        """Packed latents [B, H*W, C] -> images, as the pipeline decodes them."""
         return decode_latents(self.pipe, latents, (height, width), output_type)
 
 
@@ -208,7 +197,7 @@ class PatchParallelRank:
         self.counter = CommCounter()
 
     def install(self, transformer, *, config):
-        from .flux import parallelize
+        from ..models.strips import parallelize
 
         return parallelize(
             transformer,

@@ -1,4 +1,4 @@
-"""``cleardit.generate``: text-to-image at any resolution with a FLUX-class pipeline and CLEAR attention.
+"""``cleardit.generate``: text-to-image at any resolution with a supported pipeline and CLEAR attention.
 
 One call loads the model offline (:mod:`.loading`), linearizes its transformer for the target-size
 denoising (radius 0 = the original attention), optionally runs the two-stage high-resolution recipe
@@ -200,7 +200,7 @@ def _declared_clear_geometry(path: Path) -> tuple[int | None, int | None]:
 
 # ----------------------------------------------------------------------------- attention modes
 class AttentionModes:
-    """Switches a FLUX transformer between its original attention and CLEAR, per denoising run.
+    """Switches a transformer between its original attention and CLEAR, per denoising run.
 
     CLEAR weights (``load_weights``) replace the image-stream projections, so the original tensors are
     kept aside and swapped back whenever full attention runs (high-res stage 1, compare runs): the
@@ -459,15 +459,17 @@ def generate(
     Args:
         prompt: one prompt or a list; each prompt makes ``batch`` images (seeds ``seed``,
             ``seed + 1``, ... across all images, so image i is reproducible on its own).
-        model: None (the shipped mini model), a diffusers FLUX pipeline folder, a Hugging Face id
-            in the local cache (never downloaded), or a loaded ``FluxPipeline`` (used as it is).
+        model: None (the shipped mini model), a diffusers pipeline folder of a supported family, a
+            Hugging Face id in the local cache (never downloaded), or a loaded pipeline (used as it is).
         info: overrides the folder's ``cleardit.json`` (base size, text length, defaults).
-        height, width: pixels, multiples of the pipeline's factor (VAE scale x 2: 16 for FLUX);
+        height, width: pixels, multiples of the pipeline's factor (VAE scale x 2: 16 for FLUX.1);
             default the model's base size.
-        steps, guidance: denoising steps and FLUX guidance (defaults from cleardit.json, else 28 / 3.5).
+        steps, guidance: denoising steps and distilled guidance (FLUX.1; defaults from cleardit.json,
+            else the family's: 28 / 3.5 for FLUX.1).
         true_cfg: classifier-free guidance scale (two transformer passes per step, conditional and
             ``negative_prompt``); 1 = off. Default from cleardit.json (the mini model: its trained
-            scale), else 1. FLUX.1-dev's distilled ``guidance`` is separate.
+            scale), else the family's (FLUX.1: 1; Chroma: 5). FLUX.1-dev's distilled ``guidance`` is
+            separate.
         negative_prompt: the unconditional text of ``true_cfg`` (default "", as trained).
         device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32.
         radius: CLEAR radius in tokens; 0 = the original full attention; None = the radius of the
@@ -569,7 +571,7 @@ def generate(
         pipe = model
         if not hasattr(pipe, "transformer") or not hasattr(pipe, "vae"):
             raise TypeError(
-                f"model must be a path, a Hugging Face id or a FluxPipeline, got {type(model).__name__}"
+                f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
             )
         if device is not None or dtype is not None:
             dev = resolve_device(device) if device is not None else pipe._execution_device
@@ -579,9 +581,10 @@ def generate(
     load_seconds = time.perf_counter() - t0
     if parallel_rank is not None:
         pipe = parallel_rank.wrap(pipe)
-    from ..models import get_handle
+    from ..models import adapter_for, get_handle
 
     transformer = pipe.transformer
+    adapter = adapter_for(transformer)
     if get_handle(transformer) is not None:
         raise ValueError("the pipeline's transformer is already linearized; call handle.restore() first")
     factor = size_factor(pipe)
@@ -590,18 +593,16 @@ def generate(
     width = width or base_w
     grid = (hr.check_size(height, factor, "height"), hr.check_size(width, factor, "width"))
     text_len = max_sequence_length(pipe, info)
-    steps = steps or info.default_steps or 28
+    steps = steps or info.default_steps or adapter.default_steps
     if guidance is None:
-        guidance = info.default_guidance if info.default_guidance is not None else 3.5
+        guidance = info.default_guidance if info.default_guidance is not None else adapter.default_guidance
     if true_cfg is None:
-        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else 1.0
+        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
     if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
         raise ValueError(
             f"--true-cfg must be a number >= 1 (1 = no classifier-free guidance), got {true_cfg!r}"
         )
-    cfg = transformer.config
-    head_dim, heads = int(cfg.attention_head_dim), int(cfg.num_attention_heads)
-    layers = int(cfg.num_layers) + int(cfg.num_single_layers)
+    heads, head_dim, layers = adapter.attention_geometry(transformer)
 
     s1 = None
     if highres:
@@ -649,9 +650,7 @@ def generate(
     for p in (pipe, img2img):
         if p is not None:
             p.set_progress_bar_config(disable=quiet, leave=False)
-    common = dict(guidance_scale=guidance, max_sequence_length=text_len)
-    if true_cfg > 1:
-        common.update(true_cfg_scale=float(true_cfg), negative_prompt=negative_prompt)
+    common = adapter.call_options(guidance, true_cfg, negative_prompt, text_len)
 
     def gens(seeds, states=None):
         out = [torch.Generator("cpu").manual_seed(s) for s in seeds]

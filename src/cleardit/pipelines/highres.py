@@ -2,7 +2,7 @@
 
 * Two-stage "SDEdit" upscaling: generate near the model's base size with full attention, upscale
   the image (or the latents), re-noise to the noise level ``strength`` and denoise at the target
-  size with CLEAR. diffusers' ``FluxImg2ImgPipeline`` built from the same components runs stage 2
+  size with CLEAR. The family's image-to-image pipeline built from the same components runs stage 2
   on the sigmas of ``cleardit.schedule.denoising_sigmas``, whose first sigma is ``strength``.
 * NTK-scaled RoPE: the rotary base ``theta`` multiplied by a factor while generating.
 * Proportional attention: softmax scale ``sqrt(log_base(N) / d)``, ``base`` the sequence length the
@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models import adapter_for
 
 
 def check_size(pixels: int, factor: int, what: str) -> int:
@@ -59,30 +61,21 @@ def proportional_scale(seq_len: int, base_seq_len: int, head_dim: int) -> float:
 
 @contextlib.contextmanager
 def ntk_rope(transformer: nn.Module, factor: float | None) -> Iterator[None]:
-    """Multiply a FLUX transformer's RoPE ``theta`` by ``factor`` inside the block (None/1: no change)."""
+    """Multiply the transformer's RoPE ``theta`` by ``factor`` inside the block (None/1: no change)."""
     if factor is None or factor == 1:
         yield
         return
     if not factor > 0:
         raise ValueError(f"--ntk-factor must be positive, got {factor}")
-    pos_embed = getattr(transformer, "pos_embed", None)
-    if pos_embed is None or not hasattr(pos_embed, "theta"):
-        raise ValueError(
-            f"{type(transformer).__name__} has no pos_embed.theta; NTK-scaled RoPE needs a FLUX model"
-        )
-    original = pos_embed.theta
-    pos_embed.theta = original * factor
-    try:
+    with adapter_for(transformer).rope_theta_scaled(transformer, factor):
         yield
-    finally:
-        pos_embed.theta = original
 
 
 @contextlib.contextmanager
 def query_scale(transformer: nn.Module, multiplier: float | None) -> Iterator[None]:
-    """Scale every attention query by ``multiplier`` (FLUX: after its q-norm; RoPE is linear, so this
-    is the same as multiplying the softmax scale). Used for full attention, whose processor has no
-    scale argument; CLEAR takes its scale from ``ClearConfig(scale=...)`` instead."""
+    """Scale every attention query by ``multiplier`` (after its norm; RoPE is linear, so this is the
+    same as multiplying the softmax scale). Used for full attention, whose processor has no scale
+    argument; CLEAR takes its scale from ``ClearConfig(scale=...)`` instead."""
     if multiplier is None or multiplier == 1:
         yield
         return
@@ -92,16 +85,8 @@ def query_scale(transformer: nn.Module, multiplier: float | None) -> Iterator[No
         return output * multiplier
 
     try:
-        for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-            for name in ("norm_q", "norm_added_q"):
-                norm = getattr(block.attn, name, None)
-                if norm is None:
-                    if name == "norm_q":
-                        raise ValueError(
-                            "proportional attention for full attention needs FLUX's q-norm layers"
-                        )
-                    continue
-                hooks.append(norm.register_forward_hook(hook))
+        for norm in adapter_for(transformer).query_norms(transformer):
+            hooks.append(norm.register_forward_hook(hook))
         yield
     finally:
         for h in hooks:
@@ -111,9 +96,9 @@ def query_scale(transformer: nn.Module, multiplier: float | None) -> Iterator[No
 def upscale_latents(
     pipe, packed: torch.Tensor, size: tuple[int, int], target: tuple[int, int]
 ) -> torch.Tensor:
-    """Packed FLUX latents of a ``size`` image -> unpacked latents of a ``target`` image (bicubic)."""
-    latents = pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
-    th, tw = (2 * (t // (pipe.vae_scale_factor * 2)) for t in target)
+    """Packed latents of a ``size`` image -> unpacked latents of a ``target`` image (bicubic)."""
+    latents = adapter_for(pipe).unpack_latents(pipe, packed, size)
+    th, tw = (t * n // s for t, n, s in zip(target, latents.shape[-2:], size, strict=True))
     return F.interpolate(latents.float(), size=(th, tw), mode="bicubic", align_corners=False).to(
         latents.dtype
     )
@@ -151,18 +136,10 @@ def vae_tiles(vae, on: bool) -> Iterator[None]:
 
 
 def decode_latents(pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
-    """Packed FLUX latents of a ``size`` image -> images (PIL by default), as FluxPipeline decodes them."""
-    latents = pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    with torch.no_grad():
-        image = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)
+    """Packed latents of a ``size`` image -> images (PIL by default), as the pipeline decodes them."""
+    return adapter_for(pipe).decode_latents(pipe, packed, size, output_type)
 
 
 def img2img_pipeline(pipe):
-    """A ``FluxImg2ImgPipeline`` sharing every module of ``pipe`` (no copies)."""
-    from diffusers import FluxImg2ImgPipeline
-
-    img2img = FluxImg2ImgPipeline(**pipe.components)
-    img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    return img2img
+    """The family's image-to-image pipeline sharing every module of ``pipe`` (no copies)."""
+    return adapter_for(pipe).img2img_pipeline(pipe)

@@ -1,4 +1,4 @@
-"""Find and load a FLUX-class diffusers pipeline offline: a local folder or the local HF cache.
+"""Find and load a supported diffusers pipeline offline: a local folder or the local HF cache.
 
 ``resolve_model`` turns what the user typed (nothing, a folder, a Hugging Face id) into a local
 folder, without ever touching the network; ``load_pipeline`` loads it. A folder may carry a small
@@ -21,7 +21,6 @@ import torch
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
 MODEL_INFO_FILE = "cleardit.json"
 MODEL_INFO_FORMAT = "cleardit-model-info-v1"
-FLUX_MAX_TEXT_TOKENS = 512  # FluxPipeline refuses max_sequence_length > 512
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 DTYPES = {
@@ -139,7 +138,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
             raise ModelNotFoundError(
                 f"the shipped mini model is missing from {folder} (an incomplete checkout or install?); "
                 "reinstall cleardit, or rebuild it with `python -m cleardit.mini.train`, or pass --model "
-                "with a diffusers FLUX pipeline folder (one with model_index.json), or a Hugging Face id "
+                "with a diffusers pipeline folder (one with model_index.json), or a Hugging Face id "
                 "already in the local cache, e.g. --model black-forest-labs/FLUX.1-dev"
             )
         return folder
@@ -213,28 +212,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)} or auto") from None
 
 
+def folder_adapter(folder: Path):
+    """The model adapter of the pipeline in ``folder`` (its ``model_index.json`` class)."""
+    from ..models import adapter_for_pipeline_class, adapters
+
+    name = pipeline_class_name(folder)
+    adapter = adapter_for_pipeline_class(name)
+    if adapter is None:
+        known = ", ".join(c for a in adapters() for c in a.pipeline_classes)
+        raise ValueError(f"{folder} holds a {name}; cleardit runs these text-to-image pipelines: {known}")
+    return adapter
+
+
 def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True):
-    """``FluxPipeline.from_pretrained(folder)`` offline, moved to ``device`` (``progress``: loading bars)."""
+    """The folder's text-to-image pipeline, offline, moved to ``device`` (``progress``: loading bars)."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
-    from diffusers import FluxPipeline
 
+    adapter = folder_adapter(folder)
     bars = [
         m for m in (diffusers_logging, transformers_logging) if not progress and m.is_progress_bar_enabled()
     ]
     for m in bars:
         m.disable_progress_bar()
-    name = pipeline_class_name(folder)
     try:
-        if not name.startswith("Flux"):
-            raise ValueError(
-                f"{folder} holds a {name}; cleardit generate runs FLUX-class text-to-image pipelines "
-                "(FluxPipeline: FLUX.1-dev, FLUX.1-schnell, the cleardit mini model)"
-            )
-        try:
-            pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"could not load the pipeline in {folder}: {exc}") from exc
+        pipe = adapter.load_pipeline(folder, dtype)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the pipeline in {folder}: {exc}") from exc
     finally:
         for m in bars:
             m.enable_progress_bar()
@@ -242,22 +246,24 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype, *, pro
 
 
 def max_sequence_length(pipe, info: ModelInfo) -> int:
-    """T5 tokens per prompt: cleardit.json, else the T5 tokenizer's length capped at FLUX's 512."""
+    """Text tokens per prompt: cleardit.json, else what the family's tokenizer allows."""
     if info.max_sequence_length:
         return int(info.max_sequence_length)
-    tok = getattr(pipe, "tokenizer_2", None)
-    length = getattr(tok, "model_max_length", None) if tok is not None else None
-    if not isinstance(length, int) or length <= 0:
-        return FLUX_MAX_TEXT_TOKENS
-    return min(length, FLUX_MAX_TEXT_TOKENS)
+    from ..models import adapter_for
+
+    return adapter_for(pipe).max_text_tokens(pipe)
 
 
 def size_factor(pipe) -> int:
-    """Pixels per token side of a loaded FLUX pipeline (16 for FLUX.1)."""
-    return int(pipe.vae_scale_factor) * 2
+    """Pixels per token side of a loaded pipeline (16 for FLUX.1)."""
+    from ..models import adapter_for
+
+    return adapter_for(pipe).size_factor(pipe)
 
 
 def base_size(pipe, info: ModelInfo) -> tuple[int, int]:
-    """(height, width) the model was trained at: cleardit.json, else diffusers' FLUX default."""
-    default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+    """(height, width) the model was trained at: cleardit.json, else the pipeline's default."""
+    from ..models import adapter_for
+
+    default = adapter_for(pipe).default_size(pipe)
     return int(info.base_height or default), int(info.base_width or info.base_height or default)

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..attention import TokenLayout, choose_backend, clear_attention, pool_image_tokens
-from ..attention.layout import check_radius
+from .dispatch import choose_backend, clear_attention
+from .layout import TokenLayout, check_radius
+from .pooling import pool_image_tokens
 
 TEXT_MERGES = ("exact", "average")
 KINDS = ("halo", "text", "pooled", "output")

@@ -1,0 +1,171 @@
+"""``ModelAdapter``: everything a job may know about a model family.
+
+Jobs (generation, patch-parallel, distillation, evaluation) never name a family's classes or
+internals; they ask the adapter of the model in hand (``cleardit.models.adapter_for``). One file
+per family subclasses this and fills in what differs. Tensors called "latents" here are the
+unpacked VAE latents [B, C, H / vae_scale, W / vae_scale]; "packed" ones are what the family's
+transformer takes as ``hidden_states``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config import ClearConfig
+from .handle import ClearHandle
+
+
+class NotSupportedError(ValueError):
+    """The family cannot do what was asked (the message names what it supports instead)."""
+
+
+class ModelAdapter:
+    """One model family. Subclasses set the class attributes and implement the methods they need.
+
+    Attributes:
+        family: short name ("flux", "chroma"), written into CLEAR weight files.
+        transformer_classes: diffusers transformer class names this adapter handles.
+        pipeline_classes: diffusers text-to-image pipeline class names (``model_index.json``).
+        img2img_class: the family's image-to-image pipeline class (high-resolution stage 2).
+        trainable_pattern: regex over ``named_parameters()`` names: what CLEAR fine-tunes and saves.
+        text_conditions: the per-sample text tensors teacher data stores, in ``encode_text`` order;
+            they are also the pipeline call's keyword arguments for pre-encoded text.
+        default_steps, default_guidance, default_true_cfg: generation defaults when the model folder's
+            ``cleardit.json`` gives none (guidance: the distilled guidance, where the family has one).
+    """
+
+    family: str = ""
+    transformer_classes: tuple[str, ...] = ()
+    pipeline_classes: tuple[str, ...] = ()
+    img2img_class: str | None = None
+    trainable_pattern: re.Pattern = re.compile(r"$^")
+    text_conditions: tuple[str, ...] = ()
+    default_steps: int = 28
+    default_guidance: float = 3.5
+    default_true_cfg: float = 1.0
+
+    # -- which models ------------------------------------------------------------------------------
+    def matches(self, obj) -> bool:
+        """Whether ``obj`` (a transformer or a pipeline) is of this family."""
+        names = {c.__name__ for c in type(obj).__mro__}
+        return bool(names & set(self.transformer_classes + self.pipeline_classes))
+
+    def describe(self) -> str:
+        return f"{self.family}: {', '.join(self.transformer_classes)}"
+
+    # -- CLEAR attention ---------------------------------------------------------------------------
+    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
+        """The attention modules whose processors CLEAR replaces, in layer order."""
+        raise NotImplementedError
+
+    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        """Put CLEAR processors and the grid hooks into ``transformer``; the handle undoes it."""
+        raise NotImplementedError
+
+    def install_strips(self, transformer: nn.Module, config: ClearConfig, context) -> ClearHandle:
+        """Patch-parallel CLEAR (``cleardit.models.strips.parallelize``): one strip of rows per rank."""
+        raise NotSupportedError(
+            f"patch-parallel inference (--devices) is not supported for {self.family} models; "
+            "generate on one device"
+        )
+
+    def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
+        """(heads, head_dim, attention layers) for FLOPs counts."""
+        raise NotImplementedError
+
+    def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the attention modules whose outputs distillation's consistency loss may
+        compare (``--attention-layers`` indexes this list)."""
+        raise NotImplementedError
+
+    # -- high-resolution hooks ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def rope_theta_scaled(self, transformer: nn.Module, factor: float) -> Iterator[None]:
+        """RoPE's base theta multiplied by ``factor`` inside the block (NTK-scaled RoPE)."""
+        raise NotSupportedError(f"NTK-scaled RoPE (--ntk-factor) is not supported for {self.family} models")
+        yield
+
+    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
+        """Modules whose output is the query right before RoPE and the softmax (query scaling)."""
+        raise NotSupportedError(
+            f"proportional attention with full attention is not supported for {self.family} models"
+        )
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        """The text-to-image pipeline in ``folder``, offline."""
+        raise NotImplementedError
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        """Only the transformer of the pipeline in ``folder``, offline."""
+        raise NotImplementedError
+
+    def img2img_pipeline(self, pipe):
+        """An image-to-image pipeline sharing every module of ``pipe`` (no copies)."""
+        raise NotSupportedError(f"--highres needs an image-to-image pipeline; {self.family} has none yet")
+
+    def size_factor(self, pipe) -> int:
+        """Pixels per token side."""
+        raise NotImplementedError
+
+    def default_size(self, pipe) -> int:
+        """The pipeline's default image side in pixels."""
+        raise NotImplementedError
+
+    def max_text_tokens(self, pipe) -> int:
+        """Text tokens per prompt when the model folder does not say."""
+        raise NotImplementedError
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        """Keyword arguments of a pipeline call for these generation settings."""
+        raise NotImplementedError
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt: int, text_len: int, true_cfg: float,
+                      negative_prompt: str | None) -> dict:  # fmt: skip
+        """The encoded text as keyword arguments of a pipeline call (``prompt_embeds=...``)."""
+        raise NotImplementedError
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        """The packed starting noise the pipeline would draw from ``generator``."""
+        raise NotImplementedError
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Packed latents of a ``size`` (height, width) image -> latents [B, C, h, w]."""
+        raise NotImplementedError
+
+    def decode_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+        """Packed latents of a ``size`` image -> images, as the pipeline decodes them."""
+        latents = self.unpack_latents(pipe, packed, size)
+        vae = pipe.vae
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        with torch.no_grad():
+            image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        """One prompt's text conditions (``text_conditions``), each without a batch dimension."""
+        raise NotImplementedError
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        """Raise ValueError when teacher data (``sample``) was made for another model."""
+
+    def training_inputs(self, transformer: nn.Module, noisy: torch.Tensor, sigma: torch.Tensor,
+                        conditions: dict[str, torch.Tensor], guidance: float) -> dict:  # fmt: skip
+        """Forward keyword arguments for latents ``noisy`` [B, C, h, w] at noise levels ``sigma`` [B]."""
+        raise NotImplementedError
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] -> the transformer's token layout (its output has the same)."""
+        raise NotImplementedError
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        """Channels C of the unpacked latents."""
+        raise NotImplementedError
