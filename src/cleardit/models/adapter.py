@@ -67,12 +67,13 @@ class ModelAdapter:
         """Put CLEAR processors and the grid hooks into ``transformer``; the handle undoes it."""
         raise NotImplementedError
 
+    def strips_unsupported(self) -> str | None:
+        """Why patch-parallel inference cannot run this family (None: it can, ``install_strips``)."""
+        return f"patch-parallel inference (--devices) is not supported for {self.family} models yet"
+
     def install_strips(self, transformer: nn.Module, config: ClearConfig, context) -> ClearHandle:
         """Patch-parallel CLEAR (``cleardit.models.strips.parallelize``): one strip of rows per rank."""
-        raise NotSupportedError(
-            f"patch-parallel inference (--devices) is not supported for {self.family} models; "
-            "generate on one device"
-        )
+        raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
 
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         """(heads, head_dim, attention layers) for FLOPs counts."""

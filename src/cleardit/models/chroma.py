@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from ..attention import TokenLayout, clear_attention
-from ..config import ClearConfig
-from .adapter import NotSupportedError
 from .flux import ClearFluxAttnProcessor, FluxAdapter, _check_fits
 
 
@@ -88,10 +86,10 @@ class ChromaAdapter(FluxAdapter):
     default_steps = 35  # ChromaPipeline's defaults
     default_true_cfg = 5.0
 
-    def install_strips(self, transformer: nn.Module, config: ClearConfig, context):
-        raise NotSupportedError(
-            "patch-parallel inference (--devices) is not supported for Chroma yet (its text-padding mask "
-            "is not split into strips); generate on one device"
+    def strips_unsupported(self) -> str | None:
+        return (
+            "patch-parallel inference (--devices) is not supported for Chroma yet "
+            "(its text-padding mask is not split into strips)"
         )
 
     def max_text_tokens(self, pipe) -> int:

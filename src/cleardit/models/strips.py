@@ -24,6 +24,7 @@ from torch import nn
 
 from ..attention.strips import TEXT_MERGES, Comm, CommCounter, StripPlan
 from ..config import ClearConfig
+from .adapter import NotSupportedError
 from .handle import ClearHandle, ForwardGrid, get_handle
 from .registry import adapter_for
 
@@ -102,6 +103,8 @@ def parallelize(
         as on a linearized model (same parameter names).
     """
     adapter = adapter_for(model)
+    if adapter.strips_unsupported():
+        raise NotSupportedError(f"{adapter.strips_unsupported()}; generate on one device")
     if get_handle(model) is not None:
         raise ValueError("this model is already linearized; call handle.restore() before parallelize()")
     if text_merge not in TEXT_MERGES:
