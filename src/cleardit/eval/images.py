@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..image_metrics import MS_SSIM_MIN_SIDE
 from .metrics import (
     LPIPS_MIN_SIDE,
-    MS_SSIM_MIN_SIDE,
     SET_METRICS,
     Metric,
     MetricOptions,

@@ -3,7 +3,8 @@
 Every metric takes batches of image pairs as uint8 tensors ``[B, 3, H, W]`` (reference, test) and
 returns its value(s) from ``compute()``. Which library computes what:
 
-- PSNR, MS-SSIM: ``torchmetrics.functional`` (data range 1, per image, then the mean over pairs).
+- PSNR, MS-SSIM: ``cleardit.image_metrics`` (float64, data range 1, per image, then the mean over
+  pairs; MS-SSIM by ``torchmetrics.functional``, standard 5 scales only).
 - LPIPS (AlexNet, v0.1 linear layers): the linear layers are the ones torchmetrics ships; the
   AlexNet trunk is built here, because torchmetrics takes it from torchvision, which does not
   import beside this torch build (see docs/evaluation.md).
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..image_metrics import ms_ssim, psnr
 from .weights import MissingWeightsError, WeightsResolver, package_file, sha1_of
 
 METRIC_NAMES = ("psnr", "ms_ssim", "lpips", "clip_i", "dino", "fid", "is")
@@ -51,8 +53,6 @@ FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_COPY = "fid_helper_default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
-# torchmetrics' MS-SSIM (5 scales, 11-pixel window) needs side // 16 > 10, i.e. at least 176 px per side.
-MS_SSIM_MIN_SIDE = 176
 # LPIPS' AlexNet trunk needs at least 31 px per side to reach its fifth tap.
 LPIPS_MIN_SIDE = 31
 
@@ -92,39 +92,6 @@ def to_unit(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     return images.to(dtype).div_(255.0)
-
-
-# ----------------------------------------------------------------------------- plain metrics
-def psnr(ref: Tensor, test: Tensor) -> Tensor:
-    """PSNR in dB per image pair, images as floats in [0, 1] ``[B, 3, H, W]`` -> ``[B]``.
-
-    10 log10(1 / MSE), computed in float64; identical images give +inf.
-    """
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return peak_signal_noise_ratio(
-        test.double(), ref.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
-    )
-
-
-def ms_ssim(ref: Tensor, test: Tensor) -> Tensor:
-    """MS-SSIM per image pair (5 scales, Gaussian window 11, sigma 1.5), floats in [0, 1] -> ``[B]``.
-
-    Computed in float64: in float32 the local variances (E[x^2] - E[x]^2) lose enough digits to move
-    the result in the fourth decimal on flat regions.
-    """
-    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-
-    side = min(ref.shape[-2:])
-    if side < MS_SSIM_MIN_SIDE:
-        raise ValueError(
-            f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} px per side (5 scales, 11-px window); "
-            f"these are {ref.shape[-2]}x{ref.shape[-1]}"
-        )
-    out = multiscale_structural_similarity_index_measure(
-        test.double(), ref.double(), data_range=1.0, reduction="none"
-    )
-    return out.reshape(-1)
 
 
 # ----------------------------------------------------------------------------- LPIPS
@@ -617,14 +584,12 @@ def build_metric(name: str, opts: MetricOptions) -> Metric:
     """A ready metric object; raises :class:`MissingWeightsError` if its weights are absent."""
     dev = opts.device
     if name == "psnr":
-        return PairedMetric(
-            "psnr", psnr, "torchmetrics.functional peak_signal_noise_ratio", dev, torch.float64
-        )
+        return PairedMetric("psnr", psnr, "cleardit.image_metrics.psnr (float64)", dev, torch.float64)
     if name == "ms_ssim":
         return PairedMetric(
             "ms_ssim",
             ms_ssim,
-            "torchmetrics.functional multiscale_structural_similarity_index_measure",
+            "torchmetrics.functional multiscale_structural_similarity_index_measure (standard, float64)",
             dev,
             torch.float64,
         )

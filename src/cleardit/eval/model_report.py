@@ -11,15 +11,10 @@ import html
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..image_grid import write_image_grid
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES
-from .report import (
-    LABELS,
-    atomic_write_bytes,
-    atomic_write_text,
-    format_value,
-    make_image_grid,
-    sample_indices,
-)
+from .report import LABELS, format_value, sample_indices
 
 
 def format_flops(flops: float) -> str:
@@ -177,9 +172,15 @@ def write_model_report(
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     picked = sample_indices(len(prompts), samples)
-    rows = [(f"{i:05d}: {prompts[i]}", [teacher_paths[i], *(p[i] for p in clear_paths)]) for i in picked]
-    headers = ["full attention (teacher)", *(c["label"] for c in summary["clear"])]
-    files = {"grid": make_image_grid(rows, headers, out / "grid.png")}
+    files = {
+        "grid": write_image_grid(
+            out / "grid.png",
+            [[teacher_paths[i], *(p[i] for p in clear_paths)] for i in picked],
+            column_labels=["full attention (teacher)", *(c["label"] for c in summary["clear"])],
+            captions=[f"{i:05d}: {prompts[i]}" for i in picked],
+            thumb=256,
+        )
+    }
     plot_name = None
     if plot is not None:
         plot_name = "metrics_vs_radius.png"

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..image_grid import write_image_grid
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 LABELS = {
@@ -188,78 +189,23 @@ def make_pair_grid(
 ) -> Path:
     """A PNG with one row per sampled pair: reference | test, captioned with the pair's metrics.
 
-    Images are shrunk to fit ``thumb`` x ``thumb`` (never enlarged).
+    Images are shrunk to fit ``thumb`` x ``thumb`` (never enlarged). Written atomically.
     """
     per_pair = per_pair or {}
-    rows = []
-    for i in sample_indices(len(pairs), samples):
-        pair = pairs[i]
+    picked = [pairs[i] for i in sample_indices(len(pairs), samples)]
+    captions = []
+    for pair in picked:
         vals = per_pair.get(pair.name, {})
-        caption = pair.name + "".join(
-            f"   {k}={format_value(k, vals[k])}" for k in ("psnr", "lpips") if k in vals
+        captions.append(
+            pair.name + "".join(f"   {k}={format_value(k, vals[k])}" for k in ("psnr", "lpips") if k in vals)
         )
-        rows.append((caption, [pair.ref, pair.test]))
-    return make_image_grid(rows, ["reference", "test"], path, thumb=thumb)
-
-
-def _wrap(draw, text: str, width: int) -> list[str]:
-    """``text`` split at spaces into lines no wider than ``width`` pixels (a long word stays whole)."""
-    lines: list[str] = []
-    for word in text.split(" "):
-        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def make_image_grid(
-    rows: list[tuple[str, list[str | os.PathLike]]],
-    headers: list[str],
-    path: str | os.PathLike,
-    *,
-    thumb: int = 256,
-) -> Path:
-    """A PNG grid: a header line (one label per column), then per row a caption and its images.
-
-    ``rows``: (caption, image files), one file per header. Images are shrunk to fit ``thumb`` x
-    ``thumb`` (never enlarged); captions wrap at the grid's width. Written atomically.
-    """
-    from PIL import Image, ImageDraw
-
-    if any(len(files) != len(headers) for _, files in rows):
-        raise ValueError(f"every grid row needs {len(headers)} images (one per column: {headers})")
-    line_h, pad = 14, 4
-    loaded = []
-    for caption, files in rows:
-        images = []
-        for file in files:
-            with Image.open(file) as im:
-                im = im.convert("RGB")
-                im.thumbnail((thumb, thumb))
-                images.append(im)
-        loaded.append((caption, images))
-    col_w = max([im.width for _, ims in loaded for im in ims] or [thumb])
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    col_w = max(col_w, *(int(probe.textlength(h)) + pad for h in headers))
-    width = len(headers) * (col_w + pad) + pad
-    wrapped = [(_wrap(probe, caption, width - 2 * pad), ims) for caption, ims in loaded]
-    height = line_h + pad + sum(len(c) * line_h + max(im.height for im in ims) + pad for c, ims in wrapped)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for col, header in enumerate(headers):
-        draw.text((pad + col * (col_w + pad), pad), header, fill="black")
-    y = line_h + pad
-    for lines, images in wrapped:
-        for line in lines:
-            draw.text((pad, y), line, fill="dimgray")
-            y += line_h
-        for col, im in enumerate(images):
-            canvas.paste(im, (pad + col * (col_w + pad), y))
-        y += max(im.height for im in images) + pad
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_image_grid(
+        path,
+        [[pair.ref, pair.test] for pair in picked],
+        column_labels=["reference", "test"],
+        captions=captions,
+        thumb=thumb,
+    )
 
 
 def write_report(
