@@ -91,3 +91,86 @@ def test_ms_ssim_standard_refuses_small_images_and_adapted_fits_them():
     big = torch.rand(1, 3, 176, 180, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert float(IM.ms_ssim(big, big)[0]) == pytest.approx(1.0, abs=1e-12)
     assert IM.ms_ssim_note(176, 180) == "MS-SSIM: standard 5 scales, 11-px window"
+
+
+# ---- training: learning rate and configuration checks ------------------------------------------
+
+
+def test_learning_rate_warmup_constant_and_cosine():
+    from cleardit.training import learning_rate
+
+    assert [learning_rate(1.0, s, warmup=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate(2.0, 0) == 2.0  # no warm-up, no decay
+    cos = [learning_rate(1.0, s, warmup=2, total=12, hold=4) for s in range(14)]
+    assert cos[:5] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert cos[8] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway from step 4 to 12
+    assert cos[12] == cos[13] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cos[4:], cos[5:], strict=False))
+
+
+def test_config_differences_names_every_key_and_treats_lists_as_tuples():
+    from cleardit.training import config_differences
+
+    assert config_differences({"a": (1, 2), "b": 3}, {"a": [1, 2], "b": 3}) is None
+    text = config_differences(
+        {"a": 1, "b": 2}, {"a": 5, "c": 3}, stored_as="work dir has", requested_as="asked"
+    )
+    assert text.split("; ") == [
+        "a: work dir has 1, asked 5",
+        "b: work dir has 2, asked <missing>",
+        "c: work dir has <missing>, asked 3",
+    ]
+
+
+# ---- prompt lists, environment, FLOPs -----------------------------------------------------------
+
+
+def test_prompt_files_and_lists(tmp_path):
+    from cleardit.prompt_list import prompt_list, read_prompts
+
+    (tmp_path / "p.txt").write_text(" a cat \n\n  \nb dog\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "b dog"]
+    (tmp_path / "e.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        read_prompts(tmp_path / "e.txt")
+    with pytest.raises(ValueError, match="cannot read the file"):
+        read_prompts(tmp_path / "missing.txt")
+    assert prompt_list("one") == ["one"] and prompt_list(("a", "b")) == ["a", "b"]
+    for bad in ([], ["a", 3], ["a", "  "]):
+        with pytest.raises(ValueError):
+            prompt_list(bad)
+    assert prompt_list(["two\nlines"]) == ["two\nlines"]
+    with pytest.raises(ValueError, match="one line"):
+        prompt_list(["two\nlines"], one_line=True)
+
+
+def test_hf_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from cleardit.environment import hf_cache_dir, resolve_device
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hf_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hf_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "old"))
+    assert hf_cache_dir() == tmp_path / "old"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))
+    assert hf_cache_dir() == tmp_path / "new"
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="is not a device"):
+        resolve_device("nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_format_flops_units():
+    from cleardit.attention.flops import format_flops
+
+    assert format_flops(847.73e12) == "847.73 TFLOPs"
+    assert format_flops(48_320.42e12) == "48,320.42 TFLOPs"
+    assert format_flops(3.48e9) == "3.48 GFLOPs" and format_flops(384.31e6) == "384.31 MFLOPs"
+    assert format_flops(2_000) == "2.00 kFLOPs" and format_flops(12) == "12 FLOPs"

@@ -9,6 +9,8 @@ from .attention.layout import check_radius
 
 # Tile shape of the tile-major token order: 8 rows x 16 columns = 128 tokens, one GPU key block.
 DEFAULT_TILE = (8, 16)
+# CLEAR radius (tokens) when nothing else says: no --radius and no radius in the model's CLEAR weights.
+DEFAULT_RADIUS = 16
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class ClearConfig:
         scale: softmax scale; None = 1/sqrt(head_dim).
     """
 
-    radius: int = 16
+    radius: int = DEFAULT_RADIUS
     down_factor: int | None = None
     backend: str = "auto"
     tile: tuple[int, int] | None = DEFAULT_TILE

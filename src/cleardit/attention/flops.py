@@ -35,3 +35,11 @@ def count_pairs(layout: TokenLayout, radius: int | None) -> int:
 def attention_flops(layout: TokenLayout, radius: int | None, heads: int, head_dim: int) -> int:
     """FLOPs of one attention layer's forward: QK^T and PV each cost 2*d per pair."""
     return 4 * head_dim * heads * count_pairs(layout, radius)
+
+
+def format_flops(flops: float) -> str:
+    """``847.73 TFLOPs`` style: the largest unit (T, G, M, k) the value reaches, two decimals."""
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:,.2f} {unit}"
+    return f"{flops:,.0f} FLOPs"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..environment import resolve_device
 from ..image_metrics import MS_SSIM_MIN_SIDE
 from .metrics import (
     LPIPS_MIN_SIDE,
@@ -155,18 +156,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {**self.values, "skipped": dict(self.skipped), "meta": dict(self.meta)}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 def _set_batches(paths: list[Path], batch_size: int) -> Iterator[Tensor]:

@@ -25,13 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_RADIUS
 from .generation import Attention, FolderReport, Settings, files_fingerprint, fill_folder
 from .images import EvalResult, ImagePair, evaluate_pairs
 from .metrics import normalize_metric_names
 from .report import atomic_write_text, json_text, plot_metrics_vs_radius, write_results
 
 DEFAULT_OUTPUT = "outputs/eval-model"
-DEFAULT_RADIUS = 16  # as cleardit generate: used when the model ships no CLEAR weights
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 3.5  # generate's fallbacks when cleardit.json has none
 SUMMARY_JSON, SUMMARY_MD, PLOT_PNG = "eval_model.json", "eval_model.md", "metrics_vs_radius.png"
 
@@ -39,15 +39,14 @@ SUMMARY_JSON, SUMMARY_MD, PLOT_PNG = "eval_model.json", "eval_model.md", "metric
 # ----------------------------------------------------------------------------- inputs
 def _prompt_list(prompts, limit: int | None) -> tuple[list[str], str]:
     """(prompts, where they came from): a file path, a list of strings, or None (bundled list)."""
+    from ..prompt_list import prompt_list
     from .prompts import bundled_prompts_path, load_prompts
 
     if prompts is None or isinstance(prompts, (str, os.PathLike)):
         items = load_prompts(prompts)
         source = str(prompts) if prompts is not None else f"the bundled list ({bundled_prompts_path()})"
     else:
-        items = list(prompts)
-        if not items or any(not isinstance(p, str) or not p.strip() or "\n" in p for p in items):
-            raise ValueError("prompts must be a file path or a non-empty list of one-line, non-empty strings")
+        items = prompt_list(prompts, one_line=True)
         source = "a list given in Python"
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -231,6 +230,7 @@ def evaluate_model(
         quiet: no progress bars or log lines.
         generate_fn: replaces ``cleardit.pipelines.generate`` (tests count its calls).
     """
+    from ..environment import resolve_device
     from ..models import adapter_for
     from ..pipelines.generate import sigmas_metadata
     from ..pipelines.highres import check_size, wants_vae_tiles
@@ -239,7 +239,6 @@ def evaluate_model(
         load_pipeline,
         max_sequence_length,
         read_model_info,
-        resolve_device,
         resolve_dtype,
         resolve_model,
         size_factor,

@@ -12,17 +12,10 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..attention.flops import format_flops
 from ..image_grid import write_image_grid
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES
 from .report import LABELS, format_value, sample_indices
-
-
-def format_flops(flops: float) -> str:
-    """``1.23 GFLOPs`` style."""
-    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
-        if flops >= scale:
-            return f"{flops / scale:,.2f} {unit}"
-    return f"{flops:,.0f} FLOPs"
 
 
 def _seconds(value: float | None) -> str:

@@ -4,8 +4,8 @@ Learned metrics (LPIPS, CLIP-I, DINO, FID, IS) need pretrained networks. Nothing
 run time: every lookup is a path check on local folders, in this order:
 
 1. an explicit weights folder (``--weights-dir``, else the ``CLEARDIT_WEIGHTS_DIR`` variable);
-2. the local Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
-   ``~/.cache/huggingface/hub``), layout ``models--ORG--NAME/snapshots/REV/``;
+2. the local Hugging Face cache (``cleardit.environment.hf_cache_dir``: ``HF_HUB_CACHE``, else
+   ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), layout ``models--ORG--NAME/snapshots/REV/``;
 3. the torch hub cache (``TORCH_HOME/hub/checkpoints``, as ``torch.hub.get_dir()`` says);
 4. data files that an installed package ships (found without importing the package).
 
@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..environment import hf_cache_dir
+
 ENV_WEIGHTS_DIR = "CLEARDIT_WEIGHTS_DIR"
 
 # Files that hold a transformers model's weights (one of them must be present).
@@ -34,18 +36,6 @@ HF_WEIGHT_FILES = (
 
 class MissingWeightsError(FileNotFoundError):
     """A learned metric's weights are not on this machine; the message says what to fetch and where."""
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, read from the environment at call time."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
 
 
 def torch_checkpoints_dir() -> Path:
