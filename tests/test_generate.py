@@ -21,7 +21,7 @@ from cleardit.mini.pipeline import (
 )
 from cleardit.pipelines import ModelInfo, generate, loading
 from cleardit.pipelines import highres as hr
-from cleardit.pipelines.cli import add_generate_parser
+from cleardit.commands.generate import add_generate_parser
 from cleardit.pipelines.generate import ms_ssim, ms_ssim_settings, output_paths
 
 PROMPT = "a small red circle at the top left on a plain white background"

@@ -30,7 +30,7 @@ from cleardit.parallel.generate import (
 )
 from cleardit.attention.strips import allgather_bytes
 from cleardit.pipelines import generate, loading
-from cleardit.pipelines.cli import add_generate_parser
+from cleardit.commands.generate import add_generate_parser
 from cleardit.schedule import denoising_sigmas
 
 PROMPT = "a small red circle at the top left on a plain white background"

@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)
 
+    from .commands.generate import add_generate_parser
     from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
-    from .pipelines.cli import add_generate_parser
 
     add_generate_parser(sub)
     add_eval_parser(sub)

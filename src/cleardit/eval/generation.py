@@ -186,7 +186,7 @@ def fill_folder(
     """Make sure ``folder`` holds image ``i`` of every prompt with ``settings`` and ``attention``.
 
     Args:
-        pipe, info: a loaded FluxPipeline and its ModelInfo (``generate``'s ``model`` / ``info``).
+        pipe, info: a loaded pipeline and its ModelInfo (``generate``'s ``model`` / ``info``).
         chunk: prompts per ``generate`` call; the images of a call are written when it ends.
         generate_fn: ``cleardit.pipelines.generate`` (tests pass a counting wrapper).
 
@@ -195,6 +195,7 @@ def fill_folder(
     """
     from tqdm.auto import tqdm
 
+    from ..pipelines.config import GenerateConfig
     from ..pipelines.generate import save_png
 
     if generate_fn is None:
@@ -222,10 +223,7 @@ def fill_folder(
     run_info = dataclasses.replace(info, name=settings.model)  # generate records info.name as "model"
     bar = tqdm(total=len(missing), unit="img", desc=attention.label, disable=not progress or not missing)
     for n, run in enumerate(_runs(missing, chunk)):
-        result = generate_fn(
-            [prompts[i] for i in run],
-            model=pipe,
-            info=run_info,
+        config = GenerateConfig(
             height=settings.height,
             width=settings.width,
             steps=settings.steps,
@@ -238,6 +236,7 @@ def fill_folder(
             warmup=n == 0,
             quiet=True,
         )
+        result = generate_fn([prompts[i] for i in run], config, model=pipe, info=run_info)
         per_image = result.seconds / len(run)
         for i, image, meta in zip(run, result.images, result.metadata, strict=True):
             extra = {

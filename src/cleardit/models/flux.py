@@ -387,6 +387,9 @@ class FluxAdapter(ModelAdapter):
         handle._undo += [hook.remove for hook in _install_token_order(transformer, geometry)]
         return handle
 
+    def strips_unsupported(self) -> str | None:
+        return None
+
     def install_strips(
         self, transformer: nn.Module, config: ClearConfig, context: StripContext
     ) -> ClearHandle:

@@ -17,7 +17,6 @@ The result equals one process up to float rounding (tests: max pixel difference 
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import time
@@ -29,7 +28,8 @@ import torch.multiprocessing as mp
 
 from ..atomic import check_writable
 from ..attention.strips import KINDS, CommCounter, StripPlan
-from ..pipelines.generate import GenerationResult, _prompts, generate, output_paths
+from ..pipelines.config import GenerateConfig
+from ..pipelines.generate import GenerationResult, _prompts, generate, make_config, output_paths
 from ..pipelines.highres import decode_latents
 from ..pipelines.loading import (
     read_model_info,
@@ -214,7 +214,14 @@ class PatchParallelRank:
 
 
 def _rank_main(
-    rank: int, world: int, prompts: list[str], options: dict, device_type: str, timeout_s: float
+    rank: int,
+    world: int,
+    prompts: list[str],
+    config: GenerateConfig,
+    model,
+    info,
+    device_type: str,
+    timeout_s: float,
 ) -> tuple[GenerationResult | None, dict[str, int]]:
     """One spawned rank: ``generate`` on its strip; rank 0 alone prints and writes files."""
     from tqdm.std import tqdm
@@ -222,10 +229,10 @@ def _rank_main(
     # tqdm's default lock is a multiprocessing semaphore, which a rank's hard exit would leak.
     tqdm.set_lock(threading.RLock())
     runner = PatchParallelRank(timeout_s=timeout_s)
-    kwargs = dict(options, device=f"cuda:{rank}" if device_type == "cuda" else "cpu")
+    config = config.replace(device=f"cuda:{rank}" if device_type == "cuda" else "cpu")
     if rank != 0:
-        kwargs.update(output=None, quiet=True)
-    result = generate(prompts, parallel_rank=runner, **kwargs)
+        config = config.replace(output=None, quiet=True)
+    result = generate(prompts, config, model=model, info=info, parallel_rank=runner)
     return (result if rank == 0 else None), runner.counter.by_kind()
 
 
@@ -277,8 +284,11 @@ def _cpu_count() -> int:
 
 def generate_parallel(
     prompt: str | Sequence[str],
+    config: GenerateConfig | None = None,
     *,
     devices: int,
+    model=None,
+    info=None,
     timeout_s: float = 1800.0,
     start_method: str | None = None,
     **options,
@@ -286,8 +296,9 @@ def generate_parallel(
     """``cleardit.pipelines.generate`` split over ``devices`` local processes (patch-parallel CLEAR).
 
     Args:
-        prompt, **options: as for ``generate`` (``compare`` and ``highres`` are refused; the model
-            must be a folder or cached Hugging Face id, or None, since every rank loads it).
+        prompt, config, model, info, **options: as for ``generate`` (``compare`` and ``highres`` are
+            refused; the model must be a folder or cached Hugging Face id, or None, since every
+            rank loads it).
         devices: ranks; 1 runs ``generate`` in this process. With CUDA one GPU per rank (NCCL,
             rank i on cuda:i, needs ``devices`` visible GPUs); on the CPU, gloo processes with
             ``cpu_count // devices`` threads each. Needs ``devices`` <= image token rows.
@@ -306,35 +317,31 @@ def generate_parallel(
     """
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ValueError(f"--devices must be a whole number >= 1, got {devices!r}")
-    known = set(inspect.signature(generate).parameters) - {"prompt", "parallel_rank"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"generate_parallel() got unknown option(s) {unknown}; it takes generate()'s")
+    config = make_config(config, options)
     if devices == 1:
-        return generate(prompt, **options)
+        return generate(prompt, config, model=model, info=info)
     for name, why in UNSUPPORTED.items():
-        if options.get(name):
+        if getattr(config, name):
             raise ValueError(f"--devices {devices} with --{name} is not supported: {why}")
-    if options.get("radius") == 0:
+    if config.radius == 0:
         raise ValueError(
             f"--devices {devices} needs CLEAR attention: full attention (--full / --radius 0) mixes every "
             "token, so it cannot be split into strips; give a --radius > 0 or drop --devices"
         )
-    model = options.get("model")
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise TypeError(
             f"with devices={devices} every rank loads the model itself: pass a folder or a Hugging Face "
             f"id, not a loaded {type(model).__name__}"
         )
     prompts = _prompts(prompt)
-    if options.get("output") is not None:
-        check_writable(output_paths(options["output"], prompts, options.get("batch", 1)))
+    if config.output is not None:
+        check_writable(output_paths(config.output, prompts, config.batch))
     folder = resolve_model(model)
     factor = size_factor_of_folder(folder)
-    height = options.get("height") or (options.get("info") or read_model_info(folder)).base_height
+    height = config.height or (info or read_model_info(folder)).base_height
     if factor and height:
         check_rows(devices, height, factor)
-    device_type, backend = _launch_backend(options.get("device"), devices)
+    device_type, backend = _launch_backend(config.device, devices)
     if start_method is None:
         start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         if start_method == "forkserver":
@@ -345,7 +352,7 @@ def generate_parallel(
         ranks = spawn(
             _rank_main,
             devices,
-            (prompts, options, device_type, timeout_s),
+            (prompts, config, model, info, device_type, timeout_s),
             timeout_s=timeout_s,
             grace_s=15.0,
             backend=backend,

@@ -29,6 +29,7 @@ from .. import schedule
 from ..atomic import atomic_write_bytes, check_writable
 from ..config import ClearConfig
 from . import highres as hr
+from .config import DEFAULT_STRENGTH, UPSCALE_MODES, GenerateConfig  # noqa: F401 (re-exported)
 from .loading import (
     ModelInfo,
     base_size,
@@ -43,8 +44,6 @@ from .loading import (
 )
 
 DEFAULT_RADIUS = 16
-DEFAULT_STRENGTH = 0.3
-UPSCALE_MODES = ("image", "latent")
 # torchmetrics' MS-SSIM defaults: 5 scales with these weights, an 11-px Gaussian window of sigma 1.5.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -172,13 +171,6 @@ def _prompts(prompt: str | Sequence[str]) -> list[str]:
     if any(not p.strip() for p in items):
         raise ValueError("prompts must not be empty")
     return items
-
-
-def _positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise ValueError(
-            f"--{name} must be a positive {'number' if kind is float else 'whole number'}, got {value!r}"
-        )
 
 
 def _declared_clear_geometry(path: Path) -> tuple[int | None, int | None]:
@@ -422,115 +414,10 @@ def _version() -> str:
 
 
 # ----------------------------------------------------------------------------- generate
-def generate(
-    prompt: str | Sequence[str],
-    *,
-    model=None,
-    info: ModelInfo | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    true_cfg: float | None = None,
-    negative_prompt: str = "",
-    seed: int = 0,
-    batch: int = 1,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    radius: int | None = None,
-    down_factor: int | None = None,
-    clear_weights: str | os.PathLike | None = None,
-    backend: str = "auto",
-    highres: bool = False,
-    strength: float = DEFAULT_STRENGTH,
-    upscale: str = "image",
-    shift_rule: str = schedule.DEFAULT_SHIFT_RULE,
-    ntk_factor: float | None = None,
-    proportional_attention: bool = False,
-    compare: bool = False,
-    warmup: bool = False,
-    vae_tiling: bool | None = None,
-    output: str | os.PathLike | None = None,
-    quiet: bool = False,
-    parallel_rank=None,
-) -> GenerationResult:
-    """Generate images with CLEAR attention at any resolution.
-
-    Args:
-        prompt: one prompt or a list; each prompt makes ``batch`` images (seeds ``seed``,
-            ``seed + 1``, ... across all images, so image i is reproducible on its own).
-        model: None (the shipped mini model), a diffusers pipeline folder of a supported family, a
-            Hugging Face id in the local cache (never downloaded), or a loaded pipeline (used as it is).
-        info: overrides the folder's ``cleardit.json`` (base size, text length, defaults).
-        height, width: pixels, multiples of the pipeline's factor (VAE scale x 2: 16 for FLUX.1);
-            default the model's base size.
-        steps, guidance: denoising steps and distilled guidance (FLUX.1; defaults from cleardit.json,
-            else the family's: 28 / 3.5 for FLUX.1).
-        true_cfg: classifier-free guidance scale (two transformer passes per step, conditional and
-            ``negative_prompt``); 1 = off. Default from cleardit.json (the mini model: its trained
-            scale), else the family's (FLUX.1: 1; Chroma: 5). FLUX.1-dev's distilled ``guidance`` is
-            separate.
-        negative_prompt: the unconditional text of ``true_cfg`` (default "", as trained).
-        device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32.
-        radius: CLEAR radius in tokens; 0 = the original full attention; None = the radius of the
-            CLEAR weights in use (``clear_weights`` or the model's own), else 16.
-        down_factor, backend: see ``ClearConfig``.
-        clear_weights: a CLEAR checkpoint (reference release or ``save_weights``), loaded after
-            ``linearize``; its radius / down factor must match (checked).
-        highres: two-stage recipe: stage 1 at about the base area with full attention, upscale
-            (``upscale``: "image" or "latent"), re-noise to the noise level ``strength``
-            (``(1 - strength) * x0 + strength * noise``) and denoise from there at the target size
-            with CLEAR (``round(steps * strength)`` steps along the model's shifted schedule).
-        shift_rule: the resolution shift ``mu`` past the scheduler's ``max_image_seq_len``
-            (``cleardit.schedule.SHIFT_RULES``): "hold" (default), "sqrt" or "linear" (diffusers').
-        ntk_factor: multiply RoPE's theta by this at the target size (NTK-scaled RoPE).
-        proportional_attention: softmax scale ``sqrt(log_base(N) / d)`` at the target size,
-            ``base`` = the training sequence length (base-size image tokens + text tokens).
-        compare: also run full attention on the same seeds; write ``*-full.png`` and a side-by-side
-            ``*-compare.png`` (timings, speedup, attention FLOPs, PSNR, MS-SSIM).
-        warmup: one untimed 1-step run per attention mode first (kernel compilation, caches).
-        vae_tiling: encode/decode with the VAE in tiles; None (default) = when the image is larger
-            than the VAE's ``sample_size`` (colours hold, less memory at very high resolution).
-        output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
-        quiet: no progress bars or log lines.
-        parallel_rank: set by ``cleardit.parallel.generate_parallel`` in each of its processes (its
-            ``wrap(pipe)`` and ``install``); leave None. Several devices: ``generate_parallel``.
-
-    Returns:
-        GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
-    """
-    prompts = _prompts(prompt)
-    _positive("batch", batch)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be a whole number >= 0, got {seed!r}")
-    if steps is not None:
-        _positive("steps", steps)
-    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, int) or radius < 0):
-        raise ValueError(f"--radius must be a whole number >= 0 (0 = full attention), got {radius!r}")
-    if ntk_factor is not None:
-        _positive("ntk-factor", ntk_factor, float)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"--strength must be a noise level in (0, 1], got {strength!r}")
-    schedule.check_shift_rule(shift_rule)
-    if upscale not in UPSCALE_MODES:
-        raise ValueError(f"--upscale must be one of {UPSCALE_MODES}, got {upscale!r}")
-    if output is not None:  # refuse a .png name for several images, or an unwritable place, before any work
-        check_writable(output_paths(output, prompts, batch))
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
-
-    # -- the model -----------------------------------------------------------------------------
-    folder = None
-    if model is None or isinstance(model, (str, os.PathLike)):
-        folder = resolve_model(model)
-        info = info or read_model_info(folder)
-        factor = size_factor_of_folder(folder)
-        if factor is not None:  # size mistakes are reported before loading gigabytes
-            for value, what in ((height, "height"), (width, "width")):
-                if value is not None:
-                    hr.check_size(value, factor, what)
-    info = info or ModelInfo()
-
-    # -- CLEAR settings --------------------------------------------------------------------------
+def clear_settings(config: GenerateConfig, info: ModelInfo, folder: Path | None):
+    """(radius, down_factor, CLEAR weights file or None) of a run: the caller's, else the weights
+    file's, else the model folder's own CLEAR weights, else radius 16 training-free."""
+    radius, down_factor, clear_weights = config.radius, config.down_factor, config.clear_weights
     weights_path = Path(clear_weights).expanduser() if clear_weights is not None else None
     if weights_path is not None:
         file_radius, file_df = _declared_clear_geometry(weights_path)
@@ -547,37 +434,105 @@ def generate(
         radius, down_factor = info.clear_radius or radius, info.clear_down_factor
     if radius is None:
         radius = DEFAULT_RADIUS
-    use_clear = radius > 0
-    if not use_clear:
+    if radius == 0:
         if weights_path is not None and clear_weights is not None:
             raise ValueError(
                 "--clear-weights needs CLEAR attention; drop --full / --radius 0 or the weights file"
             )
         if down_factor is not None:
             raise ValueError("--down-factor needs CLEAR attention (--radius > 0)")
-        if compare:
+        if config.compare:
             raise ValueError("--compare compares CLEAR with full attention; give a --radius > 0")
         weights_path = None
+    return radius, down_factor, weights_path
 
-    # -- load ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def _load(model, folder: Path | None, info: ModelInfo, device, dtype, quiet: bool, log):
+    """(pipeline, its device, the model's display name): loaded from ``folder``, or ``model`` as given."""
     if folder is not None:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         log(f"loading {folder} on {dev} ({str(dt).replace('torch.', '')})")
         pipe = load_pipeline(folder, dev, dt, progress=not quiet)
-        model_name = str(model) if model is not None else f"cleardit-mini ({folder})"
-    else:
-        pipe = model
-        if not hasattr(pipe, "transformer") or not hasattr(pipe, "vae"):
-            raise TypeError(
-                f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
-            )
-        if device is not None or dtype is not None:
-            dev = resolve_device(device) if device is not None else pipe._execution_device
-            pipe.to(dev, resolve_dtype(dtype, dev) if dtype is not None else pipe.transformer.dtype)
-        dev = torch.device(pipe._execution_device)
-        model_name = info.name or type(pipe).__name__
+        return pipe, dev, str(model) if model is not None else f"cleardit-mini ({folder})"
+    pipe = model
+    if not hasattr(pipe, "transformer") or not hasattr(pipe, "vae"):
+        raise TypeError(
+            f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
+        )
+    if device is not None or dtype is not None:
+        dev = resolve_device(device) if device is not None else pipe._execution_device
+        pipe.to(dev, resolve_dtype(dtype, dev) if dtype is not None else pipe.transformer.dtype)
+    return pipe, torch.device(pipe._execution_device), info.name or type(pipe).__name__
+
+
+def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
+    """``config`` with ``options`` (GenerateConfig fields) applied; a TypeError names unknown ones."""
+    unknown = sorted(set(options) - GenerateConfig.names())
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; generate takes GenerateConfig's fields")
+    return (config or GenerateConfig()).replace(**options)
+
+
+def generate(
+    prompt: str | Sequence[str],
+    config: GenerateConfig | None = None,
+    *,
+    model=None,
+    info: ModelInfo | None = None,
+    parallel_rank=None,
+    **options,
+) -> GenerationResult:
+    """Generate images with CLEAR attention at any resolution.
+
+    Args:
+        prompt: one prompt or a list; each prompt makes ``config.batch`` images.
+        config: the settings (``GenerateConfig``); ``**options`` are GenerateConfig fields that
+            build it (``generate(p, radius=8, steps=4)``) or change the given one.
+        model: None (the shipped mini model), a diffusers pipeline folder of a supported family, a
+            Hugging Face id in the local cache (never downloaded), or a loaded pipeline (used as it is).
+        info: overrides the folder's ``cleardit.json`` (base size, text length, defaults).
+        parallel_rank: set by ``cleardit.parallel.generate_parallel`` in each of its processes (its
+            ``wrap(pipe)`` and ``install``); leave None. Several devices: ``generate_parallel``.
+
+    Returns:
+        GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
+    """
+    config = make_config(config, options)
+    prompts = _prompts(prompt)
+    c = config
+    height, width, steps, guidance, true_cfg = c.height, c.width, c.steps, c.guidance, c.true_cfg
+    negative_prompt, seed, batch, device, dtype = c.negative_prompt, c.seed, c.batch, c.device, c.dtype
+    backend = c.backend
+    highres, strength, upscale, shift_rule, ntk_factor = (
+        c.highres,
+        c.strength,
+        c.upscale,
+        c.shift_rule,
+        c.ntk_factor,
+    )
+    proportional_attention, compare, warmup = c.proportional_attention, c.compare, c.warmup
+    vae_tiling, output, quiet = c.vae_tiling, c.output, c.quiet
+    if output is not None:  # a .png name for several images, or an unwritable place: refused before any work
+        check_writable(output_paths(output, prompts, batch))
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    # -- the model -----------------------------------------------------------------------------
+    folder = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        folder = resolve_model(model)
+        info = info or read_model_info(folder)
+        factor = size_factor_of_folder(folder)
+        if factor is not None:  # size mistakes are reported before loading gigabytes
+            for value, what in ((height, "height"), (width, "width")):
+                if value is not None:
+                    hr.check_size(value, factor, what)
+    info = info or ModelInfo()
+
+    radius, down_factor, weights_path = clear_settings(config, info, folder)
+    use_clear = radius > 0
+    t0 = time.perf_counter()
+    pipe, dev, model_name = _load(model, folder, info, device, dtype, quiet, log)
     load_seconds = time.perf_counter() - t0
     if parallel_rank is not None:
         pipe = parallel_rank.wrap(pipe)

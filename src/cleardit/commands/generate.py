@@ -10,8 +10,8 @@ import functools
 import sys
 
 from ..argtypes import nonneg_int, positive_float, positive_int
+from ..pipelines.config import DEFAULT_STRENGTH, GenerateConfig
 from ..schedule import DEFAULT_SHIFT_RULE, SHIFT_RULES
-from .generate import DEFAULT_STRENGTH
 
 
 def _float(text: str) -> float:
@@ -23,8 +23,8 @@ def _float(text: str) -> float:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..parallel.launch import ParallelLaunchError
-    from .generate import generate, read_prompts
-    from .loading import ModelNotFoundError
+    from ..pipelines.generate import generate, read_prompts
+    from ..pipelines.loading import ModelNotFoundError
 
     run = generate
     if args.devices != 1:
@@ -33,35 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         run = functools.partial(generate_parallel, devices=args.devices)
     try:
         prompts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
-        result = run(
-            prompts,
-            model=args.model,
-            height=args.height,
-            width=args.width,
-            steps=args.steps,
-            guidance=args.guidance,
-            true_cfg=args.true_cfg,
-            negative_prompt=args.negative_prompt,
-            seed=args.seed,
-            batch=args.batch,
-            device=args.device,
-            dtype=args.dtype,
-            radius=0 if args.full else args.radius,
-            down_factor=args.down_factor,
-            clear_weights=args.clear_weights,
-            backend=args.backend,
-            highres=args.highres,
-            strength=args.strength,
-            upscale=args.upscale,
-            shift_rule=args.shift_rule,
-            ntk_factor=args.ntk_factor,
-            proportional_attention=args.proportional_attention,
-            compare=args.compare,
-            warmup=args.warmup,
-            vae_tiling=args.vae_tiling,
-            output=args.output,
-            quiet=args.quiet,
-        )
+        result = run(prompts, GenerateConfig.from_args(args), model=args.model)
     except (ModelNotFoundError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"cleardit generate: error: {exc}", file=sys.stderr)
         return 2
