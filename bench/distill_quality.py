@@ -26,14 +26,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples" / "mini_model"))  # mini_lab
 from common import machine_header, print_table  # noqa: E402
+from mini_lab.adherence import adherence  # noqa: E402
+from mini_lab.dataset import BASIC_SHAPES, ProceduralDataset  # noqa: E402
+from mini_lab.trainer import heldout_scenes  # noqa: E402
 
 from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
 from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data  # noqa: E402
 from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions  # noqa: E402
-from cleardit.mini.adherence import adherence  # noqa: E402
-from cleardit.mini.dataset import BASIC_SHAPES, ProceduralDataset  # noqa: E402
-from cleardit.mini.train import heldout_scenes  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
 from cleardit.pipelines.generate import ms_ssim, psnr  # noqa: E402
 from cleardit.pipelines.loading import base_size, load_pipeline, read_model_info, resolve_model  # noqa: E402

@@ -1,52 +1,23 @@
-"""The small demo text-to-image model's data side: a procedural dataset of coloured shapes, a
-programmatic prompt-adherence check, and word-level tokenizers for diffusers' FluxPipeline.
+"""The mini demo model as the package uses it at run time: the default model of ``cleardit generate``.
 
-Everything here is numpy-only except the dataset's tensors (torch) and :mod:`.vocab`
-(tokenizers / transformers, imported when called).
+* :mod:`.pipeline`: the architecture, an untrained diffusers ``FluxPipeline`` built offline from
+  configs (``build_mini_pipeline``; the "tiny" size serves the tests), and ``save_mini_pipeline``.
+* :mod:`.vocab`: the offline word-level tokenizers (its closed word list ``WORDS``) and small
+  text-encoder configs (``tokenizers`` / ``transformers`` are imported when called).
+* ``weights/`` (package data): the trained pipeline, found by ``cleardit.pipelines.loading``.
 
-The per-image check is ``cleardit.mini.adherence.adherence``; it is not re-exported here, where
-its name would hide the ``adherence`` submodule.
+The training lab that made ``weights/`` (procedural scenes and captions, the adherence checker,
+the trainer, its benchmarks and recipe history) is not part of the package: it lives in
+``examples/mini_model/`` of the repository.
 """
 
-from .adherence import AdherenceResult, adherence_percent
-from .dataset import (
-    BACKGROUNDS,
-    BASIC_SHAPES,
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    ProceduralDataset,
-    Scene,
-    SceneObject,
-    caption,
-    parse_caption,
-    render,
-    sample_scene,
-    vocabulary,
-)
-from .vocab import MAX_TEXT_TOKENS, build_tokenizers, clip_text_config, flux_text_dims, t5_config
+from .vocab import MAX_TEXT_TOKENS, WORDS, build_tokenizers, clip_text_config, flux_text_dims, t5_config
 
 __all__ = [
-    "BACKGROUNDS",
-    "BASIC_SHAPES",
-    "COLORS",
     "MAX_TEXT_TOKENS",
-    "POSITIONS",
-    "SHAPES",
-    "SIZES",
-    "AdherenceResult",
-    "ProceduralDataset",
-    "Scene",
-    "SceneObject",
-    "adherence_percent",
+    "WORDS",
     "build_tokenizers",
-    "caption",
     "clip_text_config",
     "flux_text_dims",
-    "parse_caption",
-    "render",
-    "sample_scene",
     "t5_config",
-    "vocabulary",
 ]

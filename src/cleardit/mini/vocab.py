@@ -1,8 +1,9 @@
 """Word-level tokenizers and small text-encoder configs for the mini model, built offline.
 
-The captions of :mod:`cleardit.mini.dataset` use a closed vocabulary of a few dozen words, so each
-word is one token (``tokenizers`` WordLevel model, lower-cased, split on whitespace and
-punctuation; unknown words map to ``<unk>``). Two flavours serve diffusers' FluxPipeline:
+The mini model's captions (the procedural scenes of the training lab in ``examples/mini_model/``)
+use a closed vocabulary of a few dozen words (``WORDS``), so each word is one token (``tokenizers``
+WordLevel model, lower-cased, split on whitespace and punctuation; unknown words map to ``<unk>``).
+Two flavours serve diffusers' FluxPipeline:
 
 * CLIP-style (``tokenizer``): ``<s> words </s>``, padded with ``<pad>``. CLIPTextModel pools the
   hidden state at the first ``eos_token_id``, so the config's ``eos_token_id`` must be EOS_ID
@@ -12,13 +13,21 @@ punctuation; unknown words map to ``<unk>``). Two flavours serve diffusers' Flux
 Both are ``PreTrainedTokenizerFast`` objects: ``save_pretrained(dir)`` writes tokenizer.json and
 ``AutoTokenizer.from_pretrained(dir)`` (or FluxPipeline.from_pretrained) reads them back offline.
 
-Token ids (shared by both): 0 ``<pad>``, 1 ``</s>``, 2 ``<unk>``, 3 ``<s>``, then the words of
-:func:`cleardit.mini.dataset.vocabulary` in sorted order.
+Token ids (shared by both): 0 ``<pad>``, 1 ``</s>``, 2 ``<unk>``, 3 ``<s>``, then ``WORDS`` in
+sorted order. The ids are baked into the shipped model's text encoders, so ``WORDS`` is fixed here
+rather than derived from the lab's caption grammar; the lab's tests check that its grammar
+(``mini_lab.dataset.vocabulary()``) still makes exactly these words.
 """
 
 from __future__ import annotations
 
-from .dataset import vocabulary
+# Every word (and punctuation token) a caption can contain, sorted: the token ids 4.. in this order.
+WORDS: tuple[str, ...] = (
+    ",", "a", "an", "and", "at", "background", "black", "blue", "bottom", "center", "checkered",
+    "circle", "cross", "cyan", "diamond", "gradient", "green", "horizontal", "in", "large", "left",
+    "on", "pink", "plain", "red", "right", "small", "square", "striped", "the", "to", "top",
+    "triangle", "vertical", "white", "yellow",
+)  # fmt: skip
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<s>")
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
@@ -28,11 +37,11 @@ MAX_TEXT_TOKENS = 40
 
 def token_vocab() -> dict[str, int]:
     """Token -> id, special tokens first."""
-    return {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + vocabulary())}
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
 
 
 def vocab_size() -> int:
-    return len(SPECIAL_TOKENS) + len(vocabulary())
+    return len(SPECIAL_TOKENS) + len(WORDS)
 
 
 def _backend(add_bos: bool):
@@ -150,6 +159,7 @@ __all__ = [
     "PAD_ID",
     "SPECIAL_TOKENS",
     "UNK_ID",
+    "WORDS",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "build_tokenizers",

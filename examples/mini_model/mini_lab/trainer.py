@@ -1,8 +1,9 @@
-"""Train the shipped mini text-to-image model: ``python -m cleardit.mini.train``.
+"""Train the shipped mini text-to-image model: ``python examples/mini_model/train.py``.
 
 The model is the real diffusers ``FluxPipeline`` of :mod:`cleardit.mini.pipeline` (AutoencoderKL,
-FluxTransformer2DModel, CLIP + T5 text encoders, the word-level tokenizers of :mod:`.vocab`), trained
-from scratch on the procedural scenes of :mod:`.dataset` in two stages:
+FluxTransformer2DModel, CLIP + T5 text encoders, the word-level tokenizers of
+:mod:`cleardit.mini.vocab`), trained from scratch on the procedural scenes of :mod:`.dataset` in two
+stages:
 
 1. **VAE**: reconstruction (L1 + L2) plus a small KL term on 64 px crops of scenes rendered at a
    few sizes (0.5x to 1.5x the base resolution, square and not). The VAE's ``shift_factor`` and
@@ -57,11 +58,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import nonneg_int, positive_float, positive_int
-from ..schedule import shift_mu
-from ..seeds import derive_seed
+import cleardit.mini
+from cleardit.argtypes import nonneg_int, positive_float, positive_int
+from cleardit.mini.pipeline import (
+    MINI_SIZES,
+    SCHEDULER_CONFIG,
+    build_mini_pipeline,
+    count_parameters,
+    mini_model_info,
+)
+from cleardit.mini.vocab import MAX_TEXT_TOKENS
+from cleardit.schedule import shift_mu
+from cleardit.seeds import derive_seed
+
 from .dataset import BASIC_SHAPES, ProceduralDataset, Scene, model_range, object_coverage, render
-from .pipeline import MINI_SIZES, SCHEDULER_CONFIG, build_mini_pipeline, count_parameters, mini_model_info
 from .train_state import (
     CHECKPOINT_FORMAT,
     atomic_torch_save,
@@ -72,9 +82,8 @@ from .train_state import (
     rng_states,
     set_rng_states,
 )
-from .vocab import MAX_TEXT_TOKENS
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "weights"
+DEFAULT_OUTPUT = Path(cleardit.mini.__file__).resolve().parent / "weights"  # the shipped model (package data)
 DEFAULT_WORK_DIR = Path("out") / "mini-train"
 LOG_FILE = "training_log.json"
 LOG_FORMAT = "cleardit-mini-train-log-v1"
@@ -95,9 +104,8 @@ FULL_MIX: tuple[tuple[float, float, float], ...] = (
     (1.0, 4.0, 0.06),
     (4.0, 1.0, 0.06),
 )
-# Round 8's mix: mostly the base size, where the adherence is measured (a 9-minute second phase
-# from the same layout model scored 71.8% on this mix without its 4x strips, 67.5% on FULL_MIX;
-# docs/mini_model.md); the strips keep RoPE positions up to 4x the base in training.
+# Mostly the base size, where the adherence is measured (chosen in round 8: HISTORY.md); the strips
+# keep RoPE positions up to 4x the base in training.
 BASE_HEAVY_MIX: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 0.70),
     (1.5, 1.5, 0.10),
@@ -166,28 +174,23 @@ class TrainConfig:
         layout_steps: the first N DiT steps train only at sigma = 1, on one size
             (``layout_resolution``) and batch (``layout_batch``), at the peak learning rate (the
             cosine decay starts after them). From pure noise everything the transformer knows
-            comes from the caption, so these steps teach it what goes where.
-            Mixed with the other noise levels it does not learn that within a CPU budget; trained
-            alone, at 64 images per step, it does in ~900 steps (docs/mini_model.md, round 5).
+            comes from the caption, so these steps teach it what goes where (mixed with the other
+            noise levels it did not learn that within a CPU budget: HISTORY.md, rounds 4-7).
         layout_resolution: side in pixels of the layout steps' images; None: the base resolution.
             Smaller is cheaper: their image position ids are stretched onto the base token grid
             (``stretch_image_ids``), so the transformer sees the RoPE phases of a base-size image.
-            From pure noise the answer is a blurred scene, which a small render carries: at 64 px
-            (a quarter of the base tokens) a step took 0.8 s instead of 2.2 s on 2 cores and the
-            layout was learned after ~600 steps, and it held at the base size (round 7).
-        layout_batch: images per layout step; None: ``batch``. Layout needs large batches (no drop
-            below 64 in round 5) where the other steps do well with fewer.
+            From pure noise the answer is a blurred scene, which a small render carries (HISTORY.md,
+            round 7).
+        layout_batch: images per layout step; None: ``batch``. Layout needs large batches where the
+            other steps do well with fewer (HISTORY.md, round 5).
         object_loss_weight: after the layout steps, the loss of a token is weighted by 1 + this x the
             share of it (or of its 8 neighbours) that objects cover, normalised over the batch.
             Objects are a small part of each picture, so their shapes barely move an unweighted
-            loss. In a ~160-step fine-tune of the round-7 model, weight 4 scored shapes 34% against
-            29% unweighted (77.2 vs 76.3% of facts: within the noise; docs/mini_model.md, round 8).
-            Default 4; 0: unweighted.
+            loss (HISTORY.md, round 8). Default 4; 0: unweighted.
         latent_reuse: after the layout steps, each rendered and VAE-encoded batch is trained on for
-            this many consecutive steps, each with its own noise and noise levels ("data echoing").
-            In fp32 on 2 CPU cores the VAE encoding is ~40% of a base-size step, which the repeats
-            skip (as they skip rendering and the object weights). Default 2; 1: every step draws new
-            scenes.
+            this many consecutive steps, each with its own noise and noise levels ("data echoing"):
+            the repeats skip the rendering, the VAE encoding and the object weights (HISTORY.md,
+            round 9). Default 2; 1: every step draws new scenes.
         base_tail_steps: the last N DiT steps train only at the base resolution (where adherence is
             measured), after the resolution mix of the steps before. Default 700; 0: none.
         shape_swap: after the layout steps, this share of each batch's captioned samples gets a
@@ -195,22 +198,20 @@ class TrainConfig:
             whenever its noise level is at least ``shape_swap_min_sigma``, and the target is still
             the true scene (the velocity from the input straight to the captioned picture). In
             training the picture always matches the caption, so the transformer learned to copy
-            an object's shape from the picture once sigma is below ~0.6; in sampling the picture
-            there is its own round blob, which it then kept as a circle. As a 560-step warm start
-            of the round-7 model (0.3, with object_loss_weight 4) it raised sampled shapes to 46%
-            (a plain warm start: 27%); in every step of a short second phase it cost object
-            presence and size instead (docs/mini_model.md, round 10), so the default keeps it to
-            a tail (``shape_swap_last_steps``). Default 0.3; 0: off.
+            an object's shape from the picture once sigma is low; in sampling the picture there is
+            its own round blob, which it then kept as a circle. In every step of a second phase it
+            cost object presence and size (HISTORY.md, rounds 10-11), so the default keeps it to a
+            tail (``shape_swap_last_steps``). Default 0.3; 0: off.
         shape_swap_min_sigma: the lowest noise level that gets a swapped input.
         shape_swap_last_steps: swap only in the last N DiT steps, so that the model has learned
             to place and size its objects before it sees inputs that contradict their shapes.
             Default 700 (the base-size tail); None: every step after the layout steps.
         mixed_precision: "bf16" runs the DiT stage's forward passes (the VAE encoder that makes the
             training latents, the text encoders, the transformer) under bfloat16 autocast; weights,
-            optimizer, loss and the VAE stage stay fp32. On CPUs with AVX-512 BF16 the encoder runs
-            ~1.9x and the transformer step ~1.45x faster; on CPUs without it bf16 is emulated and a
-            step was over 10x slower than fp32. "no": fp32 throughout. "auto" (default): "bf16" where
-            the device computes it natively (``native_bf16``), else "no"; the trainer records the
+            optimizer, loss and the VAE stage stay fp32. Faster on CPUs with AVX-512 BF16; on CPUs
+            without it bf16 is emulated and a step was over 10x slower than fp32 (HISTORY.md,
+            rounds 5 and 8). "no": fp32 throughout. "auto" (default): "bf16" where the device
+            computes it natively (``native_bf16``), else "no"; the trainer records the
             value it chose, so ``--resume`` on a machine that would choose otherwise is refused.
     """
 
@@ -409,7 +410,7 @@ def _is_whole_in(value, low: int, high: int) -> bool:
 
 
 def full_config(**overrides) -> TrainConfig:
-    """The configuration of the shipped model (``python -m cleardit.mini.train``)."""
+    """The configuration of the shipped model (``python examples/mini_model/train.py``)."""
     return TrainConfig(**overrides)
 
 
@@ -796,7 +797,7 @@ def load_trained_vae(pipe, folder, size: str) -> dict:
 def native_bf16(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: CUDA GPUs that support it, CPUs with AVX-512
     BF16 or AMX. Elsewhere torch emulates it, which made a CPU training step over 10x slower than fp32
-    (AMD EPYC with AVX2 only, docs/mini_model.md)."""
+    (AMD EPYC with AVX2 only, HISTORY.md)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -1208,7 +1209,8 @@ class MiniTrainer:
 
     def evaluate(self, folder: Path, state: dict) -> dict:
         """Adherence of generated base-size images of held-out scenes (plus the VAE round trip)."""
-        from ..pipelines import generate
+        from cleardit.pipelines import generate
+
         from .adherence import adherence
         from .dataset import BASIC_SHAPES
 
@@ -1357,7 +1359,7 @@ def save_pipeline_atomically(
     An existing ``output`` must be a pipeline folder (``model_index.json``) or empty: anything else
     is refused rather than deleted.
     """
-    from .pipeline import save_mini_pipeline
+    from cleardit.mini.pipeline import save_mini_pipeline
 
     output = Path(output)
     if output.exists():
@@ -1409,7 +1411,7 @@ def train(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cleardit.mini.train",
+        prog="python examples/mini_model/train.py",
         description="Train the cleardit mini text-to-image model (a diffusers FluxPipeline) on procedural "
         "scenes: VAE, then transformer + text encoders; resumable, deterministic.",
     )
@@ -1594,8 +1596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _reexec_with_passive_openmp() -> None:
-    """Restart ``python -m cleardit.mini.train`` with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
+def reexec_with_passive_openmp(script: str | os.PathLike) -> None:
+    """Restart ``python SCRIPT ARGS`` with ``OMP_WAIT_POLICY=PASSIVE`` unless it is set.
 
     torch's CPU build runs its thread pool on OpenMP, whose idle threads spin by default. When other
     processes keep the cores busy, that spinning made a training step up to 5x slower in trials
@@ -1608,9 +1610,4 @@ def _reexec_with_passive_openmp() -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "cleardit.mini.train", *sys.argv[1:]], env)
-
-
-if __name__ == "__main__":
-    _reexec_with_passive_openmp()
-    sys.exit(main())
+    os.execve(sys.executable, [sys.executable, os.fspath(script), *sys.argv[1:]], env)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_torch_save, atomic_write_text
+from cleardit.atomic import atomic_torch_save, atomic_write_text
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cleardit-mini-train-v1"

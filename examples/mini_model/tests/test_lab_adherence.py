@@ -7,10 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
-
-from cleardit.mini.adherence import adherence, adherence_percent
-from cleardit.mini.dataset import (
+from mini_lab.adherence import adherence, adherence_percent
+from mini_lab.dataset import (
     BASIC_SHAPES,
     POSITIONS,
     SHAPES,
@@ -20,6 +18,7 @@ from cleardit.mini.dataset import (
     render,
     sample_scene,
 )
+from PIL import Image, ImageFilter
 
 RESOLUTIONS = [(64, 64), (96, 160), (160, 96), (128, 128), (512, 512)]
 
@@ -244,6 +243,6 @@ def test_positions_use_the_whole_grid():
 
 
 def _place(pos: str) -> str:
-    from cleardit.mini.dataset import PLACE_PHRASES
+    from mini_lab.dataset import PLACE_PHRASES
 
     return PLACE_PHRASES[pos]

@@ -1,4 +1,4 @@
-"""The mini trainer (``python -m cleardit.mini.train``): determinism, checkpoints, resume, CLI errors.
+"""The mini trainer (``python examples/mini_model/train.py``): determinism, checkpoints, resume, CLI errors.
 
 Fast tests train the "tiny" architecture for a handful of steps on the CPU; the slow test runs
 ``--quick`` end to end on the real mini architecture and generates an image from the result.
@@ -13,11 +13,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from mini_lab import trainer as T
+from mini_lab.dataset import ProceduralDataset, object_box
+from mini_lab.train_state import checkpoint_path, load_checkpoint
 from safetensors.torch import load_file
 
-from cleardit.mini import train as T
-from cleardit.mini.dataset import ProceduralDataset, object_box
-from cleardit.mini.train_state import checkpoint_path, load_checkpoint
 from cleardit.seeds import derive_seed
 
 
@@ -112,7 +112,7 @@ def test_render_workers_give_the_same_run(tmp_path):
 
 
 def test_the_defaults_are_the_shipped_models_recipe():
-    """`python -m cleardit.mini.train` trains what ships: the defaults equal the shipped run's logged
+    """`python examples/mini_model/train.py` trains what ships: the defaults equal the shipped run's logged
     configuration (mixed_precision aside: "auto" is logged as what the machine chose)."""
     logged = json.loads((T.DEFAULT_OUTPUT / "training_log.json").read_text())["config"]
     defaults = T.full_config().to_dict()
@@ -550,7 +550,7 @@ def test_caption_dropout_is_planned_and_applied():
 
 
 def test_summarize_adherence_counts_each_kind_and_shapes_by_size():
-    from cleardit.mini.adherence import AdherenceResult
+    from mini_lab.adherence import AdherenceResult
 
     def result(*objects, bg=(True, False)):
         facts = []

@@ -1,6 +1,6 @@
 """MINI-PROBE: how much a mini model uses its captions, without sampling.
 
-Sampling 20 steps and scoring adherence (``bench/mini_adherence.py``) is the real test but is slow
+Sampling 20 steps and scoring adherence (``adherence_bench.py``) is the real test but is slow
 and, while a model is weak, flat: recipes that differ inside the transformer all score ~12%. This
 probe reads the transformer's one-step predictions on held-out scenes instead:
 
@@ -9,7 +9,7 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
   what the captions are worth; at sigma = 1 the input is pure noise, so everything the model knows
   about the scene there comes from the caption.
 * the x0 the model predicts from pure noise (sigma = 1), decoded and checked for the background
-  facts (``cleardit.mini.adherence``). That prediction is the model's conditional mean: for these
+  facts (``mini_lab.adherence``). That prediction is the model's conditional mean: for these
   scenes the background is fixed by the caption (stripes and checks start with the first colour at
   the top left), so a model that reads its captions and knows where each token sits gets it right.
 * the "flat floor": the sigma = 1 loss of a model that predicts each image's mean latent (its
@@ -21,11 +21,12 @@ probe reads the transformer's one-step predictions on held-out scenes instead:
 * per sigma, the shape facts of the one-step x0 (``x_t - sigma * v``, decoded): with the right
   captions, scored against the scene; and with every caption's shapes rotated (circle -> square
   -> triangle -> circle), scored against the rotated scene, which is how far the prediction follows
-  the shape words rather than the picture (docs/mini_model.md, round 9); and from a picture with
+  the shape words rather than the picture (HISTORY.md, round 9); and from a picture with
   every object drawn as a circle (the round blob sampling makes), right captions, scored against
   the scene: how far the model redraws a blob as the stated shape (round 10).
 
-    python bench/mini_probe.py --model src/cleardit/mini/weights out/mini-sweep/model-r3-b8-u0.4
+    python examples/mini_model/caption_probe.py --model src/cleardit/mini/weights \
+        out/mini-sweep/model-r3-b8-u0.4
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "bench")]  # mini_lab, and bench/common.py
 from common import machine_header, print_table  # noqa: E402
+from mini_lab import trainer as T  # noqa: E402
+from mini_lab.adherence import adherence  # noqa: E402
+from mini_lab.dataset import BASIC_SHAPES, model_range, render  # noqa: E402
 
 from cleardit.argtypes import positive_int  # noqa: E402
-from cleardit.mini import train as T  # noqa: E402
-from cleardit.mini.adherence import adherence  # noqa: E402
-from cleardit.mini.dataset import BASIC_SHAPES, model_range, render  # noqa: E402
 
 
 def probe(folder: str, n: int, sigmas: list[float], batch: int = 16) -> dict:

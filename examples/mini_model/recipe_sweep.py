@@ -1,16 +1,16 @@
 """Compare training recipes of the mini model: train several variants side by side, then score each.
 
-Each variant is ``python -m cleardit.mini.train`` with ``--set`` overrides (one process per variant,
+Each variant is ``python examples/mini_model/train.py`` with ``--set`` overrides (one process per variant,
 all at once, so a GPU machine runs a sweep in minutes). Afterwards every variant's pipeline is
 scored on held-out prompts at the base size with full attention, for each classifier-free
 guidance scale asked for. Prints a table and writes ``sweep.json`` into ``--out``.
 
-    python bench/mini_recipe_sweep.py --device cuda --out out/sweep            # the variants below
-    python bench/mini_recipe_sweep.py --quick --out out/sweep-quick            # smoke run on a CPU
-    python bench/mini_recipe_sweep.py --variants r3-b8-u0.4 r3-b16-u0.4 --threads 1 \
+    python examples/mini_model/recipe_sweep.py --device cuda --out out/sweep       # the variants below
+    python examples/mini_model/recipe_sweep.py --quick --out out/sweep-quick       # smoke run on a CPU
+    python examples/mini_model/recipe_sweep.py --variants r3-b8-u0.4 r3-b16-u0.4 --threads 1 \
         --vae-from src/cleardit/mini/weights --minutes-budget 25.5 --cfg-scales 1  # round 3, 2 cores
 
-``--vae-from FOLDER`` hands the trainer a trained VAE (``python -m cleardit.mini.train --vae-from``), so
+``--vae-from FOLDER`` hands the trainer a trained VAE (``train.py --vae-from``), so
 every variant starts at the DiT stage: the VAE stage is the same in all of them and costs ~11 minutes
 on 2 cores.
 
@@ -28,12 +28,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cleardit.argtypes import nonneg_int, positive_float, positive_int
-from cleardit.atomic import atomic_write_text
-from cleardit.mini.train import BASE_HEAVY_MIX, FULL_MIX, PLAIN_SECOND_PHASE
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # mini_lab
+from mini_lab.trainer import BASE_HEAVY_MIX, FULL_MIX, PLAIN_SECOND_PHASE  # noqa: E402
+
+from cleardit.argtypes import nonneg_int, positive_float, positive_int  # noqa: E402
+from cleardit.atomic import atomic_write_text  # noqa: E402
 
 # name -> TrainConfig overrides (JSON values, as ``--set`` takes them). Round 1 (batch, steps,
-# learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in docs/mini_model.md;
+# learning rate, resolution mix, frozen text encoders at FLUX's noise shift) is in HISTORY.md;
 # all of it stayed below 11%. Round 2 varies the noise-level shift.
 VARIANTS: dict[str, dict] = {
     f"shift{b:g}": {"shift_base": b, "shift_max": b + 0.7} for b in (0.5, 1.5, 2.0, 2.5, 3.0)
@@ -76,7 +79,7 @@ VARIANTS.update(
 # Round 5 (one H200, all at once, the shipped VAE): the shipped recipe at 8x its compute through the
 # batch (a GPU trains a 256-image batch about as fast as a 32-image one; the scenes are rendered by
 # worker processes), with two learning rates; and sigma ~ 1 training at that batch: does layout
-# appear on the full scene mix with more data per step? (Read it with bench/mini_probe.py.)
+# appear on the full scene mix with more data per step? (Read it with caption_probe.py.)
 VARIANTS.update(
     {
         "r5-b256": {"batch": 256},
@@ -103,7 +106,7 @@ VARIANTS.update(
     }
 )
 # Rounds 1-6 varied the recipe of the model shipped before round 7; pin it under their overrides so
-# they mean what docs/mini_model.md reports now that the defaults have a layout phase.
+# they mean what HISTORY.md reports now that the defaults have a layout phase.
 RECIPE_BEFORE_ROUND_7 = {
     "dit_steps": 1200,
     "dit_lr": 8e-4,
@@ -140,7 +143,7 @@ VARIANTS.update(
     }
 )
 # Round 9: the round-8 run with each batch trained twice (new noise) and a base-size tail; the
-# steps fit a 58-minute budget in fp32 on 2 AVX2 cores (docs/mini_model.md, round 9).
+# steps fit a 58-minute budget in fp32 on 2 AVX2 cores (HISTORY.md, round 9).
 VARIANTS["r9-reuse2-tail150"] = {
     **VARIANTS["r8-base-heavy-objw4"],
     "vae_steps": 1500,
@@ -149,7 +152,7 @@ VARIANTS["r9-reuse2-tail150"] = {
     "base_tail_steps": 150,
 }
 # Round 10: the round-9 run with shape-swapped inputs, the default 2,000 VAE steps and 50 more
-# second-phase steps (that CPU ran faster that day; docs/mini_model.md, round 10).
+# second-phase steps (that CPU ran faster that day; HISTORY.md, round 10).
 VARIANTS["r10-swap0.3"] = {
     **VARIANTS["r9-reuse2-tail150"],
     "vae_steps": 2000,
@@ -158,7 +161,7 @@ VARIANTS["r10-swap0.3"] = {
 }
 # Round 11: the shapes came from swapped inputs on a model with a full second phase behind it, so
 # here the swap runs only in a base-size tail of 560 steps after 900 plain second-phase steps
-# (docs/mini_model.md, round 11; run there with --vae-from src/cleardit/mini/weights).
+# (HISTORY.md, round 11; run there with --vae-from src/cleardit/mini/weights).
 VARIANTS["r11-swap-tail"] = {
     **VARIANTS["r9-reuse2-tail150"],
     "vae_steps": 2000,
@@ -169,7 +172,7 @@ VARIANTS["r11-swap-tail"] = {
     "shape_swap_last_steps": 560,
 }
 # Round 12: round 11's run cut to fit 60 minutes of DiT training on 2 AVX2 cores: 500 plain
-# second-phase steps instead of 900, and a 470-step swap tail (docs/mini_model.md, round 12).
+# second-phase steps instead of 900, and a 470-step swap tail (HISTORY.md, round 12).
 VARIANTS["r12-swap-tail-fit60"] = {
     **VARIANTS["r11-swap-tail"],
     "dit_steps": 1720,
@@ -177,7 +180,7 @@ VARIANTS["r12-swap-tail-fit60"] = {
     "shape_swap_last_steps": 470,
 }
 # Round 14: round 11's recipe with 1,050 plain second-phase steps and a 700-step swap tail, the
-# shipped defaults since round 14 (55.4 min from scratch on 2 AVX-512 BF16 cores; docs/mini_model.md).
+# shipped defaults since round 14 (55.4 min from scratch on 2 AVX-512 BF16 cores; HISTORY.md).
 VARIANTS["r14-swap-tail700"] = {
     **VARIANTS["r11-swap-tail"],
     "dit_steps": 2500,
@@ -191,8 +194,7 @@ def train_variant(name: str, overrides: dict, args) -> dict:
     out = Path(args.out)
     cmd = [
         sys.executable,
-        "-m",
-        "cleardit.mini.train",
+        str(HERE / "train.py"),
         "--device",
         args.device,
         "--work-dir",
@@ -268,10 +270,10 @@ def train_variant(name: str, overrides: dict, args) -> dict:
 def score_model(folder: str, args) -> dict:
     """{scale: adherence summary} on held-out base-size prompts, full attention."""
     import torch
+    from mini_lab.adherence import adherence
+    from mini_lab.dataset import BASIC_SHAPES
+    from mini_lab.trainer import heldout_scenes, summarize_adherence
 
-    from cleardit.mini.adherence import adherence
-    from cleardit.mini.dataset import BASIC_SHAPES
-    from cleardit.mini.train import heldout_scenes, summarize_adherence
     from cleardit.pipelines import generate
     from cleardit.pipelines.loading import load_pipeline, read_model_info
 

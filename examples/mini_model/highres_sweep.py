@@ -1,15 +1,15 @@
 """HIGHRES-SWEEP: which high-resolution settings hold the mini model together above its base size.
 
-Runs bench/mini_adherence.py (two-stage rows only above the base, full attention and CLEAR) once per
+Runs adherence_bench.py (two-stage rows only above the base, full attention and CLEAR) once per
 variant: the --strength noise level, NTK-scaled RoPE, proportional attention, and the shift rule
 past the scheduler's max_image_seq_len. The mini model's scheduler reaches it at 4x (4096 tokens),
 so the rules only differ at 8x; --rules runs CLEAR only, plain generation and two-stage. Each
 variant's JSON goes to --out; the table at the end gives, per size and attention, adherence (% of
 facts) and PSNR / MS-SSIM against the upscaled base image.
 
-    python bench/highres_sweep.py --n 20                     # the strength / NTK / proportional grid
-    python bench/highres_sweep.py --n 10 --plain             # NTK / proportional, from noise at the target
-    python bench/highres_sweep.py --n 10 --rules --scales 8  # shift rules at 8x (CLEAR only)
+    python examples/mini_model/highres_sweep.py --n 20        # the strength / NTK / proportional grid
+    python examples/mini_model/highres_sweep.py --n 10 --plain  # NTK / proportional, from noise at the target
+    python examples/mini_model/highres_sweep.py --n 10 --rules --scales 8   # shift rules at 8x (CLEAR only)
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mini_adherence  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "bench")]  # adherence_bench, and bench/common.py
+import adherence_bench  # noqa: E402
 from common import print_table  # noqa: E402
 
 from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
             elif not args.plain:
                 argv += ["--highres", "--highres-only"]
             argv += extra
-            mini_adherence.main(argv)
+            adherence_bench.main(argv)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         results[name] = json.loads(path.read_text())["rows"]
 

@@ -1,13 +1,13 @@
 """MINI-ADHERENCE: prompt adherence of the mini model at its base size and at 2x / 4x, full attention
 vs CLEAR r=8, measured on generated images.
 
-Prompts are held-out scenes (``cleardit.mini.train.heldout_scenes``: a scene stream the trainer
+Prompts are held-out scenes (``mini_lab.trainer.heldout_scenes``: a scene stream the trainer
 never trains on); image i of every row uses the same prompt and generator seed ``seed + i``, so the
 rows differ only in resolution and attention. Every image is made by ``cleardit.generate`` (the model
-loaded once) and scored by ``cleardit.mini.adherence`` (shapes limited to the three the model was
+loaded once) and scored by ``mini_lab.adherence`` (shapes limited to the three the model was
 trained on). Scores: "facts" = mean fraction of the caption's facts an image satisfies; "strict" =
 images with every fact right; then the rate per kind of fact, and the shape rate of small and of
-large objects apart (docs/mini_model.md, round 10: small objects are where shapes fail). A "VAE
+large objects apart (HISTORY.md, round 10: small objects are where shapes fail). A "VAE
 only" row per resolution encodes and decodes the rendered scene itself: the ceiling the decoder
 allows.
 
@@ -19,9 +19,9 @@ docs/generate.md); ``--highres-only`` drops the plain rows there. ``--strength``
 Every row above the base also says how faithful it is to the base-size full-attention image of the
 same prompt and seed, upscaled (Lanczos): PSNR and MS-SSIM ("vs base").
 
-    python bench/mini_adherence.py                     # shipped model, 20 prompts, 20 steps, 1x 2x 4x
-    python bench/mini_adherence.py --quick             # 4 prompts, 8 steps, 1x 2x: < 60 s on 2 cores
-    python bench/mini_adherence.py --model DIR --n 50 --highres --json out/adherence.json
+    python examples/mini_model/adherence_bench.py          # shipped model, 20 prompts, 20 steps, 1x 2x 4x
+    python examples/mini_model/adherence_bench.py --quick  # 4 prompts, 8 steps, 1x 2x: < 60 s on 2 cores
+    python examples/mini_model/adherence_bench.py --model DIR --n 50 --highres --json out/adherence.json
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parents[1] / "bench")]  # mini_lab, and bench/common.py
 from common import machine_header, print_table  # noqa: E402
+from mini_lab.adherence import adherence  # noqa: E402
+from mini_lab.dataset import BASIC_SHAPES, render  # noqa: E402
+from mini_lab.trainer import heldout_scenes, summarize_adherence  # noqa: E402
 
 from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
-from cleardit.mini.adherence import adherence  # noqa: E402
-from cleardit.mini.dataset import BASIC_SHAPES, render  # noqa: E402
-from cleardit.mini.train import heldout_scenes, summarize_adherence  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
 from cleardit.pipelines import highres as hr  # noqa: E402
 from cleardit.pipelines.generate import DEFAULT_STRENGTH, ms_ssim, psnr  # noqa: E402

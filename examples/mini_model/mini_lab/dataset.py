@@ -1,7 +1,7 @@
 """A procedural text-to-image dataset: coloured shapes on simple backgrounds, rendered at any size.
 
 A :class:`Scene` is a background plus 1-3 objects. Every fact a caption states is measurable
-(see :mod:`cleardit.mini.adherence`), and positions and sizes are relative to the image, so the
+(see :mod:`mini_lab.adherence`), and positions and sizes are relative to the image, so the
 same scene renders the same picture at 64 px, 512 px or a non-square size.
 
 Caption grammar (lower case, one canonical caption per scene)::
@@ -300,7 +300,8 @@ def parse_caption(text: str) -> Scene:
 
 
 def vocabulary() -> list[str]:
-    """Every word (and punctuation token) a caption can contain, sorted."""
+    """Every word (and punctuation token) a caption can contain, sorted. The shipped tokenizers fix
+    their ids in ``cleardit.mini.vocab.WORDS``, which must stay equal to this (tested)."""
     words = {"a", "an", "and", "on", "background", "to", "gradient", "striped", "checkered", "plain", ","}
     words |= set(COLORS) | set(SHAPES) | set(SIZES) | set(ORIENTATIONS)
     for phrase in PLACE_PHRASES.values():
