@@ -52,3 +52,38 @@ def test_shared_argument_types():
         with pytest.raises(argparse.ArgumentTypeError) as err:
             fn(bad)
         assert str(err.value) == message
+
+
+def test_shared_options_are_declared_once():
+    import argparse
+
+    from cleardit.cli import build_parser
+    from cleardit.cli_options import MODEL_HELP, add_model_option, add_radius_option
+
+    p = argparse.ArgumentParser()
+    add_model_option(p, role="the teacher")
+    add_radius_option(p, many=True, zero_means_full=True)
+    args = p.parse_args(["--radius", "0", "8"])
+    assert args.radius == [0, 8] and args.model is None
+    q = argparse.ArgumentParser()
+    add_radius_option(q, default=16)
+    assert q.parse_args([]).radius == 16
+    with pytest.raises(SystemExit):
+        q.parse_args(["--radius", "0"])  # 0 (full attention) only where the command gives it a meaning
+    # the command lines declare --model / --radius through those helpers: one help text each
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+
+    def option(path, name):
+        sub = commands[path[0]]
+        for step in path[1:]:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[step]
+        return next(a for a in sub._actions if name in a.option_strings)
+
+    for path in (("eval", "model"), ("distill", "train")):
+        assert option(path, "--model").help.endswith(MODEL_HELP)
+    radius_help = {
+        option(path, "--radius").help.split(" (")[0]
+        for path in (("flops",), ("check",), ("eval", "images"), ("distill", "train"))
+    }
+    assert radius_help == {"CLEAR radius in tokens: image tokens attend to the image tokens closer than this"}

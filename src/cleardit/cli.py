@@ -8,6 +8,8 @@ import platform
 import sys
 
 from .argtypes import positive_int
+from .cli_options import add_down_factor_option, add_radius_option
+from .config import DEFAULT_RADIUS
 
 # FLUX.1-dev's attention geometry: pixels per token side (VAE x8, patch x2), 512 T5 tokens,
 # 24 heads of 128, 19 double-stream + 38 single-stream blocks.
@@ -25,12 +27,9 @@ def pixels_to_tokens(pixels: int, what: str) -> int:
     return pixels // PIXELS_PER_TOKEN
 
 
-def _format_flops(flops: float) -> str:
-    return f"{flops / 1e12:,.2f} TFLOPs" if flops >= 1e10 else f"{flops / 1e9:,.3f} GFLOPs"
-
-
 def cmd_flops(args: argparse.Namespace) -> int:
     from .attention import TokenLayout, attention_flops, count_pairs
+    from .attention.flops import format_flops
 
     grid_h = pixels_to_tokens(args.height, "height")
     grid_w = pixels_to_tokens(args.width, "width")
@@ -60,12 +59,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     )
     rows = [
         ("allowed pairs", f"{result['pairs_full']:,}", f"{result['pairs_clear']:,}"),
-        ("per layer", _format_flops(full), _format_flops(clear)),
-        (
-            f"whole model ({args.layers})",
-            _format_flops(full * args.layers),
-            _format_flops(clear * args.layers),
-        ),
+        ("per layer", format_flops(full), format_flops(clear)),
+        (f"whole model ({args.layers})", format_flops(full * args.layers), format_flops(clear * args.layers)),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "full attention", "")])
@@ -130,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="self-check: backends agree, and CLEAR vs full timing on a small FLUX"
     )
     check.add_argument("--grid", type=positive_int, default=96, help="token grid side for the timing (96)")
-    check.add_argument("--radius", type=positive_int, default=8, help="CLEAR radius for the timing (8)")
+    add_radius_option(check, default=8)
     check.add_argument("--reps", type=positive_int, default=2, help="timed repetitions (2)")
     check.set_defaults(func=cmd_check)
 
@@ -145,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument(
         "--width", type=positive_int, default=1024, help="image width in pixels (default 1024)"
     )
-    flops.add_argument("--radius", type=positive_int, default=16, help="CLEAR radius in tokens (default 16)")
-    flops.add_argument("--down-factor", type=positive_int, default=None, help="pooled branch factor")
+    add_radius_option(flops, default=DEFAULT_RADIUS)
+    add_down_factor_option(flops)
     flops.add_argument("--text-len", type=int, default=FLUX_DEV["text_len"], help="text tokens (default 512)")
     flops.add_argument("--heads", type=positive_int, default=FLUX_DEV["heads"], help="attention heads (24)")
     flops.add_argument("--head-dim", type=positive_int, default=FLUX_DEV["head_dim"], help="head dim (128)")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+from ..cli_options import add_backend_option, add_down_factor_option, add_model_option, add_radius_option
 
 
 def cmd_distill_train(args: argparse.Namespace) -> int:
@@ -56,16 +57,14 @@ def cmd_distill_train(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="teacher model: folder or cached HF id (default: the mini model)"
-    )
+    add_model_option(p, role="the teacher")
     p.add_argument("--data", required=True, help="teacher-data folder from `cleardit distill data`")
     p.add_argument(
         "--output", required=True, help="run folder: checkpoint, log, and the exported weights file"
     )
-    p.add_argument("--radius", type=positive_int, required=True, help="CLEAR radius in tokens")
-    p.add_argument("--down-factor", type=positive_int, default=None, help="pooled branch factor (optional)")
-    p.add_argument("--backend", default="auto", help="attention backend of the student (default auto)")
+    add_radius_option(p, required=True)
+    add_down_factor_option(p)
+    add_backend_option(p)
     p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps (500)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="global batch per step (8)")
     p.add_argument(

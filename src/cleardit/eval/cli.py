@@ -10,6 +10,13 @@ import argparse
 import sys
 
 from ..argtypes import nonneg_int, positive_int
+from ..cli_options import (
+    add_device_option,
+    add_down_factor_option,
+    add_dtype_option,
+    add_model_option,
+    add_radius_option,
+)
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES
 from .weights import ENV_WEIGHTS_DIR
 
@@ -113,20 +120,11 @@ def _add_model_parser(sub) -> None:
         help="one prompt per line (default: the 50 bundled prompts written for the mini model)",
     )
     g.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="diffusers pipeline folder or cached Hugging Face id (default: the shipped mini model)",
+    add_model_option(g)
+    add_radius_option(  # 0 parses so that evaluate_model can say why it is refused
+        g, many=True, zero_means_full=True, default_help="the model's CLEAR radius, else 16"
     )
-    g.add_argument(
-        "--radius",
-        type=nonneg_int,
-        nargs="+",
-        default=None,
-        metavar="R",
-        help="CLEAR radii in tokens, e.g. --radius 4 8 16 (default: the model's CLEAR radius, else 16)",
-    )
-    g.add_argument("--down-factor", type=positive_int, default=None, help="CLEAR pooled branch factor")
+    add_down_factor_option(g)
     g.add_argument(
         "--clear-weights",
         nargs="+",
@@ -139,7 +137,7 @@ def _add_model_parser(sub) -> None:
     g.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
     g.add_argument("--guidance", type=_number, default=None, help="FLUX guidance (default: the model's)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="prompt i uses seed + i (default 0)")
-    g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
+    add_dtype_option(g)
     g = model.add_argument_group("evaluation")
     g.add_argument(
         "--output",
@@ -155,7 +153,7 @@ def _add_model_parser(sub) -> None:
         default=8,
         help="prompts per generation call (saved after each) and pairs per metric batch (default 8)",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_option(g)
     g.add_argument("--weights-dir", help=f"folder with metric weights (default: ${ENV_WEIGHTS_DIR})")
     g.add_argument("--clip-model", help=f"CLIP model id or folder (default {DEFAULT_CLIP_MODEL})")
     g.add_argument("--dino-model", help=f"DINO model id or folder (default {DEFAULT_DINO_MODEL})")
@@ -205,14 +203,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(METRIC_NAMES)} (default: all)",
     )
     images.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch (default 8)")
-    images.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_option(images)
     images.add_argument("--weights-dir", help=f"folder with metric weights (default: ${ENV_WEIGHTS_DIR})")
     images.add_argument("--clip-model", help=f"CLIP model id or folder (default {DEFAULT_CLIP_MODEL})")
     images.add_argument("--dino-model", help=f"DINO model id or folder (default {DEFAULT_DINO_MODEL})")
     images.add_argument("--strict", action="store_true", help="fail instead of skipping a metric")
     images.add_argument("--report", help="folder for report.md / report.html with an image grid")
     images.add_argument("--samples", type=positive_int, default=8, help="pairs shown in the report grid (8)")
-    images.add_argument("--radius", type=_number, default=None, help="CLEAR radius to record in the JSON")
+    add_radius_option(images, default_help="none; recorded in metrics.json, for eval plot")
     images.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     images.set_defaults(func=cmd_eval_images)
 
