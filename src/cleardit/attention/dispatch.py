@@ -11,35 +11,27 @@ from .flops import count_pairs
 from .layout import TokenLayout, check_radius
 from .pooling import pool_image_tokens
 
+BackendResult = tuple[torch.Tensor, torch.Tensor | None]
+
 
 class AttentionBackend(Protocol):
-    """The contract every backend (``reference``, ``tiled``, ``flex``, ``triton``) implements.
+    """The contract every backend (``reference``, ``tiled``, ``flex``, ``triton``) implements; the
+    backends' signatures refer here for their argument types.
 
     Args (all positional; ``clear_attention`` has checked them):
-        q, k, v: [B, heads, N, d], N = layout.seq_len.
-        layout: where text and image tokens sit.
-        radius: image queries see image keys with squared distance < radius^2.
-        pooled_k, pooled_v: [B, heads, P, d] pooled image keys/values (P = layout.pooled_len),
-            exactly when the layout has a down_factor; otherwise None.
-        scale: softmax scale.
-        return_lse: also return the natural-log log-sum-exp of each query's scores.
+        q, k, v (torch.Tensor): [B, heads, N, d], N = layout.seq_len.
+        layout (TokenLayout): where text and image tokens sit.
+        radius (int): image queries see image keys with squared distance < radius^2.
+        pooled_k, pooled_v (torch.Tensor | None): [B, heads, P, d] pooled image keys/values
+            (P = layout.pooled_len), exactly when the layout has a down_factor; otherwise None.
+        scale (float): softmax scale.
+        return_lse (bool): also return the natural-log log-sum-exp of each query's scores.
 
     Returns:
         out [B, heads, N, d] in q's dtype, and lse [B, heads, N] float32 (None unless return_lse).
     """
 
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layout: TokenLayout,
-        radius: int,
-        pooled_k: torch.Tensor | None,
-        pooled_v: torch.Tensor | None,
-        scale: float,
-        return_lse: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def __call__(self, q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse) -> BackendResult: ...
 
 
 def _load_backend(name: str) -> AttentionBackend:

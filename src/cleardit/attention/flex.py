@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
+from .dispatch import BackendResult
 from .layout import TokenLayout
 from .pooling import with_pooled_keys
 
@@ -85,17 +86,8 @@ def _use_compiled(device: torch.device) -> bool:
 
 
 def flex_clear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TokenLayout,
-    radius: int,
-    pooled_k: torch.Tensor | None,
-    pooled_v: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
-    compile: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse, compile: bool | None = None
+) -> BackendResult:
     """CLEAR attention with FlexAttention and the cached block mask (``dispatch.AttentionBackend``);
     ``compile`` overrides the choice of compiled (CUDA) or eager (CPU) flex_attention."""
     if (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import BackendResult
 from .layout import TokenLayout
 from .pooling import with_pooled_keys
 
@@ -29,17 +30,7 @@ def allowed_mask(layout: TokenLayout, radius: int, device: torch.device | str | 
     return torch.cat([allowed, pooled], dim=1)
 
 
-def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TokenLayout,
-    radius: int,
-    pooled_k: torch.Tensor | None,
-    pooled_v: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reference_attention(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse) -> BackendResult:
     """CLEAR attention as one SDPA call with the dense mask (``dispatch.AttentionBackend``)."""
     k, v = with_pooled_keys(k, v, pooled_k, pooled_v)
     mask = allowed_mask(layout, radius, q.device)

@@ -47,6 +47,7 @@ from collections import OrderedDict
 
 import torch
 
+from .dispatch import BackendResult
 from .layout import TokenLayout
 
 __all__ = ["tiled_attention", "tile_shape", "release_workspace"]
@@ -640,17 +641,7 @@ class _TiledClear(torch.autograd.Function):
         return dq, dk, dv, dpk, dpv, None, None, None
 
 
-def tiled_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TokenLayout,
-    radius: int,
-    pooled_k: torch.Tensor | None,
-    pooled_v: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tiled_attention(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse) -> BackendResult:
     """CLEAR attention with tiles plus halo (``dispatch.AttentionBackend``). Memory is linear in N:
     no N x N (or image x image) tensor is ever formed."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import BackendResult
 from .layout import TokenLayout, check_radius
 
 try:  # triton is optional: the CPU backends never need it
@@ -690,21 +691,21 @@ def _with_token_stride(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | No
 
 
 def triton_clear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TokenLayout,
-    radius: int,
-    pooled_k: torch.Tensor | None,
-    pooled_v: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
+    q,
+    k,
+    v,
+    layout,
+    radius,
+    pooled_k,
+    pooled_v,
+    scale,
+    return_lse,
     *,
     tile_tokens: int | None = None,
     fwd_n: int | None = None,
     dq_n: int | None = None,
     dkv_m: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> BackendResult:
     """CLEAR attention with the fused Triton kernels (``dispatch.AttentionBackend``).
 
     q, k, v: [B, heads, N, d], fp16/bf16/fp32, any strides with a unit last stride (used in place).
