@@ -63,11 +63,11 @@ class CountingGenerate:
         self.calls: list[tuple[list[str], int, int]] = []  # (prompts, seed, radius)
         self.fail_at = fail_at
 
-    def __call__(self, prompts, **kwargs):
+    def __call__(self, prompts, config, **kwargs):
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise KeyboardInterrupt("simulated Ctrl-C")
-        self.calls.append((list(prompts), kwargs["seed"], kwargs["radius"]))
-        return generate(prompts, **kwargs)
+        self.calls.append((list(prompts), config.seed, config.radius))
+        return generate(prompts, config, **kwargs)
 
     @property
     def images(self) -> int:

@@ -98,6 +98,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"GPU        {torch.cuda.get_device_name(0)}")
     else:
         print("GPU        none visible")
+    from .models import adapters
+
+    for i, adapter in enumerate(adapters()):
+        print(f"{'families' if i == 0 else '':10} {adapter.describe()}")
     example = TokenLayout(512, 128, 128)
     for dev in devices:
         auto = choose_backend(example, torch.device(dev))

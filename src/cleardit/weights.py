@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .models.handle import ClearHandle, get_handle
+from .models.registry import adapter_for
 
 FORMAT = "cleardit-clear-weights-v1"
 _RELEASE_NAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?")
@@ -60,6 +61,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
         "radius": str(cfg.radius),
         "down_factor": "none" if cfg.down_factor is None else str(cfg.down_factor),
         "base_model": type(model).__name__,
+        "family": adapter_for(model).family,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

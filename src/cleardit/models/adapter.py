@@ -56,7 +56,13 @@ class ModelAdapter:
         return bool(names & set(self.transformer_classes + self.pipeline_classes))
 
     def describe(self) -> str:
-        return f"{self.family}: {', '.join(self.transformer_classes)}"
+        """One line for ``cleardit info``: the classes and what the family supports."""
+        jobs = ["linearize", "weights", "generate", "--compare", "distill", "eval model"]
+        if self.img2img_class:
+            jobs.insert(3, f"--highres ({self.img2img_class})")
+        jobs.append("--devices N" if self.strips_unsupported() is None else "--devices: not yet")
+        classes = ", ".join(self.transformer_classes + self.pipeline_classes)
+        return f"{self.family} ({classes}): {', '.join(jobs)}"
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:

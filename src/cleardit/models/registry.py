@@ -13,11 +13,12 @@ from .handle import ClearHandle, get_handle
 
 @cache
 def adapters() -> tuple[ModelAdapter, ...]:
-    """Every family's adapter, the more specific first (imported on first use: they import diffusers)."""
+    """Every family's adapter (imported on first use: they import diffusers). A model matches by its
+    class names, so a subclass of a supported class is served by its parent's adapter."""
     from .chroma import ChromaAdapter
     from .flux import FluxAdapter
 
-    return (ChromaAdapter(), FluxAdapter())
+    return (FluxAdapter(), ChromaAdapter())
 
 
 def supported_models() -> list[str]:
