@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import cleardit
+from cleardit.commands.generate import add_generate_parser
+from cleardit.image_metrics import ms_ssim_images, ms_ssim_settings
 from cleardit.mini.pipeline import (
     build_mini_pipeline,
     count_parameters,
@@ -21,8 +23,7 @@ from cleardit.mini.pipeline import (
 )
 from cleardit.pipelines import ModelInfo, generate, loading
 from cleardit.pipelines import highres as hr
-from cleardit.commands.generate import add_generate_parser
-from cleardit.pipelines.generate import ms_ssim, ms_ssim_settings, output_paths
+from cleardit.pipelines.generate import output_paths
 
 PROMPT = "a small red circle at the top left on a plain white background"
 
@@ -308,7 +309,7 @@ def test_ms_ssim_small_sizes():
         assert side >= 2**n and side // max(1, n - 1) ** 2 > k - 1
     g = torch.Generator().manual_seed(0)
     img = Image.fromarray((torch.rand(64, 80, 3, generator=g) * 255).byte().numpy())
-    value, note = ms_ssim(img, img)
+    value, note = ms_ssim_images(img, img)
     assert value == pytest.approx(1.0) and "adapted" in note
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_torch_save
+from ..training import config_differences
 
 FORMAT = "cleardit-distill-checkpoint-v1"
 
@@ -54,10 +55,8 @@ def load_checkpoint(path: str | os.PathLike, config: dict) -> dict | None:
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a cleardit distillation checkpoint; use another --output")
-    stored = state["config"]
-    diffs = [k for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-    if diffs:
-        detail = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {config.get(k)!r}" for k in diffs)
+    detail = config_differences(state["config"], config)
+    if detail:
         raise ValueError(
             f"--resume: {path} was made with other settings ({detail}); resume with the same options, "
             "or pass another --output to start a new run"

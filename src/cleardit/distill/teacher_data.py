@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write_bytes, atomic_write_text
+from ..prompt_list import prompt_list
 
 FORMAT = "cleardit-teacher-data-v1"
 MANIFEST = "manifest.json"
@@ -94,16 +95,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
         )
     height = int(match.group(1))
     return height, int(match.group(2) or height)
-
-
-def _prompt_list(prompts) -> list[str]:
-    if (
-        isinstance(prompts, str)
-        or not prompts
-        or any(not isinstance(p, str) or not p.strip() for p in prompts)
-    ):
-        raise ValueError("prompts must be a non-empty list of non-empty strings (one per sample group)")
-    return list(prompts)
 
 
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -383,7 +374,7 @@ def _run(
         size_factor_of_folder,
     )
 
-    prompts = _prompt_list(prompts)
+    prompts = prompt_list(prompts, one_line=True)
     height, width = _resolution(resolution)
     _whole("seed", seed, 0)
     _whole("samples-per-prompt", samples_per_prompt, 1)
@@ -685,8 +676,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def cmd_distill_data(args: argparse.Namespace) -> int:
     """Run ``cleardit distill data``; 0 when the folder is complete, 2 on a user error."""
-    from ..pipelines.generate import read_prompts
     from ..pipelines.loading import ModelNotFoundError
+    from ..prompt_list import read_prompts
 
     try:
         prompts = read_prompts(args.prompts)

@@ -32,6 +32,7 @@ from ..atomic import atomic_write_text
 from ..config import ClearConfig
 from ..models import adapter_for
 from ..seeds import derive_seed
+from ..training import learning_rate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import (
     AttentionRecorder,
@@ -133,12 +134,6 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
         epoch, k = divmod(pos, n)
         out.append(_epoch_order(seed, epoch, n)[k])
     return out
-
-
-def learning_rate(cfg: DistillConfig, step: int) -> float:
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
 
 
 def load_transformer(model, dtype: torch.dtype) -> tuple[nn.Module, dict, str]:
@@ -274,7 +269,7 @@ class Distiller:
 
     def _step(self, model, optimizer, step: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
-        lr = learning_rate(cfg, step)
+        lr = learning_rate(cfg.lr, step, warmup=cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         indices = batch_indices(step, cfg.batch_size, len(self.data), cfg.seed)

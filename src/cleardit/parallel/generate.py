@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from ..atomic import check_writable
 from ..attention.strips import KINDS, CommCounter, StripPlan
 from ..pipelines.config import GenerateConfig
-from ..pipelines.generate import GenerationResult, _prompts, generate, make_config, output_paths
+from ..pipelines.generate import GenerationResult, generate, make_config, output_paths
 from ..pipelines.highres import decode_latents
 from ..pipelines.loading import (
     read_model_info,
@@ -38,6 +38,7 @@ from ..pipelines.loading import (
     size_factor,
     size_factor_of_folder,
 )
+from ..prompt_list import prompt_list
 from ..schedule import sigmas_as_given
 from .launch import ParallelLaunchError, spawn
 
@@ -333,7 +334,7 @@ def generate_parallel(
             f"with devices={devices} every rank loads the model itself: pass a folder or a Hugging Face "
             f"id, not a loaded {type(model).__name__}"
         )
-    prompts = _prompts(prompt)
+    prompts = prompt_list(prompt)
     if config.output is not None:
         check_writable(output_paths(config.output, prompts, config.batch))
     folder = resolve_model(model)

@@ -27,7 +27,11 @@ import torch
 
 from .. import schedule
 from ..atomic import atomic_write_bytes, check_writable
-from ..config import ClearConfig
+from ..attention.flops import format_flops
+from ..config import DEFAULT_RADIUS, ClearConfig
+from ..image_grid import image_grid
+from ..image_metrics import ms_ssim_images, psnr_images
+from ..prompt_list import prompt_list, read_prompts  # noqa: F401 (read_prompts: re-exported)
 from . import highres as hr
 from .config import DEFAULT_STRENGTH, UPSCALE_MODES, GenerateConfig  # noqa: F401 (re-exported)
 from .loading import (
@@ -42,10 +46,6 @@ from .loading import (
     size_factor,
     size_factor_of_folder,
 )
-
-DEFAULT_RADIUS = 16
-# torchmetrics' MS-SSIM defaults: 5 scales with these weights, an 11-px Gaussian window of sigma 1.5.
-MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 # ----------------------------------------------------------------------------- results
@@ -79,8 +79,8 @@ class CompareStats:
         psnr = _mean(self.psnr)
         text = (
             f"compare: full attention {self.full_seconds:.2f} s vs CLEAR {self.clear_seconds:.2f} s = "
-            f"{self.speedup:.2f}x speedup; attention FLOPs per step {_fmt_flops(self.flops_full)} vs "
-            f"{_fmt_flops(self.flops_clear)} ({fewer:.1f}% fewer); PSNR {_fmt_db(psnr)}"
+            f"{self.speedup:.2f}x speedup; attention FLOPs per step {format_flops(self.flops_full)} vs "
+            f"{format_flops(self.flops_clear)} ({fewer:.1f}% fewer); PSNR {_fmt_db(psnr)}"
         )
         if self.ms_ssim is not None:
             text += f", MS-SSIM {_mean(self.ms_ssim):.4f}"
@@ -134,13 +134,6 @@ def _fmt_db(value: float) -> str:
     return "inf dB (identical)" if math.isinf(value) else f"{value:.2f} dB"
 
 
-def _fmt_flops(flops: float) -> str:
-    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
-        if flops >= scale:
-            return f"{flops / scale:,.2f} {unit}"
-    return f"{flops:,.0f} FLOPs"
-
-
 def sigmas_metadata(sigmas: Sequence[float]) -> str:
     """The noise levels of a run as PNG metadata: a JSON list, 4 decimals (the final 0 left out)."""
     return json.dumps([round(float(x), 4) for x in sigmas])
@@ -151,28 +144,6 @@ def _fmt_bytes(n: int) -> str:
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file; a clear error if none or unreadable."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--prompts {path}: cannot read the file ({exc})") from exc
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: the file has no prompts (one prompt per line)")
-    return prompts
-
-
-def _prompts(prompt: str | Sequence[str]) -> list[str]:
-    items = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not items or any(not isinstance(p, str) for p in items):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    if any(not p.strip() for p in items):
-        raise ValueError("prompts must not be empty")
-    return items
-
-
 def _declared_clear_geometry(path: Path) -> tuple[int | None, int | None]:
     """(radius, down_factor) a CLEAR weights file was made for (metadata or reference file name)."""
     from safetensors import safe_open
@@ -241,113 +212,6 @@ class AttentionModes:
 
 
 # ----------------------------------------------------------------------------- images and metrics
-def _to_array(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-
-
-def psnr(a, b) -> float:
-    """PSNR in dB between two PIL images (data range 1); inf for identical images."""
-    mse = float(np.mean((_to_array(a) - _to_array(b)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-def ms_ssim_settings(height: int, width: int) -> tuple[int, int, float]:
-    """(scales, window, sigma) of MS-SSIM for an image size.
-
-    torchmetrics' defaults (5 scales, 11-px window, sigma 1.5) need at least 176 px per side: it
-    requires ``side >= 2**scales`` and ``side // (scales - 1)**2 > window - 1``, and the reflect
-    padding needs the smallest scale wider than half the window. Smaller images keep as many scales
-    as fit with a window of at least 7 px, then allow 5 and 3 px; the window's sigma shrinks with it
-    (1.5 * (window - 1) / 10), and the first ``scales`` standard weights are renormalised to sum 1.
-    """
-    side = min(height, width)
-
-    def fits(n: int, k: int) -> bool:
-        return side >= 2**n and side // max(1, n - 1) ** 2 > k - 1 and side // 2 ** (n - 1) > (k - 1) // 2
-
-    for windows in ((11, 9, 7), (5, 3)):
-        for n in range(5, 0, -1):
-            for k in windows:
-                if fits(n, k):
-                    return n, k, 1.5 * (k - 1) / 10
-    raise ValueError(f"images of {height}x{width} px are too small for MS-SSIM")
-
-
-def ms_ssim(a, b) -> tuple[float | None, str]:
-    """MS-SSIM between two PIL images with torchmetrics (None if not installed), and a note."""
-    try:
-        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
-    except ImportError:
-        return None, "MS-SSIM skipped: torchmetrics is not installed (pip install torchmetrics)"
-    ta = torch.from_numpy(_to_array(a)).permute(2, 0, 1)[None]
-    tb = torch.from_numpy(_to_array(b)).permute(2, 0, 1)[None]
-    try:
-        n, k, sigma = ms_ssim_settings(ta.shape[-2], ta.shape[-1])
-    except ValueError as exc:
-        return None, f"MS-SSIM skipped: {exc}"
-    betas = MS_SSIM_BETAS[:n]
-    betas = tuple(b / sum(betas) for b in betas)
-    value = multiscale_structural_similarity_index_measure(
-        tb, ta, data_range=1.0, kernel_size=k, sigma=sigma, betas=betas
-    )
-    note = (
-        "MS-SSIM: standard 5 scales, 11-px window"
-        if (n, k) == (5, 11)
-        else (
-            f"MS-SSIM adapted to {ta.shape[-2]}x{ta.shape[-1]} px: {n} scales, "
-            f"{k}-px window (sigma {sigma:.2f})"
-        )
-    )
-    return float(value), note
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def side_by_side(images: Sequence, names: Sequence[str], lines: Sequence[str]):
-    """``[image 1 | image 2 | ...]``, each under a caption band, with ``lines`` of text below them all.
-
-    Smaller images (a high-res run's base-size stage 1) are shown upscaled (Lanczos) to the largest.
-    """
-    from PIL import Image, ImageDraw
-
-    w, h = max(im.size[0] for im in images), max(im.size[1] for im in images)
-    images = [im if im.size == (w, h) else im.resize((w, h), Image.LANCZOS) for im in images]
-    n = len(images)
-    gap = max(4, w // 64)
-    size = max(11, min(w, h) // 24)
-    font = _font(size)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_width(t: str) -> int:
-        box = probe.textbbox((0, 0), t, font=font)
-        return box[2] - box[0]
-
-    line_h = size + size // 2
-    pad = size // 2
-    row = n * w + (n - 1) * gap
-    width = max(row, max(text_width(t) for t in [*lines, *names]) + 2 * pad)
-    height = line_h + h + pad + line_h * len(lines) + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x0 = (width - row) // 2
-    for i, (image, name) in enumerate(zip(images, names, strict=True)):
-        x = x0 + i * (w + gap)
-        canvas.paste(image.convert("RGB"), (x, line_h))
-        draw.text((x + max(0, (w - text_width(name)) // 2), pad // 2), name, fill="black", font=font)
-    y = line_h + h + pad
-    for t in lines:
-        draw.text((pad, y), t, fill="black", font=font)
-        y += line_h
-    return canvas
-
-
 def save_png(image, path: str | os.PathLike, metadata: dict) -> Path:
     """Write ``image`` as PNG, ``metadata`` as text chunks (one per key + ``parameters`` JSON), atomically."""
     from PIL.PngImagePlugin import PngInfo
@@ -499,7 +363,7 @@ def generate(
         GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
     """
     config = make_config(config, options)
-    prompts = _prompts(prompt)
+    prompts = prompt_list(prompt)
     c = config
     height, width, steps, guidance, true_cfg = c.height, c.width, c.steps, c.guidance, c.true_cfg
     negative_prompt, seed, batch, device, dtype = c.negative_prompt, c.seed, c.batch, c.device, c.dtype
@@ -813,8 +677,8 @@ def generate(
             ms_ssim=[],
         )
         for f_img, c_img in zip(full_images, main_images, strict=True):
-            stats.psnr.append(psnr(f_img, c_img))
-            value, stats.ms_ssim_note = ms_ssim(f_img, c_img)
+            stats.psnr.append(psnr_images(f_img, c_img))
+            value, stats.ms_ssim_note = ms_ssim_images(f_img, c_img)
             if value is None:
                 stats.ms_ssim = None
             elif stats.ms_ssim is not None:
@@ -825,9 +689,9 @@ def generate(
             name = f"CLEAR r={radius}" + (f" df={down_factor}" if down_factor else "")
             for i, path in enumerate(paths):
                 lines = [
-                    f"full attention: {full_seconds:.2f} s, {_fmt_flops(flops_full)} attention/step",
+                    f"full attention: {full_seconds:.2f} s, {format_flops(flops_full)} attention/step",
                     f"{name}: {main_seconds:.2f} s ({stats.speedup:.2f}x speedup), "
-                    f"{_fmt_flops(flops_clear)} attention/step",
+                    f"{format_flops(flops_clear)} attention/step",
                     f"PSNR {_fmt_db(stats.psnr[i])}"
                     + (f", MS-SSIM {stats.ms_ssim[i]:.4f}" if stats.ms_ssim is not None else ""),
                 ]
@@ -843,7 +707,7 @@ def generate(
                 if highres:  # what both started from
                     panels.insert(0, base_images[i])
                     names.insert(0, f"stage 1: {s1[0]}x{s1[1]}, full")
-                board = side_by_side(panels, names, lines)
+                board = image_grid([panels], column_labels=names, footer=lines, cell=(width, height))
                 stats.paths.append(
                     save_png(board, _sibling(path, "compare"), {**meta(i, True), "compare": True})
                 )

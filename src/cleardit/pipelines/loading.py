@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..environment import hf_cache_dir, resolve_device  # noqa: F401 (re-exported)
+
 # The shipped mini model lives here once trained (see cleardit.mini.pipeline / the mini trainer).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
 MODEL_INFO_FILE = "cleardit.json"
@@ -97,17 +99,6 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
     return ModelInfo.from_json(path.read_text(encoding="utf-8"), source=str(path))
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
 def download_hint(repo_id: str) -> str:
     """The exact commands that fetch ``repo_id`` into the cache on a machine with internet."""
     cache = hf_cache_dir()
@@ -185,19 +176,6 @@ def size_factor_of_folder(folder: Path) -> int | None:
         return 2 ** (len(cfg["block_out_channels"]) - 1) * 2
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto": CUDA if available, else CPU; a CUDA request without a GPU is a clear error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {device!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
