@@ -87,7 +87,7 @@ def test_default_model_missing(monkeypatch, tmp_path, capsys):
     assert cli("--prompt", PROMPT, "--output", str(tmp_path / "x")) == 2
     err = capsys.readouterr().err
     assert "the shipped mini model is missing" in err and "--model" in err
-    with pytest.raises(loading.ModelNotFoundError, match="mini.train"):
+    with pytest.raises(loading.ModelNotFoundError, match="mini_model/train.py"):
         generate(PROMPT)
 
 

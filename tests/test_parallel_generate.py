@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import cleardit
+from cleardit.attention.strips import allgather_bytes
+from cleardit.commands.generate import add_generate_parser
 from cleardit.mini.pipeline import build_mini_pipeline, save_mini_pipeline
 from cleardit.parallel import ParallelLaunchError, StripPlan, spawn
 from cleardit.parallel.generate import (
@@ -28,9 +30,7 @@ from cleardit.parallel.generate import (
     generate_parallel,
     user_error,
 )
-from cleardit.attention.strips import allgather_bytes
 from cleardit.pipelines import generate, loading
-from cleardit.commands.generate import add_generate_parser
 from cleardit.schedule import denoising_sigmas
 
 PROMPT = "a small red circle at the top left on a plain white background"

@@ -19,7 +19,7 @@ import torch
 
 from ..environment import hf_cache_dir, resolve_device  # noqa: F401 (re-exported)
 
-# The shipped mini model lives here once trained (see cleardit.mini.pipeline / the mini trainer).
+# The shipped mini model lives here once trained (cleardit.mini.pipeline; trained by examples/mini_model).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
 MODEL_INFO_FILE = "cleardit.json"
 MODEL_INFO_FORMAT = "cleardit-model-info-v1"
@@ -128,7 +128,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         if not (folder / "model_index.json").is_file():
             raise ModelNotFoundError(
                 f"the shipped mini model is missing from {folder} (an incomplete checkout or install?); "
-                "reinstall cleardit, or rebuild it with `python -m cleardit.mini.train`, or pass --model "
+                "reinstall cleardit, or rebuild it with `python examples/mini_model/train.py` (a source "
+                "checkout), or pass --model "
                 "with a diffusers pipeline folder (one with model_index.json), or a Hugging Face id "
                 "already in the local cache, e.g. --model black-forest-labs/FLUX.1-dev"
             )
