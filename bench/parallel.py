@@ -33,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, print_table  # noqa: E402
 
+from cleardit.cli_options import add_radius_option  # noqa: E402
+from cleardit.config import DEFAULT_RADIUS  # noqa: E402
 from cleardit.parallel import CommCounter, StripPlan, spawn, step_comm_bytes  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT, LAYERS, BF16, OUT_CHANNELS = 24, 128, 512, 57, 2, 64
@@ -161,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--radius", type=int, default=16)
+    add_radius_option(parser, default=DEFAULT_RADIUS)
     parser.add_argument("--quick", action="store_true", help="smaller timing model (< 60 s on 2 cores)")
     parser.add_argument("--no-timing", action="store_true", help="only the bytes table")
     args = parser.parse_args()

@@ -24,6 +24,8 @@ from common import Timer, alternate, machine_header, print_table  # noqa: E402
 
 import cleardit  # noqa: E402
 from cleardit.attention import TokenLayout, attention_flops  # noqa: E402
+from cleardit.cli_options import add_backend_option, add_radius_option  # noqa: E402
+from cleardit.config import DEFAULT_RADIUS  # noqa: E402
 from cleardit.models.tiny import FLUX_DEV_CONFIG, TINY_CONFIG, flux_inputs  # noqa: E402
 
 
@@ -92,11 +94,11 @@ def time_contenders(model, inputs, radius, backend, timer, reps) -> dict[str, fl
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2048,4096,8192", help="square image sizes in pixels")
-    ap.add_argument("--radius", type=int, default=16)
+    add_radius_option(ap, default=DEFAULT_RADIUS)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--full-depth", action="store_true", help="57 blocks at every size")
     ap.add_argument("--dry-run", action="store_true", help="tiny config on the CPU (tests)")
-    ap.add_argument("--backend", default="auto")
+    add_backend_option(ap)
     args = ap.parse_args(argv)
 
     if args.dry_run:
