@@ -35,35 +35,14 @@ from mini_lab.trainer import heldout_scenes  # noqa: E402
 from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
 from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data  # noqa: E402
 from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions  # noqa: E402
+from cleardit.image_grid import write_image_grid  # noqa: E402
+from cleardit.image_metrics import ms_ssim_images as ms_ssim  # noqa: E402
+from cleardit.image_metrics import psnr_images as psnr  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
-from cleardit.pipelines.generate import ms_ssim, psnr  # noqa: E402
 from cleardit.pipelines.loading import base_size, load_pipeline, read_model_info, resolve_model  # noqa: E402
 
 TRAIN_STREAM_SEED = 777  # a scene stream of its own: neither the mini trainer's nor the held-out one
 EVAL_SEED0 = 100_000  # generator seeds of the evaluation images (teacher data uses 0 ..)
-
-
-def picture_grid(rows: list[list], labels: list[str], path: Path) -> Path:
-    """Images in rows (one per prompt) under column labels, saved as a PNG."""
-    from PIL import Image, ImageDraw
-
-    h, w = np.asarray(rows[0][0]).shape[:2]
-    pad, top = 4, 16
-    grid = Image.new("RGB", (len(labels) * (w + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(labels):
-        draw.text((pad + c * (w + pad), 2), label, fill="black")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (pad + c * (w + pad), top + pad + r * (h + pad)))
-    import io
-
-    from cleardit.atomic import atomic_write_bytes
-
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buf.getvalue())  # never a half-written PNG
 
 
 def main(argv=None) -> int:
@@ -192,7 +171,7 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.grid:
-        print(f"grid -> {picture_grid(grid_rows, labels, args.grid)}")
+        print(f"grid -> {write_image_grid(args.grid, grid_rows, column_labels=labels)}")
     return 0
 
 

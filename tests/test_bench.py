@@ -1,5 +1,4 @@
-"""The GPU benchmark suite dry-runs on the CPU (Triton under TRITON_INTERPRET=1, tiny sizes), and
-distill_quality's picture grid.
+"""The GPU benchmark suite dry-runs on the CPU (Triton under TRITON_INTERPRET=1, tiny sizes).
 
 The mini model's scripts (adherence bench, probe, recipe sweep, GPU round) are tested with their lab:
 examples/mini_model/tests/test_lab_scripts.py.
@@ -35,16 +34,3 @@ def test_gpu_suite_dry_run(tmp_path):
     # STEP-GPU: one row per size with the three contenders' times
     step = (tmp_path / "step_gpu.log").read_text()
     assert step.count("[4 blocks]") >= 3  # two table rows + the headline
-
-
-def test_distill_quality_picture_grid_is_written_whole(tmp_path):
-    from PIL import Image
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    import distill_quality
-
-    tile = Image.new("RGB", (8, 6), "red")
-    path = distill_quality.picture_grid([[tile, tile], [tile, tile]], ["a", "b"], tmp_path / "g" / "grid.png")
-    with Image.open(path) as im:
-        assert im.size == (2 * (8 + 4) + 4, 16 + 2 * (6 + 4) + 4)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["grid.png"]  # no temp file left

@@ -80,10 +80,10 @@ def test_shared_options_are_declared_once():
             sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[step]
         return next(a for a in sub._actions if name in a.option_strings)
 
-    for path in (("eval", "model"), ("distill", "train")):
+    for path in (("eval", "model"), ("distill", "train"), ("distill", "data"), ("generate",)):
         assert option(path, "--model").help.endswith(MODEL_HELP)
     radius_help = {
-        option(path, "--radius").help.split(" (")[0]
-        for path in (("flops",), ("check",), ("eval", "images"), ("distill", "train"))
+        option(path, "--radius").help.split(" (")[0].split(";")[0]
+        for path in (("flops",), ("check",), ("eval", "images"), ("distill", "train"), ("generate",))
     }
     assert radius_help == {"CLEAR radius in tokens: image tokens attend to the image tokens closer than this"}

@@ -27,7 +27,6 @@ same prompt and seed, upscaled (Lanczos): PSNR and MS-SSIM ("vs base").
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -45,9 +44,12 @@ from mini_lab.dataset import BASIC_SHAPES, render  # noqa: E402
 from mini_lab.trainer import heldout_scenes, summarize_adherence  # noqa: E402
 
 from cleardit.argtypes import positive_int, positive_int_list  # noqa: E402
+from cleardit.image_grid import write_image_grid  # noqa: E402
+from cleardit.image_metrics import ms_ssim_images as ms_ssim  # noqa: E402
+from cleardit.image_metrics import psnr_images as psnr  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
 from cleardit.pipelines import highres as hr  # noqa: E402
-from cleardit.pipelines.generate import DEFAULT_STRENGTH, ms_ssim, psnr  # noqa: E402
+from cleardit.pipelines.generate import DEFAULT_STRENGTH  # noqa: E402
 from cleardit.pipelines.loading import (  # noqa: E402
     ModelNotFoundError,
     base_size,
@@ -248,7 +250,12 @@ def main(argv=None) -> int:
             json.dumps({"model": str(folder), "n": n, "steps": steps, "rows": results}, indent=2)
         )
     if args.grid is not None:
-        save_grid(args.grid, grid_rows, args.grid_tile)
+        write_image_grid(
+            args.grid,
+            [images for _, images in grid_rows],
+            row_labels=[label for label, _ in grid_rows],
+            cell=(args.grid_tile, args.grid_tile),
+        )
         print(f"grid: {args.grid}")
     top = max(scales)
     by = {(r["height"], r["attention"]): r["percent"] for r in results}
@@ -261,30 +268,6 @@ def main(argv=None) -> int:
         f"{by[(base_h, 'full')]:.1f}%)"
     )
     return 0
-
-
-def save_grid(path: Path, rows: list, tile: int) -> None:
-    """Rows of images (numpy or PIL), each resized to ``tile`` px, labelled on the left."""
-    from PIL import Image, ImageDraw
-
-    from cleardit.atomic import atomic_write_bytes
-
-    label_w, pad = 190, 4
-    cols = max(len(images) for _, images in rows)
-    canvas = Image.new("RGB", (label_w + cols * (tile + pad), len(rows) * (tile + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = r * (tile + pad)
-        draw.text((4, y + tile // 2 - 6), label, fill="black")
-        for c, im in enumerate(images):
-            im = Image.fromarray(np.asarray(im)) if not isinstance(im, Image.Image) else im
-            canvas.paste(
-                im.convert("RGB").resize((tile, tile), Image.LANCZOS), (label_w + c * (tile + pad), y)
-            )
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cleardit.atomic import atomic_torch_save, atomic_write_text
+from cleardit.training import config_differences
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "cleardit-mini-train-v1"
@@ -58,26 +59,13 @@ def load_checkpoint(work_dir: str | os.PathLike) -> dict | None:
 
 def check_same_config(work_dir, stored: dict, requested: dict) -> None:
     """Raise ValueError naming every field where the work dir's run differs from the requested one."""
-    keys = sorted(set(stored) | set(requested))
-    diffs = [k for k in keys if _norm(stored.get(k)) != _norm(requested.get(k))]
-    if diffs:
-        lines = "; ".join(
-            f"{k}: work dir has {stored.get(k, '<missing>')!r}, "
-            f"this run asks for {requested.get(k, '<missing>')!r}"
-            for k in diffs
-        )
+    lines = config_differences(stored, requested, stored_as="work dir has", requested_as="this run asks for")
+    if lines:
         raise ValueError(
             f"--resume: the work dir {work_dir} holds a run of another configuration ({lines}). "
             "Resume with the same options (e.g. the same --quick/--seed/--vae-steps/--dit-steps/--batch), "
             "or pass another --work-dir to start a new run."
         )
-
-
-def _norm(value):
-    """Tuples and lists compare equal (a config read back from a checkpoint has lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
-    return value
 
 
 __all__ = [

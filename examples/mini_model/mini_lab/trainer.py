@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 import cleardit.mini
+from cleardit import training
 from cleardit.argtypes import nonneg_int, positive_float, positive_int
 from cleardit.mini.pipeline import (
     MINI_SIZES,
@@ -633,17 +634,12 @@ class RenderPool:
 
 
 # ----------------------------------------------------------------------------- schedules
+
+
 def learning_rate(peak: float, step: int, total: int, warmup: int, hold: int = 0) -> float:
-    """Linear warm-up over ``min(warmup, total // 10)`` steps, ``peak`` until step ``hold``, then
-    cosine from ``peak`` to ``peak / 10``."""
-    warmup = max(1, min(warmup, total // 10))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    start = max(warmup, hold)
-    if step < start:
-        return peak
-    t = (step - start) / max(1, total - start)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    """The lab's schedule on ``cleardit.training.learning_rate``: warm-up over ``min(warmup, total //
+    10)`` steps (at least 1), ``peak`` until step ``hold``, then cosine down to ``peak / 10``."""
+    return training.learning_rate(peak, step, warmup=max(1, min(warmup, total // 10)), total=total, hold=hold)
 
 
 def timestep_shift_mu(image_seq_len: int, scheduler_config: dict = SCHEDULER_CONFIG) -> float:

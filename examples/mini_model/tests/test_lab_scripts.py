@@ -60,7 +60,7 @@ def test_mini_adherence_bench_on_the_shipped_model(tmp_path):
     assert [r["psnr_vs_base"] is not None for r in rows] == [False] * 4 + [True] * 4
     assert all(r["psnr_vs_base"] > 5 and 0 < r["ms_ssim_vs_base"] <= 1 for r in rows[4:])
     with Image.open(grid) as im:  # scene row + 6 generated rows, 2 columns of 64 px tiles
-        assert im.size[1] == 7 * (64 + 4) and im.size[0] > 2 * 64
+        assert 7 * 64 <= im.size[1] < 8 * 64 and im.size[0] > 2 * 64
 
 
 def test_mini_probe_on_the_shipped_model(tmp_path, capsys):

@@ -10,6 +10,14 @@ import functools
 import sys
 
 from ..argtypes import nonneg_int, positive_float, positive_int
+from ..cli_options import (
+    add_backend_option,
+    add_device_option,
+    add_down_factor_option,
+    add_dtype_option,
+    add_model_option,
+    add_radius_option,
+)
 from ..pipelines.config import DEFAULT_STRENGTH, GenerateConfig
 from ..schedule import DEFAULT_SHIFT_RULE, SHIFT_RULES
 
@@ -48,21 +56,17 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``generate`` to an argparse sub-parser collection; returns its parser."""
     gen = subparsers.add_parser(
         "generate",
-        help="text-to-image at any resolution with CLEAR attention (FLUX-class pipelines, offline)",
+        help="text-to-image at any resolution with CLEAR attention (supported families, offline)",
         description=(
-            "Generate images with a FLUX-class diffusers pipeline whose attention is replaced by CLEAR "
+            "Generate images with a diffusers pipeline of a supported family (cleardit info lists them) "
+            "whose attention is replaced by CLEAR "
             "(local attention of radius r on the token grid) at the target size. Models load offline only: "
             "a local folder or a Hugging Face id already in the local cache. PNGs carry all parameters in "
             "their text metadata. See docs/generate.md."
         ),
     )
     g = gen.add_argument_group("model and prompt")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="diffusers pipeline folder or cached Hugging Face id (e.g. black-forest-labs/FLUX.1-dev); "
-        "default: the shipped mini model (src/cleardit/mini/weights/)",
-    )
+    add_model_option(g)
     p = g.add_mutually_exclusive_group(required=True)
     p.add_argument("--prompt", help="the text prompt")
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
@@ -104,8 +108,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="seed of the first image; image i uses seed + i (default 0)",
     )
     g.add_argument("--batch", type=positive_int, default=1, help="images per prompt (default 1)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
-    g.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)")
+    add_device_option(g)
+    add_dtype_option(g)
     g.add_argument(
         "--output",
         default="outputs",
@@ -131,26 +135,16 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
 
     g = gen.add_argument_group("CLEAR attention")
-    g.add_argument(
-        "--radius",
-        type=nonneg_int,
-        default=None,
-        help="CLEAR radius in tokens; 0 = original full attention (default: the CLEAR weights' radius, "
-        "else 16)",
-    )
+    add_radius_option(g, zero_means_full=True, default_help="the CLEAR weights' radius, else 16")
     g.add_argument("--full", action="store_true", help="original full attention (same as --radius 0)")
-    g.add_argument(
-        "--down-factor", type=positive_int, default=None, help="pooled branch factor (e.g. 4 for *_down_4)"
-    )
+    add_down_factor_option(g)
     g.add_argument(
         "--clear-weights",
         metavar="FILE",
         default=None,
         help="CLEAR checkpoint (reference release clear_local_*.safetensors or cleardit save_weights)",
     )
-    g.add_argument(
-        "--backend", default="auto", help="attention backend: auto (default), reference, tiled, flex, triton"
-    )
+    add_backend_option(g)
 
     g = gen.add_argument_group("high resolution")
     g.add_argument(

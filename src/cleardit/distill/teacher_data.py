@@ -633,13 +633,9 @@ class TeacherDataset(torch.utils.data.Dataset):
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``cleardit distill data`` to ``parser``; returns it."""
     from ..argtypes import nonneg_int, positive_int
+    from ..cli_options import add_device_option, add_dtype_option, add_model_option
 
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="the teacher: diffusers pipeline folder or cached Hugging Face id "
-        "(default: the shipped mini model)",
-    )
+    add_model_option(parser, role="the teacher")
     parser.add_argument("--prompts", metavar="FILE", required=True, help="a text file, one prompt per line")
     parser.add_argument(
         "--resolution",
@@ -664,10 +660,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--shard-size", type=positive_int, default=16, help="samples per shard file (default 16)"
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
-    parser.add_argument(
-        "--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on cuda, fp32 on cpu)"
-    )
+    add_device_option(parser)
+    add_dtype_option(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar or log lines (the summary still prints)"
     )

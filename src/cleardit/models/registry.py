@@ -6,7 +6,7 @@ from functools import cache
 
 from torch import nn
 
-from ..config import ClearConfig
+from ..config import DEFAULT_RADIUS, ClearConfig
 from .adapter import ModelAdapter
 from .handle import ClearHandle, get_handle
 
@@ -45,7 +45,7 @@ def adapter_for_pipeline_class(name: str) -> ModelAdapter | None:
 
 def linearize(
     model: nn.Module,
-    radius: int = 16,
+    radius: int = DEFAULT_RADIUS,
     down_factor: int | None = None,
     backend: str = "auto",
     *,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from ..attention.strips import TEXT_MERGES, Comm, CommCounter, StripPlan
-from ..config import ClearConfig
+from ..config import DEFAULT_RADIUS, ClearConfig
 from .adapter import NotSupportedError
 from .handle import ClearHandle, ForwardGrid, get_handle
 from .registry import adapter_for
@@ -66,7 +66,7 @@ class ParallelHandle(ClearHandle):
 
 def parallelize(
     model: nn.Module,
-    radius: int = 16,
+    radius: int = DEFAULT_RADIUS,
     down_factor: int | None = None,
     backend: str = "auto",
     *,
