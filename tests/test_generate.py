@@ -158,7 +158,7 @@ def test_output_paths_numbering(tmp_path):
 def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import importlib
 
-    generate_module = importlib.import_module("cleardit.pipelines.generate")
+    generate_module = importlib.import_module("cleardit.pipelines.plan")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was checked")

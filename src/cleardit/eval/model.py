@@ -232,7 +232,6 @@ def evaluate_model(
     """
     from ..environment import resolve_device
     from ..models import adapter_for
-    from ..pipelines.generate import sigmas_metadata
     from ..pipelines.highres import check_size, wants_vae_tiles
     from ..pipelines.loading import (
         base_size,
@@ -243,6 +242,7 @@ def evaluate_model(
         resolve_model,
         size_factor,
     )
+    from ..pipelines.plan import sigmas_metadata
     from ..schedule import denoising_sigmas
 
     started = time.perf_counter()

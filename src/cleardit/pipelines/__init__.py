@@ -3,12 +3,14 @@
 Heavy libraries (diffusers, transformers, PIL) are imported when a function runs, not here.
 """
 
+from .config import GenerateConfig
 from .generate import CompareStats, GenerationResult, generate, read_prompts
 from .loading import DEFAULT_MODEL_DIR, ModelInfo, ModelNotFoundError, read_model_info, resolve_model
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "CompareStats",
+    "GenerateConfig",
     "GenerationResult",
     "ModelInfo",
     "ModelNotFoundError",

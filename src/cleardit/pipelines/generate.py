@@ -28,24 +28,14 @@ import torch
 from .. import schedule
 from ..atomic import atomic_write_bytes, check_writable
 from ..attention.flops import format_flops
-from ..config import DEFAULT_RADIUS, ClearConfig
+from ..config import ClearConfig
 from ..image_grid import image_grid
 from ..image_metrics import ms_ssim_images, psnr_images
 from ..prompt_list import prompt_list, read_prompts  # noqa: F401 (read_prompts: re-exported)
 from . import highres as hr
 from .config import DEFAULT_STRENGTH, UPSCALE_MODES, GenerateConfig  # noqa: F401 (re-exported)
-from .loading import (
-    ModelInfo,
-    base_size,
-    load_pipeline,
-    max_sequence_length,
-    read_model_info,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-    size_factor,
-    size_factor_of_folder,
-)
+from .loading import ModelInfo
+from .plan import RunPlan, clear_settings, plan_run, sigmas_metadata  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- results
@@ -134,31 +124,8 @@ def _fmt_db(value: float) -> str:
     return "inf dB (identical)" if math.isinf(value) else f"{value:.2f} dB"
 
 
-def sigmas_metadata(sigmas: Sequence[float]) -> str:
-    """The noise levels of a run as PNG metadata: a JSON list, 4 decimals (the final 0 left out)."""
-    return json.dumps([round(float(x), 4) for x in sigmas])
-
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# ----------------------------------------------------------------------------- inputs
-def _declared_clear_geometry(path: Path) -> tuple[int | None, int | None]:
-    """(radius, down_factor) a CLEAR weights file was made for (metadata or reference file name)."""
-    from safetensors import safe_open
-
-    from .. import weights as clear_weights
-
-    if not path.is_file():
-        raise FileNotFoundError(f"--clear-weights {path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors has its own error types for corrupt files
-        raise ValueError(f"--clear-weights {path} is not a readable safetensors file ({exc})") from exc
-    radius, down_factor, known = clear_weights.declared_geometry(path, metadata)
-    return (radius, down_factor) if known else (None, None)
 
 
 # ----------------------------------------------------------------------------- attention modes
@@ -268,68 +235,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu max rss"
 
 
-def _version() -> str:
-    try:
-        from .. import __version__
-
-        return __version__
-    except ImportError:
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------- generate
-def clear_settings(config: GenerateConfig, info: ModelInfo, folder: Path | None):
-    """(radius, down_factor, CLEAR weights file or None) of a run: the caller's, else the weights
-    file's, else the model folder's own CLEAR weights, else radius 16 training-free."""
-    radius, down_factor, clear_weights = config.radius, config.down_factor, config.clear_weights
-    weights_path = Path(clear_weights).expanduser() if clear_weights is not None else None
-    if weights_path is not None:
-        file_radius, file_df = _declared_clear_geometry(weights_path)
-        if radius is None:
-            radius = file_radius if file_radius is not None else DEFAULT_RADIUS
-            down_factor = file_df if down_factor is None else down_factor
-    elif (
-        info.clear_weights
-        and folder is not None
-        and radius in (None, info.clear_radius)
-        and (down_factor in (None, info.clear_down_factor))
-    ):
-        weights_path = folder / info.clear_weights
-        radius, down_factor = info.clear_radius or radius, info.clear_down_factor
-    if radius is None:
-        radius = DEFAULT_RADIUS
-    if radius == 0:
-        if weights_path is not None and clear_weights is not None:
-            raise ValueError(
-                "--clear-weights needs CLEAR attention; drop --full / --radius 0 or the weights file"
-            )
-        if down_factor is not None:
-            raise ValueError("--down-factor needs CLEAR attention (--radius > 0)")
-        if config.compare:
-            raise ValueError("--compare compares CLEAR with full attention; give a --radius > 0")
-        weights_path = None
-    return radius, down_factor, weights_path
-
-
-def _load(model, folder: Path | None, info: ModelInfo, device, dtype, quiet: bool, log):
-    """(pipeline, its device, the model's display name): loaded from ``folder``, or ``model`` as given."""
-    if folder is not None:
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        log(f"loading {folder} on {dev} ({str(dt).replace('torch.', '')})")
-        pipe = load_pipeline(folder, dev, dt, progress=not quiet)
-        return pipe, dev, str(model) if model is not None else f"cleardit-mini ({folder})"
-    pipe = model
-    if not hasattr(pipe, "transformer") or not hasattr(pipe, "vae"):
-        raise TypeError(
-            f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
-        )
-    if device is not None or dtype is not None:
-        dev = resolve_device(device) if device is not None else pipe._execution_device
-        pipe.to(dev, resolve_dtype(dtype, dev) if dtype is not None else pipe.transformer.dtype)
-    return pipe, torch.device(pipe._execution_device), info.name or type(pipe).__name__
-
-
 def make_config(config: GenerateConfig | None, options: dict) -> GenerateConfig:
     """``config`` with ``options`` (GenerateConfig fields) applied; a TypeError names unknown ones."""
     unknown = sorted(set(options) - GenerateConfig.names())
@@ -364,112 +270,72 @@ def generate(
     """
     config = make_config(config, options)
     prompts = prompt_list(prompt)
-    c = config
-    height, width, steps, guidance, true_cfg = c.height, c.width, c.steps, c.guidance, c.true_cfg
-    negative_prompt, seed, batch, device, dtype = c.negative_prompt, c.seed, c.batch, c.device, c.dtype
-    backend = c.backend
-    highres, strength, upscale, shift_rule, ntk_factor = (
-        c.highres,
-        c.strength,
-        c.upscale,
-        c.shift_rule,
-        c.ntk_factor,
-    )
-    proportional_attention, compare, warmup = c.proportional_attention, c.compare, c.warmup
-    vae_tiling, output, quiet = c.vae_tiling, c.output, c.quiet
-    if output is not None:  # a .png name for several images, or an unwritable place: refused before any work
-        check_writable(output_paths(output, prompts, batch))
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
-
-    # -- the model -----------------------------------------------------------------------------
-    folder = None
-    if model is None or isinstance(model, (str, os.PathLike)):
-        folder = resolve_model(model)
-        info = info or read_model_info(folder)
-        factor = size_factor_of_folder(folder)
-        if factor is not None:  # size mistakes are reported before loading gigabytes
-            for value, what in ((height, "height"), (width, "width")):
-                if value is not None:
-                    hr.check_size(value, factor, what)
-    info = info or ModelInfo()
-
-    radius, down_factor, weights_path = clear_settings(config, info, folder)
-    use_clear = radius > 0
-    t0 = time.perf_counter()
-    pipe, dev, model_name = _load(model, folder, info, device, dtype, quiet, log)
-    load_seconds = time.perf_counter() - t0
-    if parallel_rank is not None:
-        pipe = parallel_rank.wrap(pipe)
-    from ..models import adapter_for, get_handle
-
-    transformer = pipe.transformer
-    adapter = adapter_for(transformer)
-    if get_handle(transformer) is not None:
-        raise ValueError("the pipeline's transformer is already linearized; call handle.restore() first")
-    factor = size_factor(pipe)
-    base_h, base_w = base_size(pipe, info)
-    height = height or base_h
-    width = width or base_w
-    grid = (hr.check_size(height, factor, "height"), hr.check_size(width, factor, "width"))
-    text_len = max_sequence_length(pipe, info)
-    steps = steps or info.default_steps or adapter.default_steps
-    if guidance is None:
-        guidance = info.default_guidance if info.default_guidance is not None else adapter.default_guidance
-    if true_cfg is None:
-        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
-    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
-        raise ValueError(
-            f"--true-cfg must be a number >= 1 (1 = no classifier-free guidance), got {true_cfg!r}"
+    if config.output is not None:  # a .png name for several images, or an unwritable place: refused first
+        check_writable(output_paths(config.output, prompts, config.batch))
+    log = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
+    plan = plan_run(prompts, config, model, info, parallel_rank.wrap if parallel_rank else None, log)
+    clear_config = None
+    if plan.use_clear:
+        clear_config = ClearConfig(
+            radius=plan.radius, down_factor=plan.down_factor, backend=config.backend, scale=plan.scale
         )
-    heads, head_dim, layers = adapter.attention_geometry(transformer)
-
-    s1 = None
-    if highres:
-        if height * width <= base_h * base_w:
-            raise ValueError(
-                f"--highres upscales from the base size {base_h}x{base_w}; the target {height}x{width} "
-                "is not larger (drop --highres, or ask for a larger --height/--width)"
-            )
-        s1 = hr.stage1_size(height, width, base_h, base_w, factor)
-    # the sigmas of every run, set here so that the PNGs can say which were used
-    sigmas = schedule.denoising_sigmas(
-        pipe.scheduler, steps, grid[0] * grid[1], shift_rule, strength if highres else 1.0
-    ).tolist()
-    sigmas1 = None
-    if highres:
-        tokens1 = (s1[0] // factor) * (s1[1] // factor)
-        sigmas1 = schedule.denoising_sigmas(pipe.scheduler, steps, tokens1, shift_rule).tolist()
-
-    scale = None
-    if proportional_attention:
-        base_seq = (base_h // factor) * (base_w // factor) + text_len
-        seq = grid[0] * grid[1] + text_len
-        scale = hr.proportional_scale(seq, base_seq, head_dim)
-    config = (
-        ClearConfig(radius=radius, down_factor=down_factor, backend=backend, scale=scale)
-        if use_clear
-        else None
+    install = parallel_rank.install if parallel_rank else None
+    modes = AttentionModes(plan.pipe.transformer, clear_config, plan.weights, install=install)
+    runs = denoise(plan, modes)
+    peak, memory_source = _peak_memory(plan.device)
+    paths, full_paths, base_paths = _save_images(plan, runs)
+    stats = _compare(plan, runs, paths, log) if config.compare else None
+    summary = _summary(plan, runs, paths, peak, memory_source)
+    if stats is not None:
+        summary += "\n" + stats.line()
+    return GenerationResult(
+        images=runs.main,
+        paths=paths,
+        metadata=[plan.metadata(i, plan.use_clear) for i in range(plan.n_images)],
+        seconds=runs.main_seconds,
+        steps=runs.steps,
+        seconds_per_step=runs.main_seconds / runs.steps,
+        peak_memory=peak,
+        memory_source=memory_source,
+        load_seconds=plan.load_seconds,
+        full_images=runs.full if config.compare else None,
+        full_paths=full_paths,
+        base_images=runs.base if config.highres else None,
+        base_paths=base_paths,
+        compare=stats,
+        summary=summary,
     )
-    modes = AttentionModes(
-        transformer, config, weights_path, install=parallel_rank.install if parallel_rank else None
-    )
+
+
+@dataclass
+class Runs:
+    """The images of every run and their times (``main``: CLEAR, or full attention at radius 0)."""
+
+    main: list = field(default_factory=list)
+    full: list = field(default_factory=list)  # --compare: full attention, same seeds
+    base: list = field(default_factory=list)  # --highres: stage 1
+    main_seconds: float = 0.0
+    full_seconds: float = 0.0
+    stage1_seconds: float = 0.0
+    steps: int = 0
+
+
+def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
+    """Every denoising run of the plan: per prompt the main run (and stage 1 before it with
+    ``--highres``), and the full-attention run of the same seeds with ``--compare``."""
+    c, pipe, dev = plan.config, plan.pipe, plan.device
+    transformer = pipe.transformer
+    height, width, s1, sigmas = plan.height, plan.width, plan.stage1, plan.sigmas
 
     @contextlib.contextmanager
     def target_mode(clear: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(hr.ntk_rope(transformer, ntk_factor))
+            stack.enter_context(hr.ntk_rope(transformer, c.ntk_factor))
             if clear:
                 stack.enter_context(modes.clear())
-            elif scale is not None:
-                stack.enter_context(hr.query_scale(transformer, scale * math.sqrt(head_dim)))
+            elif plan.scale is not None:
+                stack.enter_context(hr.query_scale(transformer, plan.scale * math.sqrt(plan.head_dim)))
             yield
-
-    # -- runs ------------------------------------------------------------------------------------
-    img2img = hr.img2img_pipeline(pipe) if highres else None
-    for p in (pipe, img2img):
-        if p is not None:
-            p.set_progress_bar_config(disable=quiet, leave=False)
-    common = adapter.call_options(guidance, true_cfg, negative_prompt, text_len)
 
     def gens(seeds, states=None):
         out = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -485,34 +351,36 @@ def generate(
         _sync(dev)
         return value, time.perf_counter() - t
 
-    tiled = hr.wants_vae_tiles(pipe.vae, height, width, vae_tiling)
-    # every run takes the sigmas chosen above; the VAE tiles (if at all) only past its size
-    with schedule.sigmas_as_given(pipe, img2img), hr.vae_tiles(pipe.vae, tiled):
-        if use_clear and weights_path is not None:
+    img2img = hr.img2img_pipeline(pipe) if c.highres else None
+    for p in (pipe, img2img):
+        if p is not None:
+            p.set_progress_bar_config(disable=c.quiet, leave=False)
+    common = plan.adapter.call_options(plan.guidance, plan.true_cfg, c.negative_prompt, plan.text_len)
+    runs = Runs()
+    # every run takes the plan's sigmas; the VAE tiles (if at all) only past its size
+    with schedule.sigmas_as_given(pipe, img2img), hr.vae_tiles(pipe.vae, plan.vae_tiled):
+        if plan.use_clear and plan.weights is not None:
             with modes.clear():  # load and check the CLEAR weights once, before anything is timed
                 pass
-        if warmup:
-            for clear in [True, False] if compare else [use_clear]:
+        if c.warmup:
+            for clear in [True, False] if c.compare else [plan.use_clear]:
                 with target_mode(clear):
                     pipe(
-                        prompts[0],
+                        plan.prompts[0],
                         height=height,
                         width=width,
                         num_inference_steps=1,
                         sigmas=sigmas[:1],
                         output_type="latent",
-                        generator=gens([seed]),
+                        generator=gens([c.seed]),
                         **common,
                     )
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        main_images, full_images, base_images = [], [], []
-        main_seconds = full_seconds = stage1_seconds = 0.0
-        run_steps = 0
-        n_images = len(prompts) * batch
-        for pi, text in enumerate(prompts):
-            seeds = [seed + pi * batch + b for b in range(batch)]
+        batch, n_images = c.batch, plan.n_images
+        for pi, text in enumerate(plan.prompts):
+            seeds = [c.seed + pi * batch + b for b in range(batch)]
             desc = (
                 f"image {pi * batch + 1}/{n_images}"
                 if batch == 1
@@ -520,9 +388,9 @@ def generate(
             )
             for p in (pipe, img2img):
                 if p is not None:
-                    p.set_progress_bar_config(disable=quiet, leave=False, desc=desc)
+                    p.set_progress_bar_config(disable=c.quiet, leave=False, desc=desc)
             call = dict(num_images_per_prompt=batch, **common)
-            if not highres:
+            if not c.highres:
 
                 def run(clear, seeds=seeds, text=text, call=call):
                     with target_mode(clear):
@@ -530,32 +398,32 @@ def generate(
                             text,
                             height=height,
                             width=width,
-                            num_inference_steps=steps,
+                            num_inference_steps=plan.steps,
                             sigmas=sigmas,
                             generator=gens(seeds),
                             **call,
                         ).images
 
-                images, t = timed(lambda: run(use_clear))
-                main_images += images
-                main_seconds += t
-                run_steps += steps
-                if compare:
+                images, t = timed(lambda: run(plan.use_clear))
+                runs.main += images
+                runs.main_seconds += t
+                runs.steps += plan.steps
+                if c.compare:
                     images, t = timed(lambda: run(False))
-                    full_images += images
-                    full_seconds += t
+                    runs.full += images
+                    runs.full_seconds += t
                 continue
             # two-stage: stage 1 near the base area with the original attention
             g1 = gens(seeds)
-            kind = "latent" if upscale == "latent" else "pil"
+            kind = "latent" if c.upscale == "latent" else "pil"
             first, t1 = timed(
                 lambda text=text, g1=g1, call=call, kind=kind: (
                     pipe(
                         text,
                         height=s1[0],
                         width=s1[1],
-                        num_inference_steps=steps,
-                        sigmas=sigmas1,
+                        num_inference_steps=plan.steps,
+                        sigmas=plan.stage1_sigmas,
                         generator=g1,
                         output_type=kind,
                         **call,
@@ -563,8 +431,8 @@ def generate(
                 )
             )
             states = [g.get_state() for g in g1]
-            base_images += first if kind == "pil" else hr.decode_latents(pipe, first, s1)
-            init = hr.upscale_latents(pipe, first, s1, (height, width)) if upscale == "latent" else first
+            runs.base += first if kind == "pil" else hr.decode_latents(pipe, first, s1)
+            init = hr.upscale_latents(pipe, first, s1, (height, width)) if kind == "latent" else first
 
             def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
                 with target_mode(clear):
@@ -580,181 +448,116 @@ def generate(
                         **call,
                     ).images
 
-            images, t2 = timed(lambda: run2(use_clear))
-            main_images += images
-            main_seconds += t1 + t2
-            stage1_seconds += t1
-            run_steps += steps + len(sigmas)
-            if compare:
+            images, t2 = timed(lambda: run2(plan.use_clear))
+            runs.main += images
+            runs.main_seconds += t1 + t2
+            runs.stage1_seconds += t1
+            runs.steps += plan.steps + len(sigmas)
+            if c.compare:
                 images, t2 = timed(lambda: run2(False))
-                full_images += images
-                full_seconds += t1 + t2
-    peak, memory_source = _peak_memory(dev)
+                runs.full += images
+                runs.full_seconds += t1 + t2
+    return runs
 
-    # -- metadata, files, comparison ------------------------------------------------------------
-    version = _version()
-    weights_name = str(weights_path) if weights_path is not None else None
 
-    def meta(i: int, clear: bool) -> dict:
-        return {
-            "prompt": prompts[i // batch],
-            "seed": seed + i,
-            "steps": steps,
-            "guidance": guidance,
-            "true_cfg": true_cfg,
-            "negative_prompt": negative_prompt if true_cfg > 1 else None,
-            "height": height,
-            "width": width,
-            "attention": "clear" if clear else "full",
-            "radius": radius if clear else 0,
-            "down_factor": down_factor if clear else None,
-            "clear_weights": weights_name if clear else None,
-            "backend": backend if clear else None,
-            "model": model_name,
-            "highres": bool(highres),
-            "stage1_size": f"{s1[0]}x{s1[1]}" if s1 else None,
-            "strength": strength if highres else None,
-            "upscale": upscale if highres else None,
-            "shift_rule": shift_rule,
-            "vae_tiling": tiled,
-            "sigmas": sigmas_metadata(sigmas),
-            "stage1_sigmas": sigmas_metadata(sigmas1) if highres else None,
-            "ntk_factor": ntk_factor,
-            "proportional_attention": bool(proportional_attention),
-            "attention_scale": scale,
-            "max_sequence_length": text_len,
-            "cleardit_version": version,
-            "Software": f"cleardit {version}",
-        }
+def _save_images(plan: RunPlan, runs: Runs) -> tuple[list[Path], list[Path], list[Path]]:
+    """Write the PNGs (main, ``*-full``, ``*-base``), each with its metadata; their paths."""
+    c = plan.config
+    if c.output is None:
+        return [], [], []
+    paths = output_paths(c.output, plan.prompts, c.batch)
+    for i, (image, path) in enumerate(zip(runs.main, paths, strict=True)):
+        save_png(image, path, plan.metadata(i, plan.use_clear))
+    full_paths = [_sibling(p, "full") for p in paths] if c.compare else []
+    for i, (image, path) in enumerate(zip(runs.full, full_paths, strict=True)):
+        save_png(image, path, plan.metadata(i, False))
+    base_paths = [_sibling(p, "base") for p in paths] if c.highres else []
+    for i, (image, path) in enumerate(zip(runs.base, base_paths, strict=True)):
+        save_png(image, path, plan.stage1_metadata(i))
+    return paths, full_paths, base_paths
 
-    def stage1_meta(i: int) -> dict:
-        """The stage-1 image: the base-size generation that ``highres`` upscaled."""
-        return {
-            **meta(i, False),
-            "height": s1[0],
-            "width": s1[1],
-            "highres": False,
-            "highres_stage": "1 (base size, full attention; upscaled for stage 2)",
-            "sigmas": sigmas_metadata(sigmas1),
-            "stage1_sigmas": None,
-            "strength": None,
-            "upscale": None,
-            "ntk_factor": None,
-            "proportional_attention": False,
-            "attention_scale": None,
-        }
 
-    metadata = [meta(i, use_clear) for i in range(n_images)]
-    paths: list[Path] = []
-    full_paths: list[Path] = []
-    base_paths: list[Path] = []
-    if output is not None:
-        paths = output_paths(output, prompts, batch)
-        for image, path, md in zip(main_images, paths, metadata, strict=True):
-            save_png(image, path, md)
-        if compare:
-            full_paths = [_sibling(p, "full") for p in paths]
-            for i, (image, path) in enumerate(zip(full_images, full_paths, strict=True)):
-                save_png(image, path, meta(i, False))
-        if highres:
-            base_paths = [_sibling(p, "base") for p in paths]
-            for i, (image, path) in enumerate(zip(base_images, base_paths, strict=True)):
-                save_png(image, path, stage1_meta(i))
+def _compare(plan: RunPlan, runs: Runs, paths: list[Path], log) -> CompareStats:
+    """Full attention vs CLEAR: FLOPs, times, PSNR / MS-SSIM per image, and the side-by-side boards."""
+    from ..attention import TokenLayout, attention_flops
 
-    stats = None
-    if compare:
-        from ..attention import TokenLayout, attention_flops
-
-        layout = TokenLayout(text_len, grid[0], grid[1], down_factor=down_factor)
-        flops_clear = attention_flops(layout, radius, heads, head_dim) * layers
-        flops_full = attention_flops(TokenLayout(text_len, grid[0], grid[1]), None, heads, head_dim) * layers
-        stats = CompareStats(
-            clear_seconds=main_seconds,
-            full_seconds=full_seconds,
-            speedup=full_seconds / main_seconds if main_seconds > 0 else float("inf"),
-            flops_clear=flops_clear,
-            flops_full=flops_full,
-            ms_ssim=[],
+    (gh, gw), t = plan.grid, plan.text_len
+    per_layer = attention_flops(
+        TokenLayout(t, gh, gw, down_factor=plan.down_factor), plan.radius, plan.heads, plan.head_dim
+    )
+    full_per_layer = attention_flops(TokenLayout(t, gh, gw), None, plan.heads, plan.head_dim)
+    flops_clear, flops_full = per_layer * plan.layers, full_per_layer * plan.layers
+    main_s, full_s, stage1_s = runs.main_seconds, runs.full_seconds, runs.stage1_seconds
+    stats = CompareStats(
+        clear_seconds=main_s,
+        full_seconds=full_s,
+        speedup=full_s / main_s if main_s > 0 else float("inf"),
+        flops_clear=flops_clear,
+        flops_full=flops_full,
+        ms_ssim=[],
+    )
+    for f_img, c_img in zip(runs.full, runs.main, strict=True):
+        stats.psnr.append(psnr_images(f_img, c_img))
+        value, stats.ms_ssim_note = ms_ssim_images(f_img, c_img)
+        if value is None:
+            stats.ms_ssim = None
+        elif stats.ms_ssim is not None:
+            stats.ms_ssim.append(value)
+    if stats.ms_ssim_note and (stats.ms_ssim is None or "adapted" in stats.ms_ssim_note):
+        log(stats.ms_ssim_note)
+    height, width, s1, name = plan.height, plan.width, plan.stage1, plan.clear_name()
+    for i, path in enumerate(paths):
+        lines = [
+            f"full attention: {full_s:.2f} s, {format_flops(flops_full)} attention/step",
+            f"{name}: {main_s:.2f} s ({stats.speedup:.2f}x speedup), "
+            f"{format_flops(flops_clear)} attention/step",
+            f"PSNR {_fmt_db(stats.psnr[i])}"
+            + (f", MS-SSIM {stats.ms_ssim[i]:.4f}" if stats.ms_ssim is not None else ""),
+        ]
+        panels = [runs.full[i], runs.main[i]]
+        names = [f"full attention {height}x{width}", f"{name} {height}x{width}"]
+        if plan.config.highres:  # what both started from
+            stage2 = (full_s - stage1_s) / max(main_s - stage1_s, 1e-9)
+            lines.insert(
+                2,
+                f"both include stage 1 ({stage1_s:.2f} s); at {height}x{width} alone: {stage2:.2f}x speedup",
+            )
+            panels.insert(0, runs.base[i])
+            names.insert(0, f"stage 1: {s1[0]}x{s1[1]}, full")
+        board = image_grid([panels], column_labels=names, footer=lines, cell=(width, height))
+        stats.paths.append(
+            save_png(board, _sibling(path, "compare"), {**plan.metadata(i, True), "compare": True})
         )
-        for f_img, c_img in zip(full_images, main_images, strict=True):
-            stats.psnr.append(psnr_images(f_img, c_img))
-            value, stats.ms_ssim_note = ms_ssim_images(f_img, c_img)
-            if value is None:
-                stats.ms_ssim = None
-            elif stats.ms_ssim is not None:
-                stats.ms_ssim.append(value)
-        if stats.ms_ssim_note and (stats.ms_ssim is None or "adapted" in stats.ms_ssim_note):
-            log(stats.ms_ssim_note)
-        if paths:
-            name = f"CLEAR r={radius}" + (f" df={down_factor}" if down_factor else "")
-            for i, path in enumerate(paths):
-                lines = [
-                    f"full attention: {full_seconds:.2f} s, {format_flops(flops_full)} attention/step",
-                    f"{name}: {main_seconds:.2f} s ({stats.speedup:.2f}x speedup), "
-                    f"{format_flops(flops_clear)} attention/step",
-                    f"PSNR {_fmt_db(stats.psnr[i])}"
-                    + (f", MS-SSIM {stats.ms_ssim[i]:.4f}" if stats.ms_ssim is not None else ""),
-                ]
-                if highres:
-                    stage2 = (full_seconds - stage1_seconds) / max(main_seconds - stage1_seconds, 1e-9)
-                    lines.insert(
-                        2,
-                        f"both include stage 1 ({stage1_seconds:.2f} s); "
-                        f"at {height}x{width} alone: {stage2:.2f}x speedup",
-                    )
-                panels = [full_images[i], main_images[i]]
-                names = [f"full attention {height}x{width}", f"{name} {height}x{width}"]
-                if highres:  # what both started from
-                    panels.insert(0, base_images[i])
-                    names.insert(0, f"stage 1: {s1[0]}x{s1[1]}, full")
-                board = image_grid([panels], column_labels=names, footer=lines, cell=(width, height))
-                stats.paths.append(
-                    save_png(board, _sibling(path, "compare"), {**meta(i, True), "compare": True})
-                )
+    return stats
 
-    if use_clear:
-        attention = f"CLEAR r={radius}" + (f" df={down_factor}" if down_factor else "")
-        attention += (
-            f" with {weights_path.name}" if weights_path is not None else " (no CLEAR weights: training-free)"
+
+def _summary(plan: RunPlan, runs: Runs, paths: list[Path], peak: int, memory_source: str) -> str:
+    """The one-line report of a ``generate`` call."""
+    c, s1 = plan.config, plan.stage1
+    if plan.use_clear:
+        attention = plan.clear_name() + (
+            f" with {plan.weights.name}" if plan.weights is not None else " (no CLEAR weights: training-free)"
         )
     else:
         attention = "full attention"
     extras = [
         s
         for s in (
-            f"highres from {s1[0]}x{s1[1]}, strength {strength}, {upscale} upscale" if highres else "",
-            f"NTK x{ntk_factor:g}" if ntk_factor not in (None, 1) else "",
-            f"proportional attention scale {scale:.4f}" if scale is not None else "",
+            f"highres from {s1[0]}x{s1[1]}, strength {c.strength}, {c.upscale} upscale" if c.highres else "",
+            f"NTK x{c.ntk_factor:g}" if c.ntk_factor not in (None, 1) else "",
+            f"proportional attention scale {plan.scale:.4f}" if plan.scale is not None else "",
         )
         if s
     ]
     where = ""
     if paths:
         where = f" -> {paths[0]}" if len(paths) == 1 else f" -> {paths[0].parent}/"
-    summary = (
-        f"generated {n_images} image{'s' if n_images != 1 else ''} of {height}x{width} px "
-        f"in {main_seconds:.2f} s "
-        f"({main_seconds / run_steps:.3f} s/step, {run_steps} steps), peak memory {_fmt_bytes(peak)} "
+    n = plan.n_images
+    return (
+        f"generated {n} image{'s' if n != 1 else ''} of {plan.height}x{plan.width} px "
+        f"in {runs.main_seconds:.2f} s "
+        f"({runs.main_seconds / runs.steps:.3f} s/step, {runs.steps} steps), peak memory {_fmt_bytes(peak)} "
         f"({memory_source}); {attention}"
         + "".join(f"; {e}" for e in extras)
-        + f"; model loaded in {load_seconds:.1f} s{where}"
-    )
-    if stats is not None:
-        summary += "\n" + stats.line()
-    return GenerationResult(
-        images=main_images,
-        paths=paths,
-        metadata=metadata,
-        seconds=main_seconds,
-        steps=run_steps,
-        seconds_per_step=main_seconds / run_steps,
-        peak_memory=peak,
-        memory_source=memory_source,
-        load_seconds=load_seconds,
-        full_images=full_images if compare else None,
-        full_paths=full_paths,
-        base_images=base_images if highres else None,
-        base_paths=base_paths,
-        compare=stats,
-        summary=summary,
+        + f"; model loaded in {plan.load_seconds:.1f} s{where}"
     )
