@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from cleardit.distill.trainer import DistillConfig, Distiller
 from cleardit.eval import evaluate_model
 from cleardit.mini.pipeline import build_mini_pipeline, mini_model_info
 from cleardit.models import adapter_for
-from cleardit.models.chroma import key_keep_mask
+from cleardit.models.chroma import keep_mask
 from cleardit.models.flux import project_qkv
 
 TEXT_DIM = 32
@@ -59,9 +60,9 @@ def tiny_chroma_pipeline(seed: int = 0) -> ChromaPipeline:
 
 
 class DenseOracle:
-    """FLUX-shaped attention with one dense boolean mask: the CLEAR rule AND the kept text tokens.
-
-    Padded text queries see nothing and output zeros (as diffusers' boolean mask gives)."""
+    """FLUX-shaped attention with one dense boolean mask: the CLEAR rule AND Chroma's own mask (the
+    [B, 1, S, S] outer product its blocks build). Padded text queries see nothing and output zeros
+    (as diffusers' boolean mask gives)."""
 
     def __init__(self, radius: int, layout: TokenLayout):
         self.radius, self.layout = radius, layout
@@ -73,10 +74,10 @@ class DenseOracle:
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        keep = key_keep_mask(attention_mask, q.shape[0], q.shape[2])
-        mask = allowed_mask(self.layout, self.radius)[None] & keep[:, None, :] & keep[:, :, None]
+        pairs = attention_mask[:, 0] != 0  # [B, S, S]
+        mask = allowed_mask(self.layout, self.radius)[None] & pairs
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        out = torch.where(keep[:, None, :, None], out, torch.zeros_like(out))
+        out = torch.where(pairs.any(-1)[:, None, :, None], out, torch.zeros_like(out))
         out = out.transpose(1, 2).flatten(2, 3)
         if encoder_hidden_states is None:
             return out
@@ -149,8 +150,8 @@ def test_chroma_mask_errors_and_no_strips():
     linearize(model, radius=2)
     with pytest.raises(ValueError, match="masks only text tokens"):
         model(**inputs)
-    with pytest.raises(ValueError, match="key-padding"):
-        key_keep_mask(torch.full((1, 4), 0.5), 1, 4)
+    with pytest.raises(ValueError, match="boolean or 0/1"):
+        keep_mask(torch.full((1, 4), 0.5), 1, 4)
     from cleardit.models.strips import parallelize
 
     with pytest.raises(ValueError, match="not supported for Chroma"):
@@ -216,3 +217,74 @@ def test_distill_and_eval_on_a_tiny_chroma_pipeline(chroma_folder, tmp_path):
     )  # fmt: skip
     assert report.teacher.generated == 2 and report.clear[0].generated == 2
     assert report.results["r2"].to_dict()
+
+
+def test_the_blocks_get_no_mask_under_clear_and_the_teacher_keeps_it():
+    """CLEAR reads the mask once per forward: the blocks never build their [B, 1, S, S] mask; with the
+    original processors swapped back in (a distillation teacher pass) the mask reaches them."""
+    model = tiny_chroma_transformer()
+    inputs = chroma_inputs(5, 6, 8, [3, 5])
+    seen = []
+    hook = model.transformer_blocks[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    handle = linearize(model, radius=2)
+    model(**inputs)
+    from cleardit.distill.teacher import TeacherView
+
+    hook.remove()
+    assert seen == [None]
+    handle.restore()
+    teacher = TeacherView(model)
+    handle = linearize(model, radius=2)
+    teacher.freeze_initial(handle)
+    seen.clear()
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    expected = tiny_chroma_transformer()(**inputs)[0]
+    torch.testing.assert_close(teacher.run(**inputs)[0], expected, atol=1e-5, rtol=1e-5)
+    assert seen[0] is not None
+
+
+def test_clear_beyond_the_grid_equals_full_attention_through_the_pipeline(chroma_folder):
+    """Every generate run passes the mask as boolean (the pipelines' float mask is added to the logits
+    by diffusers' attention), so CLEAR and full attention see the same, correctly masked model."""
+    common = dict(model=chroma_folder, height=64, width=80, steps=2, true_cfg=2.0, quiet=True)
+    full = generate("a red circle", radius=0, **common).images[0]
+    clear = generate("a red circle", radius=20, **common).images[0]
+    diff = np.abs(np.asarray(full, dtype=int) - np.asarray(clear, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_chroma_has_no_distilled_guidance_and_encodes_its_prompts(chroma_folder):
+    with pytest.raises(ValueError, match="--true-cfg"):
+        generate("a red circle", model=chroma_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+    pipe = ChromaPipeline.from_pretrained(str(chroma_folder))
+    adapter = adapter_for(pipe)
+    text = adapter.encode_prompt(
+        pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=2.0, negative_prompt=""
+    )
+    assert set(text) == {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                         "negative_prompt_attention_mask"}  # fmt: skip
+    assert text["prompt_embeds"].shape[:2] == (2, 12) and text["prompt_attention_mask"].shape == (2, 12)
+    noise = adapter.initial_noise(pipe, 2, 64, 80, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 4 * 5, 16)
+
+
+def test_reference_release_weights_do_not_load_into_chroma(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_chroma_transformer()
+    handle = linearize(model, radius=16)
+    path = tmp_path / "clear_local_16.safetensors"  # a reference-release name, no cleardit metadata
+    save_file({k: v.contiguous() for k, v in handle.clear_state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match="for flux models, not for this chroma model"):
+        load_weights(model, path)
+
+
+def test_devices_with_chroma_is_refused_before_any_rank_starts(chroma_folder):
+    from cleardit.parallel import generate_parallel
+
+    with pytest.raises(ValueError, match="not supported for Chroma yet"):
+        generate_parallel("a red circle", devices=2, model=chroma_folder, radius=2, quiet=True)

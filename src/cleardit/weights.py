@@ -117,6 +117,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     base = metadata.get("base_model")
     if base is not None and base != type(model).__name__:
         raise ValueError(f"{path.name} holds weights for a {base}, not a {type(model).__name__}")
+    family = adapter_for(model).family
+    # files without cleardit's metadata are the reference release's: FLUX.1 weights, whose names
+    # and shapes another FLUX-shaped family (Chroma) would accept without complaint
+    stored = metadata.get("family") or (None if metadata.get("format") == FORMAT else "flux")
+    if stored is not None and stored != family:
+        raise ValueError(
+            f"{path.name} holds CLEAR weights for {stored} models, not for this {family} model "
+            f"({type(model).__name__}); train weights for it with cleardit distill"
+        )
 
     params = dict(handle.named_clear_parameters())
     unexpected = [k for k in keys if k not in params]

@@ -85,10 +85,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="pixels (multiple of VAE scale x 2; default: base size)",
     )
     g.add_argument(
-        "--steps", type=positive_int, default=None, help="denoising steps (default: the model's, else 28)"
+        "--steps", type=positive_int, default=None, help="denoising steps (default: the model's, else the family's: 28 FLUX.1, 35 Chroma)"
     )
     g.add_argument(
-        "--guidance", type=_float, default=None, help="FLUX guidance (default: the model's, else 3.5)"
+        "--guidance", type=_float, default=None, help="distilled guidance, FLUX.1 only (default: the model's, else 3.5)"
     )
     g.add_argument(
         "--true-cfg",
@@ -96,7 +96,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="SCALE",
         help="classifier-free guidance scale, 1 = off; costs a second transformer pass per step "
-        "(default: the model's, e.g. the mini model's trained scale, else 1)",
+        "(default: the model's, else the family's: 1 FLUX.1, 5 Chroma)",
     )
     g.add_argument(
         "--negative-prompt", default="", help="the unconditional prompt of --true-cfg (default: empty)"

@@ -79,7 +79,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attention-layers",
         default="every:4",
-        help="single-stream blocks matched by the attention loss: every:N, none, or 0,4,9 (every:4)",
+        help="blocks whose attention outputs the attention loss matches (FLUX.1 and Chroma: the "
+        "single-stream blocks): every:N, none, or 0,4,9 (every:4)",
     )
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")

@@ -40,7 +40,7 @@ def parse_attention_layers(spec: str, count: int) -> list[int]:
     bad = [i for i in layers if not 0 <= i < count]
     if bad or not layers:
         raise ValueError(
-            f"--attention-layers {spec!r}: single-stream block indices must be in 0..{count - 1}"
+            f"--attention-layers {spec!r}: block indices must be in 0..{count - 1}"
         )
     return layers
 

@@ -238,7 +238,8 @@ class _Teacher:
     height: int
     width: int
     steps: int
-    guidance: float
+    guidance: float | None
+    true_cfg: float
     text_len: int
     dtype: torch.dtype  # storage dtype
 
@@ -252,7 +253,7 @@ class _Teacher:
         pipe, adapter = self.pipe, self.adapter
         packed = pipe(
             **{name: t[None] for name, t in text.items()},
-            **adapter.call_options(self.guidance, 1.0, "", self.text_len),
+            **adapter.call_options(self.guidance, self.true_cfg, "", self.text_len),
             height=self.height,
             width=self.width,
             num_inference_steps=self.steps,
@@ -297,6 +298,7 @@ def make_teacher_data(
     resolution: tuple[int, int] | int,
     steps: int | None = None,
     guidance: float | None = None,
+    true_cfg: float | None = None,
     seed: int = 0,
     samples_per_prompt: int = 1,
     shard_size: int = 16,
@@ -315,8 +317,10 @@ def make_teacher_data(
             it deletes temp files and shards the manifest does not list, regenerates listed shards
             that are missing or fail their sha256, and generates the shards not yet made.
         resolution: pixels, ``256`` or ``(height, width)``; multiples of the pipeline's size factor.
-        steps, guidance: teacher denoising steps and distilled guidance (default: the model's
-            cleardit.json, else 28 / 3.5).
+        steps, guidance, true_cfg: teacher denoising steps, distilled guidance and classifier-free
+            guidance scale (against the empty prompt); defaults as ``cleardit generate``'s: the
+            model's cleardit.json, else the family's (FLUX.1: 28 / 3.5 / 1 = off; Chroma: 35 / none /
+            5).
         samples_per_prompt: samples (seeds) per prompt.
         shard_size: samples per shard file.
         device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32. Tensors are
@@ -333,6 +337,7 @@ def make_teacher_data(
         resolution=resolution,
         steps=steps,
         guidance=guidance,
+        true_cfg=true_cfg,
         seed=seed,
         samples_per_prompt=samples_per_prompt,
         shard_size=shard_size,
@@ -356,6 +361,7 @@ def _run(
     device,
     dtype,
     quiet,
+    true_cfg=None,
 ) -> RunStats:
     """``make_teacher_data``, returning RunStats (the CLI prints them)."""
     from tqdm.auto import tqdm
@@ -364,6 +370,7 @@ def _run(
     from ..pipelines import highres as hr
     from ..pipelines.loading import (
         ModelInfo,
+        folder_adapter,
         load_pipeline,
         max_sequence_length,
         read_model_info,
@@ -373,6 +380,7 @@ def _run(
         size_factor,
         size_factor_of_folder,
     )
+    from ..pipelines.plan import resolve_guidance
 
     prompts = prompt_list(prompts, one_line=True)
     height, width = _resolution(resolution)
@@ -398,6 +406,7 @@ def _run(
         if factor is not None:
             hr.check_size(height, factor, "resolution")
             hr.check_size(width, factor, "resolution")
+        adapter = folder_adapter(path)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
     else:
@@ -406,27 +415,33 @@ def _run(
                 f"model must be a path, a Hugging Face id or a diffusers pipeline, got {type(model).__name__}"
             )
         info = ModelInfo()
+        adapter = adapter_for(model)
         name = getattr(model, "name_or_path", None) or type(model).__name__
         if device is not None or dtype is not None:
             dev = resolve_device(device) if device is not None else model._execution_device
             model.to(dev, resolve_dtype(dtype, dev) if dtype is not None else model.transformer.dtype)
         dt = model.transformer.dtype
-    steps = steps or info.default_steps or 28
-    if guidance is None:
-        guidance = info.default_guidance if info.default_guidance is not None else 3.5
+    steps = steps or info.default_steps or adapter.default_steps
+    guidance = resolve_guidance(guidance, info, adapter)
+    if true_cfg is None:
+        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
+    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
+        raise ValueError(f"--true-cfg must be a number >= 1 (1 = off), got {true_cfg!r}")
     settings = {
         "format": FORMAT,
         "model": name,
         "height": height,
         "width": width,
         "steps": steps,
-        "guidance": float(guidance),
+        "guidance": float(guidance) if guidance is not None else None,
         "seed": seed,
         "samples_per_prompt": samples_per_prompt,
         "shard_size": shard_size,
         "total": total,
         "dtype": _dtype_name(_store_dtype(dt)),
     }
+    if true_cfg > 1:  # recorded only when on, so folders made before this option still resume
+        settings["true_cfg"] = float(true_cfg)
     _prepare_folder(folder)
     with _exclusive(folder):
         manifest = read_manifest(folder)
@@ -447,14 +462,14 @@ def _run(
         factor = size_factor(pipe)
         hr.check_size(height, factor, "resolution")
         hr.check_size(width, factor, "resolution")
-        adapter = adapter_for(pipe.transformer)
         teacher = _Teacher(
             pipe,
             adapter,
             height,
             width,
             steps,
-            float(guidance),
+            guidance,
+            float(true_cfg),
             max_sequence_length(pipe, info),
             _store_dtype(dt),
         )
@@ -653,6 +668,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--guidance", type=float, default=None, help="distilled guidance (default: the model's, else 3.5)"
     )
+    parser.add_argument(
+        "--true-cfg",
+        type=float,
+        default=None,
+        metavar="SCALE",
+        help="classifier-free guidance of the teacher against the empty prompt (default: the model's; "
+        "1 = off for FLUX.1, 5 for Chroma)",
+    )
     parser.add_argument("--seed", type=nonneg_int, default=0, help="seed of sample 0; sample i uses seed + i")
     parser.add_argument(
         "--samples-per-prompt", type=positive_int, default=1, help="seeds per prompt (default 1)"
@@ -682,6 +705,7 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
             resolution=args.resolution,
             steps=args.steps,
             guidance=args.guidance,
+            true_cfg=args.true_cfg,
             seed=args.seed,
             samples_per_prompt=args.samples_per_prompt,
             shard_size=args.shard_size,

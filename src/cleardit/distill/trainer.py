@@ -59,7 +59,8 @@ class DistillConfig:
         grad_accum: micro-batches per optimizer step and process.
         lr, weight_decay, warmup_steps, max_grad_norm: AdamW, linear warm-up then constant.
         alpha, beta: weights of the output-distillation and attention-consistency terms.
-        attention_layers: single-stream blocks whose attention outputs are matched ("every:4",
+        attention_layers: the adapter's ``consistency_modules`` (FLUX.1, Chroma: single-stream blocks)
+            whose attention outputs are matched ("every:4",
             "none" or "0,4,9").
         seed: data order, noise and noise levels.
         mixed_precision: "no", "bf16" or "fp16" (frozen weights are stored in that dtype;

@@ -57,7 +57,7 @@ class Settings:
     height: int
     width: int
     steps: int
-    guidance: float
+    guidance: float | None
     seed: int
     text_len: int
     dtype: str

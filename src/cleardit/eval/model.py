@@ -32,7 +32,6 @@ from .metrics import normalize_metric_names
 from .report import atomic_write_text, json_text, plot_metrics_vs_radius, write_results
 
 DEFAULT_OUTPUT = "outputs/eval-model"
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 3.5  # generate's fallbacks when cleardit.json has none
 SUMMARY_JSON, SUMMARY_MD, PLOT_PNG = "eval_model.json", "eval_model.md", "metrics_vs_radius.png"
 
 
@@ -242,7 +241,7 @@ def evaluate_model(
         resolve_model,
         size_factor,
     )
-    from ..pipelines.plan import sigmas_metadata
+    from ..pipelines.plan import resolve_guidance, sigmas_metadata
     from ..schedule import denoising_sigmas
 
     started = time.perf_counter()
@@ -284,14 +283,16 @@ def evaluate_model(
     height, width = height or base_h, width or base_w
     factor = size_factor(pipe)
     grid = (check_size(height, factor, "height"), check_size(width, factor, "width"))
-    run_steps = steps or info.default_steps or DEFAULT_STEPS
+    adapter = adapter_for(pipe.transformer)
+    run_steps = steps or info.default_steps or adapter.default_steps
+    run_guidance = resolve_guidance(guidance, info, adapter)
     settings = Settings(
         model=str(model) if model is not None else f"cleardit-mini ({folder})",
         fingerprint=files_fingerprint(folder),
         height=height,
         width=width,
         steps=run_steps,
-        guidance=float(guidance if guidance is not None else _or(info.default_guidance, DEFAULT_GUIDANCE)),
+        guidance=None if run_guidance is None else float(run_guidance),
         seed=seed,
         text_len=max_sequence_length(pipe, info),
         dtype=str(dt).replace("torch.", ""),
@@ -300,7 +301,7 @@ def evaluate_model(
         sigmas=sigmas_metadata(denoising_sigmas(pipe.scheduler, run_steps, grid[0] * grid[1])),
         vae_tiling=wants_vae_tiles(pipe.vae, height, width, None),
     )
-    heads, head_dim, layers = adapter_for(pipe.transformer).attention_geometry(pipe.transformer)
+    heads, head_dim, layers = adapter.attention_geometry(pipe.transformer)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "prompts.txt", "".join(p + "\n" for p in prompt_list))
     fill = dict(chunk=batch_size, progress=not quiet, log=log, generate_fn=generate_fn)
@@ -410,10 +411,6 @@ def evaluate_model(
         )
         files.update({f"report {k}": v for k, v in report_files.items()})
     return ModelEvalResult(summary=summary, results=results, teacher=teacher, clear=clear, files=files)
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def _free_accelerator(device) -> None:

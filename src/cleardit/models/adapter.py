@@ -36,7 +36,8 @@ class ModelAdapter:
         text_conditions: the per-sample text tensors teacher data stores, in ``encode_text`` order;
             they are also the pipeline call's keyword arguments for pre-encoded text.
         default_steps, default_guidance, default_true_cfg: generation defaults when the model folder's
-            ``cleardit.json`` gives none (guidance: the distilled guidance, where the family has one).
+            ``cleardit.json`` gives none (``default_guidance`` None: the family has no distilled
+            guidance, and ``--guidance`` is refused).
     """
 
     family: str = ""
@@ -46,7 +47,7 @@ class ModelAdapter:
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
     default_steps: int = 28
-    default_guidance: float = 3.5
+    default_guidance: float | None = 3.5
     default_true_cfg: float = 1.0
 
     # -- which models ------------------------------------------------------------------------------
@@ -54,6 +55,10 @@ class ModelAdapter:
         """Whether ``obj`` (a transformer or a pipeline) is of this family."""
         names = {c.__name__ for c in type(obj).__mro__}
         return bool(names & set(self.transformer_classes + self.pipeline_classes))
+
+    def loads_pipeline_class(self, name: str) -> bool:
+        """Whether this family loads a folder whose ``model_index.json`` names pipeline class ``name``."""
+        return name in self.pipeline_classes
 
     def describe(self) -> str:
         """One line for ``cleardit info``: the classes and what the family supports."""
@@ -89,6 +94,12 @@ class ModelAdapter:
         """(name, module) of the attention modules whose outputs distillation's consistency loss may
         compare (``--attention-layers`` indexes this list)."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def fixed_inputs(self, transformer: nn.Module) -> Iterator[None]:
+        """Corrections to what the family's pipelines pass the transformer, applied to every run a
+        job makes (full attention and CLEAR alike) so both see the same model; none by default."""
+        yield
 
     # -- high-resolution hooks ---------------------------------------------------------------------
     @contextlib.contextmanager

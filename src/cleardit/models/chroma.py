@@ -2,76 +2,96 @@
 
 Chroma is FLUX-shaped (the same attention modules, ``[text | image]`` order, ``img_ids`` grid), with
 a T5-only text encoder, no pooled text and no distilled guidance (its ``guidance_scale`` is true
-classifier-free guidance). It pads the text to ``max_sequence_length`` and passes an
-``attention_mask`` that every processor must honour: padded text keys stay masked, and padded
-text queries (rows that see nothing) output zeros, as under diffusers' boolean mask.
+classifier-free guidance). It pads the text to ``max_sequence_length`` and passes the transformer
+an ``attention_mask`` [B, text + image] that CLEAR honours: padded text keys are dropped, and padded
+text queries (which see nothing) output zeros, as under diffusers' boolean mask. The linearized
+forward reads the mask once (``read_forward_inputs``) and takes it out of the blocks' inputs, so
+they never build their [B, 1, S, S] outer-product mask (8.7 GB in bf16 at 4096 px).
 
-diffusers' Chroma pipelines build that mask as float 0/1, which scaled dot-product attention adds
-to the logits instead of dropping the keys (upstream issue diffusers#11724); CLEAR reads 0/1 as
-keep/drop, so padded text is masked whatever the mask's dtype.
+diffusers' Chroma pipelines build that mask as float 0/1, which scaled dot-product attention adds to
+the logits instead of dropping the keys (upstream issue diffusers#11724). Every run cleardit makes,
+full attention included, passes the mask as boolean (``fixed_inputs``), so CLEAR and the original
+attention are compared on the same, correctly masked model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..attention import TokenLayout, clear_attention
+from ..config import ClearConfig
+from .adapter import NotSupportedError
 from .flux import ClearFluxAttnProcessor, FluxAdapter, _check_fits
+from .handle import ForwardGrid
 
 
-def key_keep_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """The keys [B, S] a Chroma attention mask keeps (bool, 0/1 float, or additive 0/-inf float)."""
-    mask = attention_mask
-    if (
-        mask.ndim == 4
-    ):  # [B, 1, S, S] outer product: the last query is an image token, which sees every kept key
-        mask = mask[:, 0, -1, :]
-    elif mask.ndim == 3:
-        mask = mask[:, -1, :]
-    if mask.shape != (batch, seq_len):
+def keep_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """The tokens [B, S] a Chroma transformer's ``attention_mask`` keeps (bool, or float 0/1)."""
+    if tuple(attention_mask.shape) != (batch, seq_len):
         raise ValueError(
-            f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} x {seq_len} tokens"
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} x {seq_len} tokens "
+            "(ChromaTransformer2DModel takes [batch, text + image])"
         )
-    if mask.dtype == torch.bool:
-        return mask
-    values = set(torch.unique(mask).tolist())
-    if values <= {0.0, 1.0}:
-        return mask != 0
-    if values <= {0.0, float("-inf")}:
-        return mask == 0
-    raise ValueError(
-        "CLEAR takes a key-padding attention_mask (bool, 0/1, or additive 0/-inf); this one has other values"
-    )
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(
+            "Chroma's attention_mask must be boolean or 0/1 (1 = keep); this one has other values"
+        )
+    return attention_mask != 0
+
+
+class TextMaskGrid(ForwardGrid):
+    """ForwardGrid plus the kept text of the forward in flight: ``groups`` of samples that keep the
+    same text tokens, as (sample rows, token index [kept text | image], kept text count); None when
+    every text token is kept."""
+
+    def __init__(self, config: ClearConfig):
+        super().__init__(config)
+        self.groups: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
 
 class ClearChromaAttnProcessor(ClearFluxAttnProcessor):
-    """ClearFluxAttnProcessor that honours Chroma's text-padding mask."""
+    """ClearFluxAttnProcessor that honours Chroma's text-padding mask (read once per forward)."""
 
     def attend(self, q, k, v, layout: TokenLayout, attention_mask) -> torch.Tensor:
-        if attention_mask is None:
-            return super().attend(q, k, v, layout, None)
-        batch, text_len = q.shape[0], layout.text_len
-        keep = key_keep_mask(attention_mask.to(q.device), batch, layout.seq_len)
-        if not bool(keep[:, text_len:].all()):
-            raise ValueError("CLEAR masks only text tokens; this attention_mask drops image tokens")
-        out = torch.zeros_like(q)
-        # samples with the same kept text run together: [kept text | image] is one smaller layout
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b in range(batch):
-            groups.setdefault(tuple(keep[b, :text_len].nonzero().flatten().tolist()), []).append(b)
-        for kept, rows in groups.items():
-            index = torch.tensor(list(kept) + list(range(text_len, layout.seq_len)), device=q.device)
-            sub = dataclasses.replace(layout, text_len=len(kept))
-            rows_t = torch.tensor(rows, device=q.device)
+        groups = self.geometry.groups
+        if attention_mask is not None or groups is None:
+            return super().attend(q, k, v, layout, attention_mask)
+        out = torch.zeros_like(q)  # padded text queries see nothing: zeros
+        for rows, index, kept in groups:
             part = clear_attention(
-                *(t[rows_t][:, :, index] for t in (q, k, v)), sub, self.config.radius,
-                pool_weight=self.pool_weight(), scale=self.config.scale, backend=self.config.backend,
+                *(t[rows][:, :, index] for t in (q, k, v)), dataclasses.replace(layout, text_len=kept),
+                self.config.radius, pool_weight=self.pool_weight(), scale=self.config.scale,
+                backend=self.config.backend,
             )  # fmt: skip
-            out[rows_t[:, None], :, index[None, :]] = part.transpose(1, 2).to(out.dtype)
+            out[rows[:, None], :, index[None, :]] = part.transpose(1, 2).to(out.dtype)
         return out
+
+
+def text_groups(keep: torch.Tensor, text_len: int) -> list[tuple[torch.Tensor, torch.Tensor, int]] | None:
+    """``TextMaskGrid.groups`` of a keep mask [B, S] whose image part is all kept."""
+    if not bool(keep[:, text_len:].all()):
+        raise ValueError("CLEAR masks only text tokens; this attention_mask drops image tokens")
+    if bool(keep.all()):
+        return None
+    seq_len, device = keep.shape[1], keep.device
+    by_kept: dict[tuple[int, ...], list[int]] = {}
+    for b, row in enumerate(keep[:, :text_len].cpu()):
+        by_kept.setdefault(tuple(row.nonzero().flatten().tolist()), []).append(b)
+    return [
+        (
+            torch.tensor(rows, device=device),
+            torch.tensor(list(kept) + list(range(text_len, seq_len)), device=device),
+            len(kept),
+        )
+        for kept, rows in by_kept.items()
+    ]
 
 
 class ChromaAdapter(FluxAdapter):
@@ -83,7 +103,9 @@ class ChromaAdapter(FluxAdapter):
     img2img_class = "ChromaImg2ImgPipeline"
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
     processor_class = ClearChromaAttnProcessor
+    grid_class = TextMaskGrid
     default_steps = 35  # ChromaPipeline's defaults
+    default_guidance = None  # no distilled guidance
     default_true_cfg = 5.0
 
     def strips_unsupported(self) -> str | None:
@@ -91,6 +113,38 @@ class ChromaAdapter(FluxAdapter):
             "patch-parallel inference (--devices) is not supported for Chroma yet "
             "(its text-padding mask is not split into strips)"
         )
+
+    def install_strips(self, transformer: nn.Module, config: ClearConfig, context):
+        raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
+
+    def read_forward_inputs(self, transformer: nn.Module, bound, geometry: TextMaskGrid) -> None:
+        geometry.groups = None
+        mask = bound.arguments.get("attention_mask")
+        if mask is None or not isinstance(
+            self.attention_modules(transformer)[0].processor, ClearChromaAttnProcessor
+        ):
+            return  # no mask, or the original attention runs (a distillation teacher pass): it reads the mask
+        hidden = bound.arguments["hidden_states"]
+        keep = keep_mask(mask.to(hidden.device), hidden.shape[0], geometry.layout.seq_len)
+        geometry.groups = text_groups(keep, geometry.layout.text_len)
+        bound.arguments["attention_mask"] = None  # read here once; the blocks build no [B, 1, S, S] mask
+
+    @contextlib.contextmanager
+    def fixed_inputs(self, transformer: nn.Module) -> Iterator[None]:
+        """Chroma's pipelines pass a float 0/1 mask (added to the logits: diffusers#11724); pass it as
+        boolean so that padded text is dropped by the original attention too."""
+
+        def as_bool(_module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.is_floating_point():
+                kwargs["attention_mask"] = keep_mask(mask, mask.shape[0], mask.shape[1])
+            return args, kwargs
+
+        hook = transformer.register_forward_pre_hook(as_bool, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def max_text_tokens(self, pipe) -> int:
         length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", None)

@@ -254,8 +254,11 @@ def _replace_sample(output, fn):
     return output
 
 
-def _install_token_order(transformer: nn.Module, geometry: ForwardGrid) -> list:
-    """Hooks that read the grid, permute to tile-major order on the way in and back on the way out."""
+def _install_token_order(transformer: nn.Module, geometry: ForwardGrid, read_more=None) -> list:
+    """Hooks that read the grid, permute to tile-major order on the way in and back on the way out.
+
+    ``read_more(module, bound, geometry)`` (a family's extra inputs, e.g. Chroma's text mask) runs
+    once the layout is known and may change the bound arguments."""
     tile = geometry.config.tile
     state: dict = {}
 
@@ -280,6 +283,8 @@ def _install_token_order(transformer: nn.Module, geometry: ForwardGrid) -> list:
             bound.arguments["hidden_states"] = bound.arguments["hidden_states"][:, order]
             bound.arguments["img_ids"] = img_ids[order]
             bound.arguments["txt_ids"] = txt_ids
+        if read_more is not None:
+            read_more(module, bound, geometry)
         bound.arguments.pop("self", None)
         return (), dict(bound.arguments)
 
@@ -365,6 +370,7 @@ class FluxAdapter(ModelAdapter):
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
     processor_class = ClearFluxAttnProcessor
+    grid_class = ForwardGrid
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
@@ -378,17 +384,26 @@ class FluxAdapter(ModelAdapter):
             attn.set_processor(make(attn, layer))
             handle._undo.append(lambda attn=attn, original=original: attn.set_processor(original))
 
+    def read_forward_inputs(self, transformer: nn.Module, bound, geometry: ForwardGrid) -> None:
+        """Family-specific inputs of a linearized forward (FLUX.1 has none beyond its ids)."""
+
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        geometry = ForwardGrid(config)
+        geometry = self.grid_class(config)
         handle = ClearHandle(transformer, config, self.trainable_pattern)
         self._swap_processors(
             transformer, handle, lambda attn, _layer: self.processor_class(geometry, config, attn.to_q.weight)
         )
-        handle._undo += [hook.remove for hook in _install_token_order(transformer, geometry)]
+        hooks = _install_token_order(transformer, geometry, self.read_forward_inputs)
+        handle._undo += [hook.remove for hook in hooks]
         return handle
 
     def strips_unsupported(self) -> str | None:
         return None
+
+    def loads_pipeline_class(self, name: str) -> bool:
+        # every FLUX.1 pipeline folder (FluxPipeline, FluxImg2ImgPipeline, ...) holds the same
+        # components, and FluxPipeline loads them all
+        return super().loads_pipeline_class(name) or (self.family == "flux" and name.startswith("Flux"))
 
     def install_strips(
         self, transformer: nn.Module, config: ClearConfig, context: StripContext

@@ -40,7 +40,7 @@ def adapter_for(model) -> ModelAdapter:
 
 def adapter_for_pipeline_class(name: str) -> ModelAdapter | None:
     """The adapter whose text-to-image pipelines include the class ``name`` (from model_index.json)."""
-    return next((a for a in adapters() if name in a.pipeline_classes), None)
+    return next((a for a in adapters() if a.loads_pipeline_class(name)), None)
 
 
 def linearize(

@@ -32,6 +32,7 @@ from ..pipelines.config import GenerateConfig
 from ..pipelines.generate import GenerationResult, generate, make_config, output_paths
 from ..pipelines.highres import decode_latents
 from ..pipelines.loading import (
+    folder_adapter,
     read_model_info,
     resolve_device,
     resolve_model,
@@ -43,7 +44,7 @@ from ..schedule import sigmas_as_given
 from .launch import ParallelLaunchError, spawn
 
 PRELOAD = ["torch", "diffusers", "cleardit.parallel.generate"]
-USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "ModelNotFoundError")
+USER_ERRORS = ("ValueError", "TypeError", "FileNotFoundError", "ModelNotFoundError", "NotSupportedError")
 UNSUPPORTED = {
     "compare": "its full-attention runs see every token, so they cannot be split into strips; "
     "run --compare without --devices",
@@ -121,7 +122,7 @@ class StripPipeline:
         sigmas: list[float],
         generator,
         max_sequence_length: int,
-        guidance_scale: float = 1.0,
+        guidance_scale: float,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         true_cfg_scale: float = 1.0,
@@ -338,6 +339,9 @@ def generate_parallel(
     if config.output is not None:
         check_writable(output_paths(config.output, prompts, config.batch))
     folder = resolve_model(model)
+    problem = folder_adapter(folder).strips_unsupported()
+    if problem:  # said before any rank starts and loads the model
+        raise ValueError(f"{problem}; run without --devices")
     factor = size_factor_of_folder(folder)
     height = config.height or (info or read_model_info(folder)).base_height
     if factor and height:

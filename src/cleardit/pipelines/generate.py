@@ -357,8 +357,13 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
             p.set_progress_bar_config(disable=c.quiet, leave=False)
     common = plan.adapter.call_options(plan.guidance, plan.true_cfg, c.negative_prompt, plan.text_len)
     runs = Runs()
-    # every run takes the plan's sigmas; the VAE tiles (if at all) only past its size
-    with schedule.sigmas_as_given(pipe, img2img), hr.vae_tiles(pipe.vae, plan.vae_tiled):
+    # every run takes the plan's sigmas, the inputs the family's fixes ask for; the VAE tiles (if at
+    # all) only past its size
+    with (
+        schedule.sigmas_as_given(pipe, img2img),
+        hr.vae_tiles(pipe.vae, plan.vae_tiled),
+        plan.adapter.fixed_inputs(transformer),
+    ):
         if plan.use_clear and plan.weights is not None:
             with modes.clear():  # load and check the CLEAR weights once, before anything is timed
                 pass

@@ -18,6 +18,7 @@ import torch
 
 from .. import schedule
 from ..config import DEFAULT_RADIUS
+from ..models import NotSupportedError
 from . import highres as hr
 from .config import GenerateConfig
 from .loading import (
@@ -147,7 +148,7 @@ class RunPlan:
     grid: tuple[int, int]
     text_len: int
     steps: int
-    guidance: float
+    guidance: float | None
     true_cfg: float
     radius: int
     down_factor: int | None
@@ -224,6 +225,21 @@ class RunPlan:
         }
 
 
+def resolve_guidance(guidance: float | None, info: ModelInfo, adapter) -> float | None:
+    """The distilled guidance of a run: the caller's, the model folder's, the family's; None (and
+    ``--guidance`` refused) for families without one."""
+    if adapter.default_guidance is None:
+        if guidance is not None:
+            raise NotSupportedError(
+                f"--guidance is distilled guidance, which {adapter.family} models do not have; "
+                "use --true-cfg for classifier-free guidance"
+            )
+        return None
+    if guidance is not None:
+        return guidance
+    return info.default_guidance if info.default_guidance is not None else adapter.default_guidance
+
+
 def plan_run(prompts: list[str], config: GenerateConfig, model, info: ModelInfo | None, wrap, log) -> RunPlan:
     """Resolve ``config`` against the model (loading it); ``wrap(pipe)`` replaces the pipeline
     (a patch-parallel rank's strip pipeline), or None."""
@@ -258,9 +274,7 @@ def plan_run(prompts: list[str], config: GenerateConfig, model, info: ModelInfo 
     grid = (hr.check_size(height, factor, "height"), hr.check_size(width, factor, "width"))
     text_len = max_sequence_length(pipe, info)
     steps = c.steps or info.default_steps or adapter.default_steps
-    guidance = c.guidance
-    if guidance is None:
-        guidance = info.default_guidance if info.default_guidance is not None else adapter.default_guidance
+    guidance = resolve_guidance(c.guidance, info, adapter)
     true_cfg = c.true_cfg
     if true_cfg is None:
         true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
