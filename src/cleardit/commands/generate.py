@@ -85,10 +85,16 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="pixels (multiple of VAE scale x 2; default: base size)",
     )
     g.add_argument(
-        "--steps", type=positive_int, default=None, help="denoising steps (default: the model's, else the family's: 28 FLUX.1, 35 Chroma)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="denoising steps (default: the model's, else the family's: 28 FLUX.1, 35 Chroma)",
     )
     g.add_argument(
-        "--guidance", type=_float, default=None, help="distilled guidance, FLUX.1 only (default: the model's, else 3.5)"
+        "--guidance",
+        type=_float,
+        default=None,
+        help="distilled guidance, FLUX.1 only (default: the model's, else 3.5)",
     )
     g.add_argument(
         "--true-cfg",

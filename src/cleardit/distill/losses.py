@@ -39,9 +39,7 @@ def parse_attention_layers(spec: str, count: int) -> list[int]:
         ) from None
     bad = [i for i in layers if not 0 <= i < count]
     if bad or not layers:
-        raise ValueError(
-            f"--attention-layers {spec!r}: block indices must be in 0..{count - 1}"
-        )
+        raise ValueError(f"--attention-layers {spec!r}: block indices must be in 0..{count - 1}")
     return layers
 
 

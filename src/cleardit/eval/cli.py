@@ -135,7 +135,12 @@ def _add_model_parser(sub) -> None:
     g.add_argument("--height", type=positive_int, default=None, help="pixels (default: base size)")
     g.add_argument("--width", type=positive_int, default=None, help="pixels (default: base size)")
     g.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
-    g.add_argument("--guidance", type=_number, default=None, help="distilled guidance, FLUX.1 only (default: the model's)")
+    g.add_argument(
+        "--guidance",
+        type=_number,
+        default=None,
+        help="distilled guidance, FLUX.1 only (default: the model's)",
+    )
     g.add_argument("--seed", type=nonneg_int, default=0, help="prompt i uses seed + i (default 0)")
     add_dtype_option(g)
     g = model.add_argument_group("evaluation")
