@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cleardit
 from cleardit.models.flux import ClearFluxAttnProcessor, grid_from_ids
 from cleardit.models.tiny import flux_inputs, tiny_flux_transformer
+from tests.helpers import DenseMaskProcessor
 
 
 @pytest.fixture
@@ -17,52 +17,6 @@ def model():
 def run(model, inputs):
     with torch.no_grad():
         return model(**inputs).sample
-
-
-class DenseMaskProcessor:
-    """Written independently of cleardit: FLUX attention with a brute-force CLEAR mask."""
-
-    def __init__(self, height, width, text_len, radius):
-        n = text_len + height * width
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            for j in range(n):
-                if i < text_len or j < text_len:
-                    mask[i, j] = True
-                else:
-                    (yi, xi), (yj, xj) = divmod(i - text_len, width), divmod(j - text_len, width)
-                    mask[i, j] = (yi - yj) ** 2 + (xi - xj) ** 2 < radius**2
-        self.mask = mask
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
-    ):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        def heads(x):
-            return x.unflatten(-1, (-1, attn.head_dim))
-
-        q, k, v = (
-            heads(attn.to_q(hidden_states)),
-            heads(attn.to_k(hidden_states)),
-            heads(attn.to_v(hidden_states)),
-        )
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            eq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
-            ek = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
-            ev = heads(attn.add_v_proj(encoder_hidden_states))
-            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
-        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self.mask
-        )
-        out = out.transpose(1, 2).flatten(2, 3)
-        if encoder_hidden_states is None:
-            return out
-        t = encoder_hidden_states.shape[1]
-        return attn.to_out[0](out[:, t:]), attn.to_add_out(out[:, :t])
 
 
 @pytest.mark.parametrize("backend", ["reference", "tiled"])

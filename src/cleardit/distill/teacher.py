@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..models import adapter_for
+from ..models.handle import original_attention
 
 
 class TeacherView:
@@ -54,7 +55,8 @@ class TeacherView:
         try:
             for attn, proc in zip(self._attention, self._original, strict=True):
                 attn.set_processor(proc)
-            yield
+            with original_attention(self.model):  # on purpose: the linearized model lets it run
+                yield
         finally:
             for attn, proc in zip(self._attention, student, strict=True):
                 attn.set_processor(proc)

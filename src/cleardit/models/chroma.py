@@ -120,9 +120,7 @@ class ChromaAdapter(FluxAdapter):
     def read_forward_inputs(self, transformer: nn.Module, bound, geometry: TextMaskGrid) -> None:
         geometry.groups = None
         mask = bound.arguments.get("attention_mask")
-        if mask is None or not isinstance(
-            self.attention_modules(transformer)[0].processor, ClearChromaAttnProcessor
-        ):
+        if mask is None or geometry.original_pass:
             return  # no mask, or the original attention runs (a distillation teacher pass): it reads the mask
         hidden = bound.arguments["hidden_states"]
         keep = keep_mask(mask.to(hidden.device), hidden.shape[0], geometry.layout.seq_len)

@@ -23,7 +23,7 @@ from ..attention import TokenLayout, clear_attention, initial_pool_weight
 from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
-from .handle import ClearHandle, ForwardGrid
+from .handle import ClearHandle, ForwardGrid, add_hooks
 from .strips import ParallelHandle, StripContext
 
 # The image-stream attention projections the reference release trains, plus pooling weights.
@@ -239,13 +239,6 @@ def _ids(bound: inspect.BoundArguments, what: str) -> tuple[torch.Tensor, torch.
     return (img_ids[0] if img_ids.ndim == 3 else img_ids), (txt_ids[0] if txt_ids.ndim == 3 else txt_ids)
 
 
-def _hooks(transformer: nn.Module, pre_hook, post_hook) -> list:
-    return [
-        transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        transformer.register_forward_hook(post_hook, with_kwargs=True, always_call=True),
-    ]
-
-
 def _replace_sample(output, fn):
     """The transformer output with its sample tensor replaced by ``fn(sample)`` (tuple or dataclass)."""
     if isinstance(output, tuple):
@@ -254,109 +247,101 @@ def _replace_sample(output, fn):
     return output
 
 
-def _install_token_order(transformer: nn.Module, geometry: ForwardGrid, read_more=None) -> list:
-    """Hooks that read the grid, permute to tile-major order on the way in and back on the way out.
-
-    ``read_more(module, bound, geometry)`` (a family's extra inputs, e.g. Chroma's text mask) runs
-    once the layout is known and may change the bound arguments."""
+def _token_order_pre_hook(module, args, kwargs):
+    """Read the grid from the ids, publish the layout, permute to tile-major order (raster order with
+    controlnet residuals, which arrive in raster order); the family may read more inputs."""
+    geometry = module._cleardit_grid
+    geometry.check_processors(module)
     tile = geometry.config.tile
-    state: dict = {}
-
-    def pre_hook(module, args, kwargs):
-        bound = bind_forward_args(module, args, kwargs)
-        img_ids, txt_ids = _ids(bound, "linearized")
-        height, width = grid_from_ids(img_ids)
-        # Controlnet residuals arrive in raster order, so such forwards keep raster order.
-        use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
-        layout = TokenLayout(
-            txt_ids.shape[0],
-            height,
-            width,
-            down_factor=geometry.config.down_factor,
-            tile=tile if use_tile else None,
-        )
-        geometry.layout = layout
-        state["inverse"] = None
-        if use_tile and (height > tile[0] or width > tile[1]):
-            order = layout.sequence_to_raster(img_ids.device)
-            state["inverse"] = layout.raster_to_sequence(img_ids.device)
-            bound.arguments["hidden_states"] = bound.arguments["hidden_states"][:, order]
-            bound.arguments["img_ids"] = img_ids[order]
-            bound.arguments["txt_ids"] = txt_ids
-        if read_more is not None:
-            read_more(module, bound, geometry)
-        bound.arguments.pop("self", None)
-        return (), dict(bound.arguments)
-
-    def post_hook(module, args, kwargs, output):
-        inverse = state.pop("inverse", None)
-        # geometry.layout stays set: gradient checkpointing re-runs the blocks (and so the
-        # processors) during backward, after this hook, and needs the layout of that forward.
-        if inverse is None or output is None:  # output is None when forward raised
-            return output
-        return _replace_sample(output, lambda sample: sample[:, inverse])
-
-    return _hooks(transformer, pre_hook, post_hook)
-
-
-def _install_strip_hooks(transformer: nn.Module, ctx: StripContext) -> list:
-    """Hooks that cut this rank's rows (and their RoPE inputs) and gather the output strips."""
-
-    def pre_hook(module, args, kwargs):
-        bound = bind_forward_args(module, args, kwargs)
-        for name in CONTROLNET_INPUTS:
-            if bound.arguments.get(name) is not None:
-                raise ValueError(
-                    f"patch-parallel FLUX does not support {name}; run controlnets on one device"
-                )
-        img_ids, txt_ids = _ids(bound, "patch-parallel FLUX")
-        height, width = grid_from_ids(img_ids)
-        cfg = ctx.config
-        plan = StripPlan(height, width, ctx.comm.world, cfg.radius, cfg.down_factor)
-        hidden = bound.arguments["hidden_states"]
-        y0, y1 = plan.strip(ctx.comm.rank)
-        lo, hi = plan.needed_rows(ctx.comm.rank)
-        if ctx.strip_input:
-            if hidden.shape[1] != (y1 - y0) * width:
-                raise ValueError(
-                    f"hidden_states has {hidden.shape[1]} image tokens but rank {ctx.comm.rank}'s strip of "
-                    f"the {height}x{width} grid (img_ids) is rows {y0}..{y1 - 1} = {(y1 - y0) * width} "
-                    "tokens; with strip_input=True pass this rank's rows and the full img_ids"
-                )
-        elif hidden.shape[1] != height * width:
-            raise ValueError(
-                f"hidden_states has {hidden.shape[1]} image tokens but img_ids describe a "
-                f"{height}x{width} grid; "
-                "every rank must pass the full hidden_states and img_ids (the strip is cut here)"
-            )
-        else:
-            bound.arguments["hidden_states"] = hidden[:, y0 * width : y1 * width]
-        bound.arguments["img_ids"] = img_ids[y0 * width : y1 * width]
+    bound = bind_forward_args(module, args, kwargs)
+    img_ids, txt_ids = _ids(bound, "linearized")
+    height, width = grid_from_ids(img_ids)
+    use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
+    down_factor = geometry.config.down_factor
+    layout = TokenLayout(
+        txt_ids.shape[0], height, width, down_factor=down_factor, tile=tile if use_tile else None
+    )
+    geometry.layout = layout
+    geometry.inverse = None
+    if use_tile and (height > tile[0] or width > tile[1]):
+        order = layout.sequence_to_raster(img_ids.device)
+        geometry.inverse = layout.raster_to_sequence(img_ids.device)
+        bound.arguments["hidden_states"] = bound.arguments["hidden_states"][:, order]
+        bound.arguments["img_ids"] = img_ids[order]
         bound.arguments["txt_ids"] = txt_ids
+    geometry.adapter.read_forward_inputs(module, bound, geometry)
+    bound.arguments.pop("self", None)
+    return (), dict(bound.arguments)
 
-        def rope(ids):
-            return module.pos_embed(ids) if ids.shape[0] else None
 
-        ctx.band_rope = (rope(img_ids[lo * width : y0 * width]), rope(img_ids[y1 * width : hi * width]))
-        ctx.plan = plan
-        ctx.layout = TokenLayout(txt_ids.shape[0], height, width, down_factor=cfg.down_factor)
-        if ctx.counter is not None:
-            ctx.counter.next_step()
-        bound.arguments.pop("self", None)
-        return (), dict(bound.arguments)
+def _token_order_post_hook(module, args, kwargs, output):
+    """Undo the tile-major permutation on the output."""
+    geometry = module._cleardit_grid
+    inverse, geometry.inverse = geometry.inverse, None
+    # geometry.layout stays set: gradient checkpointing re-runs the blocks (and so the
+    # processors) during backward, after this hook, and needs the layout of that forward.
+    if inverse is None or output is None:  # output is None when forward raised
+        return output
+    return _replace_sample(output, lambda sample: sample[:, inverse])
 
-    def post_hook(module, args, kwargs, output):
-        plan, ctx.plan, ctx.layout, ctx.band_rope = ctx.plan, None, None, (None, None)
-        if output is None or plan is None or not ctx.gather_output:
-            return output
-        counts = [plan.rows(r) * plan.width for r in range(plan.world_size)]
 
-        def gather(sample):
-            return torch.cat(ctx.comm.all_gather(sample, counts, 1, "output", "output gather", None), dim=1)
+def _strip_pre_hook(module, args, kwargs):
+    """Cut this rank's rows of the inputs (and compute the RoPE of the band rows it will receive)."""
+    ctx: StripContext = module._cleardit_grid
+    ctx.check_processors(module)
+    bound = bind_forward_args(module, args, kwargs)
+    for name in CONTROLNET_INPUTS:
+        if bound.arguments.get(name) is not None:
+            raise ValueError(f"patch-parallel FLUX does not support {name}; run controlnets on one device")
+    img_ids, txt_ids = _ids(bound, "patch-parallel FLUX")
+    height, width = grid_from_ids(img_ids)
+    cfg = ctx.config
+    plan = StripPlan(height, width, ctx.comm.world, cfg.radius, cfg.down_factor)
+    hidden = bound.arguments["hidden_states"]
+    y0, y1 = plan.strip(ctx.comm.rank)
+    lo, hi = plan.needed_rows(ctx.comm.rank)
+    if ctx.strip_input:
+        if hidden.shape[1] != (y1 - y0) * width:
+            raise ValueError(
+                f"hidden_states has {hidden.shape[1]} image tokens but rank {ctx.comm.rank}'s strip of "
+                f"the {height}x{width} grid (img_ids) is rows {y0}..{y1 - 1} = {(y1 - y0) * width} "
+                "tokens; with strip_input=True pass this rank's rows and the full img_ids"
+            )
+    elif hidden.shape[1] != height * width:
+        raise ValueError(
+            f"hidden_states has {hidden.shape[1]} image tokens but img_ids describe a "
+            f"{height}x{width} grid; "
+            "every rank must pass the full hidden_states and img_ids (the strip is cut here)"
+        )
+    else:
+        bound.arguments["hidden_states"] = hidden[:, y0 * width : y1 * width]
+    bound.arguments["img_ids"] = img_ids[y0 * width : y1 * width]
+    bound.arguments["txt_ids"] = txt_ids
 
-        return _replace_sample(output, gather)
+    def rope(ids):
+        return module.pos_embed(ids) if ids.shape[0] else None
 
-    return _hooks(transformer, pre_hook, post_hook)
+    ctx.band_rope = (rope(img_ids[lo * width : y0 * width]), rope(img_ids[y1 * width : hi * width]))
+    ctx.plan = plan
+    ctx.layout = TokenLayout(txt_ids.shape[0], height, width, down_factor=cfg.down_factor)
+    if ctx.counter is not None:
+        ctx.counter.next_step()
+    bound.arguments.pop("self", None)
+    return (), dict(bound.arguments)
+
+
+def _strip_post_hook(module, args, kwargs, output):
+    """All-gather the output strips (unless ``gather_output=False``)."""
+    ctx: StripContext = module._cleardit_grid
+    plan, ctx.plan, ctx.layout, ctx.band_rope = ctx.plan, None, None, (None, None)
+    if output is None or plan is None or not ctx.gather_output:
+        return output
+    counts = [plan.rows(r) * plan.width for r in range(plan.world_size)]
+
+    def gather(sample):
+        return torch.cat(ctx.comm.all_gather(sample, counts, 1, "output", "output gather", None), dim=1)
+
+    return _replace_sample(output, gather)
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -380,21 +365,21 @@ class FluxAdapter(ModelAdapter):
 
     def _swap_processors(self, transformer, handle: ClearHandle, make) -> None:
         for layer, attn in enumerate(self.attention_modules(transformer)):
-            original = attn.processor
+            handle.originals.append((attn, attn.processor))
             attn.set_processor(make(attn, layer))
-            handle._undo.append(lambda attn=attn, original=original: attn.set_processor(original))
 
     def read_forward_inputs(self, transformer: nn.Module, bound, geometry: ForwardGrid) -> None:
         """Family-specific inputs of a linearized forward (FLUX.1 has none beyond its ids)."""
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
         geometry = self.grid_class(config)
+        geometry.adapter = self
         handle = ClearHandle(transformer, config, self.trainable_pattern)
         self._swap_processors(
             transformer, handle, lambda attn, _layer: self.processor_class(geometry, config, attn.to_q.weight)
         )
-        hooks = _install_token_order(transformer, geometry, self.read_forward_inputs)
-        handle._undo += [hook.remove for hook in hooks]
+        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
+        handle.hooks = add_hooks(transformer, _token_order_pre_hook, _token_order_post_hook)
         return handle
 
     def strips_unsupported(self) -> str | None:
@@ -414,7 +399,9 @@ class FluxAdapter(ModelAdapter):
             handle,
             lambda attn, layer: ParallelClearFluxAttnProcessor(context, config, attn.to_q.weight, layer),
         )
-        handle._undo += [hook.remove for hook in _install_strip_hooks(transformer, context)]
+        context.adapter = self
+        transformer._cleardit_grid = context
+        handle.hooks = add_hooks(transformer, _strip_pre_hook, _strip_post_hook)
         return handle
 
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -17,17 +18,24 @@ from ..config import ClearConfig
 class ClearHandle:
     """A linearized model. ``restore()`` puts the original attention processors back.
 
+    Everything it changed is recorded as data (the attention modules and their original
+    processors, the hook functions), so ``copy.deepcopy`` of the model gives a copy whose handle
+    undoes the copy's changes, and ``torch.save(model)`` pickles.
+
     Attributes:
         model: the model that was changed in place.
         config: the ClearConfig that was installed.
         trainable_pattern: regex over ``model.named_parameters()`` names selecting the parameters
             CLEAR trains and saves (reference-release key names).
+        originals: (attention module, its processor before ``linearize``) pairs.
+        hooks: the forward (pre-)hook functions installed on ``model``.
     """
 
     model: nn.Module
     config: ClearConfig
     trainable_pattern: re.Pattern
-    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    originals: list[tuple[nn.Module, object]] = field(default_factory=list, repr=False)
+    hooks: tuple = field(default=(), repr=False)
     active: bool = True
 
     def named_clear_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -43,13 +51,50 @@ class ClearHandle:
         """Undo ``linearize``: original processors back, hooks removed. Returns the model."""
         if not self.active:
             return self.model
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
+        for attn, original in reversed(self.originals):
+            attn.set_processor(original)
+        remove_hooks(self.model, self.hooks)
+        self.originals.clear()
         self.active = False
         if getattr(self.model, "_cleardit_handle", None) is self:
             del self.model._cleardit_handle
+        if hasattr(self.model, "_cleardit_grid"):
+            del self.model._cleardit_grid
         return self.model
+
+
+@contextlib.contextmanager
+def original_attention(model: nn.Module) -> Iterator[None]:
+    """Let a linearized ``model`` run with its original processors swapped in on purpose (the
+    distillation teacher); other foreign processors are still refused."""
+    grid = getattr(model, "_cleardit_grid", None)
+    if grid is None:
+        yield
+        return
+    before, grid.original_pass = grid.original_pass, True
+    try:
+        yield
+    finally:
+        grid.original_pass = before
+
+
+def add_hooks(module: nn.Module, pre_hook, post_hook) -> tuple:
+    """Register a forward pre-hook and a forward hook (both with kwargs; the post-hook runs even
+    when the forward raises). They must be module-level functions reading their state from the
+    module (``module._cleardit_grid``), so that deepcopy and pickling carry them over."""
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    return (pre_hook, post_hook)
+
+
+def remove_hooks(module: nn.Module, functions) -> None:
+    """Remove every forward (pre-)hook of ``module`` that is one of ``functions``."""
+    for table in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, fn in table.items() if any(fn is f for f in functions)]:
+            del table[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def get_handle(model: nn.Module) -> ClearHandle | None:
@@ -67,6 +112,26 @@ class ForwardGrid:
     def __init__(self, config: ClearConfig):
         self.config = config
         self.layout: TokenLayout | None = None
+        self.inverse: torch.Tensor | None = None  # the tile-major permutation to undo on the output
+        self.adapter = None  # the family's adapter (reads its extra forward inputs)
+        self.original_pass = False  # a forward with the original processors swapped in on purpose
+
+    def check_processors(self, transformer: nn.Module) -> None:
+        """Refuse a forward whose attention processors are not this model's CLEAR processors (replaced
+        after ``linearize``, e.g. by ``set_attn_processor``), unless ``original_attention`` is on."""
+        modules = self.adapter.attention_modules(transformer)
+        ours = [getattr(m.processor, "geometry", None) is self for m in modules]
+        if all(ours) or (self.original_pass and not any(ours)):
+            return
+        foreign = sorted(
+            {type(m.processor).__name__ for m, mine in zip(modules, ours, strict=True) if not mine}
+        )
+        raise RuntimeError(
+            f"{sum(not o for o in ours)} of the {len(ours)} attention processors of this linearized "
+            f"{type(transformer).__name__} were replaced after linearize ({', '.join(foreign)}; e.g. by "
+            "set_attn_processor or load_ip_adapter), so CLEAR would silently not run. Call "
+            "handle.restore() before changing processors, then linearize again"
+        )
 
     def require_layout(self) -> TokenLayout:
         if self.layout is None:

@@ -1,0 +1,84 @@
+"""A linearized model stays right where FLUX users' tools take it (issue 26): copies, pickles,
+processors swapped behind its back, fused projections. Every check is against the dense-mask oracle."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import cleardit
+from cleardit.models import get_handle
+from cleardit.models.tiny import flux_inputs, tiny_flux_transformer
+from tests.helpers import dense_oracle_output
+
+RADIUS = 2
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def test_deepcopy_gives_an_independent_linearized_model():
+    model = tiny_flux_transformer()
+    cleardit.linearize(model, radius=RADIUS, backend="reference")
+    a, b = flux_inputs(model, 6, 8, seed=1), flux_inputs(model, 8, 6, seed=2)  # same token count
+    fresh = copy.deepcopy(model)  # before any forward
+    torch.testing.assert_close(
+        run(fresh, a), dense_oracle_output(model, a, 6, 8, 5, RADIUS), atol=1e-5, rtol=0
+    )
+    run(model, a)
+    ema = copy.deepcopy(model)  # after a forward on another grid: no stale layout
+    torch.testing.assert_close(run(ema, b), dense_oracle_output(model, b, 8, 6, 5, RADIUS), atol=1e-5, rtol=0)
+    assert ema._cleardit_grid is not model._cleardit_grid
+    assert get_handle(ema).model is ema and get_handle(ema) is not get_handle(model)
+    # restoring the copy restores the copy only
+    expected = run(model, a)
+    get_handle(ema).restore()
+    torch.testing.assert_close(run(ema, a), run(tiny_flux_transformer(), a), atol=1e-6, rtol=0)
+    assert get_handle(model) is not None and torch.equal(run(model, a), expected)
+
+
+def test_torch_save_and_load_of_a_linearized_model():
+    model = tiny_flux_transformer()
+    handle = cleardit.linearize(model, radius=RADIUS, down_factor=2)
+    inputs = flux_inputs(model, 7, 9, batch=2)
+    expected = run(model, inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(run(loaded, inputs), expected, atol=0, rtol=0)
+    get_handle(loaded).restore()
+    assert not hasattr(loaded, "_cleardit_grid") and not loaded._forward_pre_hooks
+    assert get_handle(model) is handle
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_restore_removes_exactly_what_linearize_added(backend):
+    model = tiny_flux_transformer()
+    model.register_forward_pre_hook(lambda _m, args: None)  # a user's hook stays
+    before = dict(model.attn_processors)
+    handle = cleardit.linearize(model, radius=RADIUS, backend=backend)
+    handle.restore()
+    assert list(model._forward_pre_hooks) and len(model._forward_pre_hooks) == 1 and not model._forward_hooks
+    assert model.attn_processors == before
+
+
+def test_processors_replaced_after_linearize_are_refused_not_silently_used():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model = tiny_flux_transformer()
+    handle = cleardit.linearize(model, radius=RADIUS)
+    inputs = flux_inputs(model, 5, 6)
+    model.set_attn_processor(FluxAttnProcessor())  # CLEAR silently gone, the handle still active
+    with pytest.raises(RuntimeError, match="were replaced after linearize"):
+        run(model, inputs)
+    handle.restore()  # the supported way: restore, then linearize again
+    cleardit.linearize(model, radius=RADIUS, backend="reference")
+    model.single_transformer_blocks[0].attn.set_processor(FluxAttnProcessor())  # one layer is enough
+    with pytest.raises(RuntimeError, match="1 of the 4 attention processors"):
+        run(model, inputs)
