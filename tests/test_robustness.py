@@ -82,3 +82,18 @@ def test_processors_replaced_after_linearize_are_refused_not_silently_used():
     model.single_transformer_blocks[0].attn.set_processor(FluxAttnProcessor())  # one layer is enough
     with pytest.raises(RuntimeError, match="1 of the 4 attention processors"):
         run(model, inputs)
+
+
+def test_weights_loaded_after_fuse_qkv_projections_reach_the_fused_projection(tmp_path):
+    trained = tiny_flux_transformer(seed=3)  # stands in for CLEAR weights that differ from the model's
+    cleardit.linearize(trained, radius=RADIUS, backend="reference")
+    path = cleardit.save_weights(trained, tmp_path / "clear.safetensors")
+    inputs = flux_inputs(trained, 6, 7)
+    unfused = tiny_flux_transformer()
+    cleardit.linearize(unfused, radius=RADIUS, backend="reference")
+    cleardit.load_weights(unfused, path)
+    fused = tiny_flux_transformer()
+    fused.fuse_qkv_projections()
+    cleardit.linearize(fused, radius=RADIUS, backend="reference")
+    cleardit.load_weights(fused, path)
+    torch.testing.assert_close(run(fused, inputs), run(unfused, inputs), atol=1e-5, rtol=1e-5)

@@ -155,4 +155,5 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     with torch.no_grad():
         for k in keys:
             params[k].copy_(tensors[k].to(device=params[k].device, dtype=params[k].dtype))
+    adapter_for(model).sync_fused_projections(model)
     return LoadReport(str(path), used=sorted(keys), missing=missing, radius=radius, down_factor=down_factor)

@@ -86,6 +86,10 @@ class ModelAdapter:
         """Patch-parallel CLEAR (``cleardit.models.strips.parallelize``): one strip of rows per rank."""
         raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
 
+    def sync_fused_projections(self, transformer: nn.Module) -> None:
+        """After CLEAR weights were loaded into the separate projections, bring fused copies of them
+        (``fuse_qkv_projections``) up to date; nothing by default."""
+
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         """(heads, head_dim, attention layers) for FLOPs counts."""
         raise NotImplementedError

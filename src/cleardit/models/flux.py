@@ -404,6 +404,18 @@ class FluxAdapter(ModelAdapter):
         handle.hooks = add_hooks(transformer, _strip_pre_hook, _strip_post_hook)
         return handle
 
+    @torch.no_grad()
+    def sync_fused_projections(self, transformer: nn.Module) -> None:
+        # fuse_qkv_projections() keeps to_q/k/v and adds to_qkv = [q; k; v]; the processors then
+        # read to_qkv, so it must follow weights loaded into to_q/k/v (the image stream CLEAR trains)
+        for attn in self.attention_modules(transformer):
+            if not getattr(attn, "fused_projections", False) or not hasattr(attn, "to_qkv"):
+                continue
+            parts = (attn.to_q, attn.to_k, attn.to_v)
+            attn.to_qkv.weight.copy_(torch.cat([p.weight for p in parts]))
+            if attn.to_qkv.bias is not None:
+                attn.to_qkv.bias.copy_(torch.cat([p.bias for p in parts]))
+
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         cfg = transformer.config
         layers = int(cfg.num_layers) + int(cfg.num_single_layers)
