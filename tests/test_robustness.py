@@ -97,3 +97,29 @@ def test_weights_loaded_after_fuse_qkv_projections_reach_the_fused_projection(tm
     cleardit.linearize(fused, radius=RADIUS, backend="reference")
     cleardit.load_weights(fused, path)
     torch.testing.assert_close(run(fused, inputs), run(unfused, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_clear_parameters_are_found_through_peft_lora_wrappers(tmp_path):
+    from peft import LoraConfig
+
+    plain = tiny_flux_transformer()
+    expected_names = [n for n, _ in cleardit.linearize(plain, radius=RADIUS).named_clear_parameters()]
+    trained = tiny_flux_transformer(seed=3)
+    cleardit.linearize(trained, radius=RADIUS, backend="reference")
+    path = cleardit.save_weights(trained, tmp_path / "clear.safetensors")
+
+    model = tiny_flux_transformer()
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    handle = cleardit.linearize(model, radius=RADIUS, backend="reference")
+    assert [n for n, _ in handle.named_clear_parameters()] == expected_names  # plain names, no LoRA
+    report = cleardit.load_weights(model, path)
+    assert not report.missing
+    # LoRA's B starts at zero: the model equals the plain one with the same CLEAR weights loaded
+    inputs = flux_inputs(model, 5, 7, batch=2)
+    cleardit.load_weights(plain, path)
+    expected = dense_oracle_output(plain, inputs, 5, 7, 5, RADIUS)
+    torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+    saved = cleardit.save_weights(model, tmp_path / "again.safetensors")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(saved))) == sorted(expected_names)

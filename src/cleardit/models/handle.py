@@ -39,10 +39,15 @@ class ClearHandle:
     active: bool = True
 
     def named_clear_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The parameters CLEAR fine-tunes and checkpoints, by their names in the model."""
+        """The parameters CLEAR fine-tunes and checkpoints, by their names in the model.
+
+        Through PEFT adapters (LoRA ``add_adapter`` / ``load_lora_weights``) the wrapped layer's own
+        weight is found under its plain name (``to_q.base_layer.weight`` is ``to_q.weight``); the
+        adapters' own LoRA matrices are not CLEAR's."""
         for name, param in self.model.named_parameters():
-            if self.trainable_pattern.match(name):
-                yield name, param
+            plain = name.replace(".base_layer.", ".")
+            if self.trainable_pattern.match(plain):
+                yield plain, param
 
     def clear_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_clear_parameters()}
