@@ -23,11 +23,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention
+from ..attention import clear_attention
 from ..config import ClearConfig
 from .adapter import NotSupportedError
 from .flux import ClearFluxAttnProcessor, FluxAdapter, _check_fits
-from .handle import ForwardGrid
+from .handle import ForwardGrid, ForwardState
 
 
 def keep_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
@@ -55,14 +55,17 @@ class TextMaskGrid(ForwardGrid):
         super().__init__(config)
         self.groups: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None
 
+    def snapshot(self) -> ForwardState:
+        return ForwardState(self.require_layout(), self.groups)
+
 
 class ClearChromaAttnProcessor(ClearFluxAttnProcessor):
     """ClearFluxAttnProcessor that honours Chroma's text-padding mask (read once per forward)."""
 
-    def attend(self, q, k, v, layout: TokenLayout, attention_mask) -> torch.Tensor:
-        groups = self.geometry.groups
+    def attend(self, q, k, v, state: ForwardState, attention_mask) -> torch.Tensor:
+        groups, layout = state.extra, state.layout
         if attention_mask is not None or groups is None:
-            return super().attend(q, k, v, layout, attention_mask)
+            return super().attend(q, k, v, state, attention_mask)
         out = torch.zeros_like(q)  # padded text queries see nothing: zeros
         for rows, index, kept in groups:
             part = clear_attention(

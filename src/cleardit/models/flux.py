@@ -23,7 +23,7 @@ from ..attention import TokenLayout, clear_attention, initial_pool_weight
 from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
-from .handle import ClearHandle, ForwardGrid, add_hooks
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .strips import ParallelHandle, StripContext
 
 # The image-stream attention projections the reference release trains, plus pooling weights.
@@ -129,12 +129,12 @@ class ClearFluxAttnProcessor(nn.Module):
             return None
         return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
 
-    def attend(self, q, k, v, layout: TokenLayout, attention_mask) -> torch.Tensor:
+    def attend(self, q, k, v, state: ForwardState, attention_mask) -> torch.Tensor:
         """CLEAR over [B, heads, N, d] tensors. FLUX pipelines pass no mask (Chroma's adapter does)."""
         if attention_mask is not None:
             raise ValueError("CLEAR attention for FLUX takes no attention_mask; FLUX pipelines pass none")
         return clear_attention(
-            q, k, v, layout, self.config.radius, pool_weight=self.pool_weight(),
+            q, k, v, state.layout, self.config.radius, pool_weight=self.pool_weight(),
             scale=self.config.scale, backend=self.config.backend,
         )  # fmt: skip
 
@@ -146,7 +146,8 @@ class ClearFluxAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        layout = self.geometry.require_layout()
+        state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
+        layout = state.layout
         query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
@@ -157,7 +158,7 @@ class ClearFluxAttnProcessor(nn.Module):
                 f"({layout.text_len} text + {layout.height}x{layout.width} image)"
             )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = self.attend(q, k, v, layout, attention_mask)
+        out = self.attend(q, k, v, state, attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         return _finish(attn, out, layout.text_len, encoder_hidden_states is not None)
 

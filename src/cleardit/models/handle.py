@@ -108,6 +108,15 @@ def get_handle(model: nn.Module) -> ClearHandle | None:
     return handle if handle is not None and handle.active else None
 
 
+@dataclass(frozen=True)
+class ForwardState:
+    """What CLEAR processors need of one forward: its layout and a family's extra data (Chroma: the
+    groups of samples with the same kept text)."""
+
+    layout: TokenLayout
+    extra: object = None
+
+
 class ForwardGrid:
     """The token layout of the forward in flight, shared by all CLEAR processors of one model.
 
@@ -137,6 +146,22 @@ class ForwardGrid:
             "set_attn_processor or load_ip_adapter), so CLEAR would silently not run. Call "
             "handle.restore() before changing processors, then linearize again"
         )
+
+    def snapshot(self) -> ForwardState:
+        return ForwardState(self.require_layout())
+
+    def state_for(self, key: torch.Tensor | None) -> ForwardState:
+        """The state of the forward that made ``key``, a tensor each forward makes anew and passes to
+        every block (its RoPE). Gradient checkpointing re-runs a block during backward with that
+        forward's own tensors, possibly after other forwards changed the grid: the state recorded on
+        the tensor the first time is the one that holds (without a key: the last forward's)."""
+        recorded = getattr(key, "_cleardit_forward", None) if key is not None else None
+        if recorded is not None and recorded[0] is self:
+            return recorded[1]
+        state = self.snapshot()
+        if key is not None:
+            key._cleardit_forward = (self, state)
+        return state
 
     def require_layout(self) -> TokenLayout:
         if self.layout is None:
