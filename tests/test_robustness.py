@@ -144,3 +144,82 @@ def test_gradient_checkpointing_two_forwards_then_one_backward():
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _with_ip_adapter(model, tokens: int = 4):
+    """diffusers' IP-Adapter processors in the dual-stream blocks (random weights), like load_ip_adapter."""
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    g = torch.Generator().manual_seed(7)
+    for block in model.transformer_blocks:
+        proc = FluxIPAdapterAttnProcessor(
+            model.inner_dim, model.config.joint_attention_dim, num_tokens=(tokens,)
+        )
+        with torch.no_grad():
+            for p in proc.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        block.attn.set_processor(proc)
+    ip_tokens = torch.randn(2, tokens, model.config.joint_attention_dim, generator=g)
+    return {"joint_attention_kwargs": {"ip_hidden_states": [ip_tokens]}}
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_ip_adapter_branch_is_kept_under_clear(backend):
+    model = tiny_flux_transformer()
+    extra = _with_ip_adapter(model)
+    inputs = flux_inputs(model, 9, 18, batch=2)  # larger than a tile: tile-major order in the forward
+    expected = run(model, {**inputs, **copy.deepcopy(extra)})
+    ip_tokens = extra["joint_attention_kwargs"]["ip_hidden_states"][0]
+    without_ip = run(model, {**inputs, "joint_attention_kwargs": {"ip_hidden_states": [ip_tokens * 0]}})
+    assert (expected - without_ip).abs().max() > 1e-2  # the IP branch matters in this model
+    handle = cleardit.linearize(model, radius=10_000, backend=backend)  # beyond the grid: equal to diffusers
+    torch.testing.assert_close(run(model, {**inputs, **copy.deepcopy(extra)}), expected, atol=2e-5, rtol=1e-5)
+    handle.restore()
+    assert type(model.transformer_blocks[0].attn.processor).__name__ == "FluxIPAdapterAttnProcessor"
+
+
+def test_ip_adapter_loaded_after_linearize_is_refused_clearly():
+    model = tiny_flux_transformer()
+    cleardit.linearize(model, radius=RADIUS)
+    # load_ip_adapter rebuilds the single blocks' processors as type(p)() and puts IP processors in the others
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(type(block.attn.processor)())
+    extra = _with_ip_adapter(model)
+    with pytest.raises(RuntimeError, match="load_ip_adapter"):
+        run(model, {**flux_inputs(model, 5, 6, batch=2), **extra})
+
+
+def test_diffusers_context_parallelism_is_refused_with_the_supported_way():
+    model = tiny_flux_transformer()
+    cleardit.linearize(model, radius=RADIUS)
+    model._parallel_config = object()  # what enable_parallelism(...) records on the model
+    with pytest.raises(ValueError, match="--devices N"):
+        run(model, flux_inputs(model, 4, 5))
+
+
+def test_dtype_moves_and_save_pretrained_round_trip(tmp_path):
+    inputs = flux_inputs(tiny_flux_transformer(), 6, 7, batch=2)
+    low_inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+
+    def bf16_error(model):  # how far the model's bf16 output is from its fp32 output
+        full = run(model, inputs)
+        low = run(model.to(torch.bfloat16), low_inputs).float()
+        model.to(torch.float32)
+        return (low - full).abs().max().item()
+
+    diffusers_error = bf16_error(tiny_flux_transformer())
+    model = tiny_flux_transformer()
+    cleardit.linearize(model, radius=RADIUS, down_factor=2, backend="reference")
+    assert bf16_error(model) < 2 * diffusers_error  # CLEAR adds no bf16 error of its own
+    model.to(torch.bfloat16)
+    assert model.transformer_blocks[0].attn.processor.spatial_weight.dtype == torch.bfloat16
+    model.to(torch.float32)
+    assert model.transformer_blocks[0].attn.processor.spatial_weight.dtype == torch.float32
+    # save_pretrained writes the model with its CLEAR parameters; from_pretrained + linearize brings it back
+    plain = tiny_flux_transformer()
+    cleardit.linearize(plain, radius=RADIUS, backend="reference")
+    plain.save_pretrained(tmp_path / "m")
+    again = type(plain).from_pretrained(tmp_path / "m").eval()
+    assert get_handle(again) is None
+    cleardit.linearize(again, radius=RADIUS, backend="reference")
+    torch.testing.assert_close(run(again, inputs), run(plain, inputs), atol=0, rtol=0)

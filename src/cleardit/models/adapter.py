@@ -17,11 +17,8 @@ import torch
 from torch import nn
 
 from ..config import ClearConfig
+from .errors import NotSupportedError
 from .handle import ClearHandle
-
-
-class NotSupportedError(ValueError):
-    """The family cannot do what was asked (the message names what it supports instead)."""
 
 
 class ModelAdapter:

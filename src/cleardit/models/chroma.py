@@ -26,7 +26,7 @@ from torch import nn
 from ..attention import clear_attention
 from ..config import ClearConfig
 from .adapter import NotSupportedError
-from .flux import ClearFluxAttnProcessor, FluxAdapter, _check_fits
+from .flux import ClearFluxAttnProcessor, FluxAdapter, IPAdapterBranch, _check_fits
 from .handle import ForwardGrid, ForwardState
 
 
@@ -97,6 +97,10 @@ def text_groups(keep: torch.Tensor, text_len: int) -> list[tuple[torch.Tensor, t
     ]
 
 
+class ClearChromaIPAdapterAttnProcessor(IPAdapterBranch, ClearChromaAttnProcessor):
+    """ClearChromaAttnProcessor with the IP-Adapter branch."""
+
+
 class ChromaAdapter(FluxAdapter):
     """Chroma (lodestones/Chroma1-HD and relatives)."""
 
@@ -106,6 +110,7 @@ class ChromaAdapter(FluxAdapter):
     img2img_class = "ChromaImg2ImgPipeline"
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
     processor_class = ClearChromaAttnProcessor
+    ip_processor_class = ClearChromaIPAdapterAttnProcessor
     grid_class = TextMaskGrid
     default_steps = 35  # ChromaPipeline's defaults
     default_guidance = None  # no distilled guidance

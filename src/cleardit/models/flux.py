@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
@@ -112,11 +113,15 @@ def _finish(attn: nn.Module, out: torch.Tensor, text_len: int, dual_stream: bool
 class ClearFluxAttnProcessor(nn.Module):
     """Replaces FluxAttnProcessor: same projections, norms and RoPE; CLEAR instead of full attention."""
 
-    def __init__(self, geometry: ForwardGrid, config: ClearConfig, param_like: torch.Tensor):
+    def __init__(
+        self, geometry: ForwardGrid | None = None, config: ClearConfig | None = None, param_like=None
+    ):
+        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``, e.g.
+        # load_ip_adapter) it belongs to no linearized model: the forward refuses it clearly.
         super().__init__()
         self.geometry = geometry
         self.config = config
-        if config.down_factor is not None:
+        if config is not None and config.down_factor is not None:
             df = config.down_factor
             # Reference layout (1, 1, 1, df, 1, df, 1) so reference-release files load as they are.
             w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
@@ -146,9 +151,18 @@ class ClearFluxAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        return self.clear_forward(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )[0]
+
+    def clear_forward(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        """(what the processor returns, the image queries before RoPE [B, n, heads, d])."""
         state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
         layout = state.layout
         query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
+        image_query = (
+            query[:, query.shape[1] - layout.image_len :] if query.shape[1] >= layout.image_len else query
+        )
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -160,7 +174,49 @@ class ClearFluxAttnProcessor(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = self.attend(q, k, v, state, attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        return _finish(attn, out, layout.text_len, encoder_hidden_states is not None)
+        return _finish(attn, out, layout.text_len, encoder_hidden_states is not None), image_query
+
+
+class IPAdapterBranch:
+    """Mixin for a CLEAR processor: the IP-Adapter branch of diffusers' ``FluxIPAdapterAttnProcessor``
+    beside it. In the dual-stream blocks the image queries (normed, before RoPE) attend to each IP
+    image's tokens with full attention (a few tokens, so the cost stays linear), scaled and summed;
+    the block adds the result to the image stream. ``ip_adapter`` is the loaded diffusers processor
+    (its ``to_k_ip``, ``to_v_ip`` and ``scale``)."""
+
+    def __init__(self, geometry=None, config=None, param_like=None, ip_adapter=None):
+        super().__init__(geometry, config, param_like)
+        self.ip_adapter = ip_adapter
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+        ip_hidden_states=None, ip_adapter_masks=None,
+    ):  # fmt: skip
+        out, image_query = self.clear_forward(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )
+        if encoder_hidden_states is None:
+            return out
+        batch, ip = hidden_states.shape[0], self.ip_adapter
+        q = image_query.transpose(1, 2)
+        ip_out = torch.zeros_like(out[0])
+        for tokens, scale, to_k, to_v in zip(
+            ip_hidden_states or [], ip.scale, ip.to_k_ip, ip.to_v_ip, strict=False
+        ):
+            k, v = (
+                f(tokens).view(batch, -1, attn.heads, attn.head_dim).transpose(1, 2) for f in (to_k, to_v)
+            )
+            part = (
+                F.scaled_dot_product_attention(q, k, v)
+                .transpose(1, 2)
+                .reshape(batch, -1, attn.heads * attn.head_dim)
+            )
+            ip_out += scale * part.to(image_query.dtype)
+        return (*out, ip_out)
+
+
+class ClearFluxIPAdapterAttnProcessor(IPAdapterBranch, ClearFluxAttnProcessor):
+    """ClearFluxAttnProcessor with the IP-Adapter branch (replaces ``FluxIPAdapterAttnProcessor``)."""
 
 
 class ParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
@@ -356,6 +412,7 @@ class FluxAdapter(ModelAdapter):
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
     processor_class = ClearFluxAttnProcessor
+    ip_processor_class = ClearFluxIPAdapterAttnProcessor
     grid_class = ForwardGrid
 
     # -- CLEAR attention ---------------------------------------------------------------------------
@@ -369,6 +426,12 @@ class FluxAdapter(ModelAdapter):
             handle.originals.append((attn, attn.processor))
             attn.set_processor(make(attn, layer))
 
+    def clear_processor(self, attn: nn.Module, geometry: ForwardGrid, config: ClearConfig) -> nn.Module:
+        """The CLEAR processor replacing ``attn``'s: with the IP-Adapter branch where one is loaded."""
+        if type(attn.processor).__name__ == "FluxIPAdapterAttnProcessor":
+            return self.ip_processor_class(geometry, config, attn.to_q.weight, attn.processor)
+        return self.processor_class(geometry, config, attn.to_q.weight)
+
     def read_forward_inputs(self, transformer: nn.Module, bound, geometry: ForwardGrid) -> None:
         """Family-specific inputs of a linearized forward (FLUX.1 has none beyond its ids)."""
 
@@ -377,7 +440,7 @@ class FluxAdapter(ModelAdapter):
         geometry.adapter = self
         handle = ClearHandle(transformer, config, self.trainable_pattern)
         self._swap_processors(
-            transformer, handle, lambda attn, _layer: self.processor_class(geometry, config, attn.to_q.weight)
+            transformer, handle, lambda attn, _layer: self.clear_processor(attn, geometry, config)
         )
         transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
         handle.hooks = add_hooks(transformer, _token_order_pre_hook, _token_order_post_hook)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..attention import TokenLayout
 from ..config import ClearConfig
+from .errors import NotSupportedError
 
 
 @dataclass
@@ -133,6 +134,12 @@ class ForwardGrid:
     def check_processors(self, transformer: nn.Module) -> None:
         """Refuse a forward whose attention processors are not this model's CLEAR processors (replaced
         after ``linearize``, e.g. by ``set_attn_processor``), unless ``original_attention`` is on."""
+        if getattr(transformer, "_parallel_config", None) is not None:
+            raise NotSupportedError(
+                "diffusers' context / tensor parallelism (enable_parallelism) splits the sequence without "
+                "knowing CLEAR's grid; use cleardit's exact patch parallelism instead: "
+                "cleardit generate --devices N, or cleardit.parallel.parallelize on a plain model"
+            )
         modules = self.adapter.attention_modules(transformer)
         ours = [getattr(m.processor, "geometry", None) is self for m in modules]
         if all(ours) or (self.original_pass and not any(ours)):
