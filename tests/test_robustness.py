@@ -223,3 +223,31 @@ def test_dtype_moves_and_save_pretrained_round_trip(tmp_path):
     assert get_handle(again) is None
     cleardit.linearize(again, radius=RADIUS, backend="reference")
     torch.testing.assert_close(run(again, inputs), run(plain, inputs), atol=0, rtol=0)
+
+
+def test_torch_compile_fullgraph_with_the_reference_backend():
+    """The grid is read from img_ids eagerly, once per size; compiled code takes it from there, so the
+    whole forward is one graph (dynamo's own backends; tiled still breaks the graph, see issue 26)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_flux_transformer()
+    cleardit.linearize(model, radius=RADIUS, backend="reference")
+    a, b = flux_inputs(model, 6, 8, seed=1), flux_inputs(model, 5, 7, seed=2)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    with pytest.raises(Exception, match="run the model once without torch.compile at this size"):
+        run(compiled, a)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    expected_a = run(model, a)  # the eager forward that reads (and checks) the grid of this size
+    torch.testing.assert_close(run(compiled, a), expected_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run(compiled, a), expected_a, atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == 1
+    expected_b = run(model, b)
+    torch.testing.assert_close(run(compiled, b), expected_b, atol=1e-4, rtol=1e-4)
+    assert counter.frame_count <= 2  # a second size recompiles at most once
+    explanation = torch._dynamo.explain(model)(**a)
+    assert explanation.graph_break_count == 0
+    torch._dynamo.reset()

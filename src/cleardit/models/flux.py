@@ -312,7 +312,7 @@ def _token_order_pre_hook(module, args, kwargs):
     tile = geometry.config.tile
     bound = bind_forward_args(module, args, kwargs)
     img_ids, txt_ids = _ids(bound, "linearized")
-    height, width = grid_from_ids(img_ids)
+    height, width = geometry.grid_of(img_ids.shape[0], lambda: grid_from_ids(img_ids))
     use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
     down_factor = geometry.config.down_factor
     layout = TokenLayout(

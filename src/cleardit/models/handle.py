@@ -130,6 +130,25 @@ class ForwardGrid:
         self.inverse: torch.Tensor | None = None  # the tile-major permutation to undo on the output
         self.adapter = None  # the family's adapter (reads its extra forward inputs)
         self.original_pass = False  # a forward with the original processors swapped in on purpose
+        self.grids: dict[int, set[tuple[int, int]]] = {}  # image token count -> grids read eagerly
+
+    def grid_of(self, image_tokens: int, read_grid) -> tuple[int, int]:
+        """(H, W) of a forward. Eagerly ``read_grid()`` reads it from the inputs (and checks them);
+        compiled code cannot (it would depend on tensor data), so under ``torch.compile`` the grid is
+        the one an eager forward read for this token count: checked once per size."""
+        if not torch.compiler.is_compiling():
+            grid = read_grid()
+            self.grids.setdefault(image_tokens, set()).add(grid)
+            return grid
+        grids = self.grids.get(image_tokens, set())
+        if len(grids) != 1:
+            raise ValueError(
+                f"under torch.compile the image grid of {image_tokens} tokens is taken from an eager "
+                "forward at that size, and "
+                + ("none ran" if not grids else f"several grids have that many tokens: {sorted(grids)}")
+                + "; run the model once without torch.compile at this size first"
+            )
+        return next(iter(grids))
 
     def check_processors(self, transformer: nn.Module) -> None:
         """Refuse a forward whose attention processors are not this model's CLEAR processors (replaced
@@ -162,6 +181,8 @@ class ForwardGrid:
         every block (its RoPE). Gradient checkpointing re-runs a block during backward with that
         forward's own tensors, possibly after other forwards changed the grid: the state recorded on
         the tensor the first time is the one that holds (without a key: the last forward's)."""
+        if torch.compiler.is_compiling():  # compiled code keeps no Python state on tensors
+            return self.snapshot()
         recorded = getattr(key, "_cleardit_forward", None) if key is not None else None
         if recorded is not None and recorded[0] is self:
             return recorded[1]
