@@ -40,7 +40,7 @@ class TeacherView:
         """
         self._params = {
             name: p.detach().clone()
-            for name, p in handle.named_clear_parameters()
+            for name, p in handle.named_clear_parameters(real_names=True)  # functional_call's names
             if not name.endswith("spatial_weight")
         }
 

@@ -66,6 +66,17 @@ def grid_from_ids(img_ids: torch.Tensor) -> tuple[int, int]:
     return height, width
 
 
+def assert_grid(img_ids: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Traceable check (no graph break under torch.compile) that ``img_ids`` rows run ``grid``'s width:
+    the first row has W tokens with consecutive columns, and the next token starts the next row."""
+    h, w = grid
+    rows, cols = img_ids[:, 1], img_ids[:, 2]
+    ok = (rows[w - 1] == rows[0]) & (cols[w - 1] == cols[0] + (w - 1))
+    if h > 1:
+        ok = ok & (rows[w] == rows[0] + 1)
+    torch._assert_async(ok, "img_ids do not form the grid compiled for this token count")
+
+
 def project_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
     """q, k, v as [B, N, heads, d] for the joint sequence [text | image], normalised as FLUX does."""
     if getattr(attn, "fused_projections", False):
@@ -188,6 +199,15 @@ class IPAdapterBranch:
         super().__init__(geometry, config, param_like)
         self.ip_adapter = ip_adapter
 
+    @property
+    def scale(self):
+        """The IP images' scales (``pipe.set_ip_adapter_scale`` sets them here)."""
+        return self.ip_adapter.scale
+
+    @scale.setter
+    def scale(self, value) -> None:
+        self.ip_adapter.scale = value
+
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
         ip_hidden_states=None, ip_adapter_masks=None,
@@ -197,11 +217,16 @@ class IPAdapterBranch:
         )
         if encoder_hidden_states is None:
             return out
+        if ip_hidden_states is None:
+            raise ValueError(
+                "IP-Adapter layers need ip_hidden_states: pass ip_adapter_image (or its embeddings) to the "
+                "pipeline, or unload the IP-Adapter"
+            )
         batch, ip = hidden_states.shape[0], self.ip_adapter
         q = image_query.transpose(1, 2)
         ip_out = torch.zeros_like(out[0])
         for tokens, scale, to_k, to_v in zip(
-            ip_hidden_states or [], ip.scale, ip.to_k_ip, ip.to_v_ip, strict=False
+            ip_hidden_states, ip.scale, ip.to_k_ip, ip.to_v_ip, strict=False
         ):
             k, v = (
                 f(tokens).view(batch, -1, attn.heads, attn.head_dim).transpose(1, 2) for f in (to_k, to_v)
@@ -312,7 +337,9 @@ def _token_order_pre_hook(module, args, kwargs):
     tile = geometry.config.tile
     bound = bind_forward_args(module, args, kwargs)
     img_ids, txt_ids = _ids(bound, "linearized")
-    height, width = geometry.grid_of(img_ids.shape[0], lambda: grid_from_ids(img_ids))
+    height, width = geometry.grid_of(
+        img_ids.shape[0], lambda: grid_from_ids(img_ids), lambda grid: assert_grid(img_ids, grid)
+    )
     use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
     down_factor = geometry.config.down_factor
     layout = TokenLayout(

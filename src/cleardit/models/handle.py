@@ -39,16 +39,17 @@ class ClearHandle:
     hooks: tuple = field(default=(), repr=False)
     active: bool = True
 
-    def named_clear_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+    def named_clear_parameters(self, real_names: bool = False) -> Iterator[tuple[str, nn.Parameter]]:
         """The parameters CLEAR fine-tunes and checkpoints, by their names in the model.
 
         Through PEFT adapters (LoRA ``add_adapter`` / ``load_lora_weights``) the wrapped layer's own
         weight is found under its plain name (``to_q.base_layer.weight`` is ``to_q.weight``); the
-        adapters' own LoRA matrices are not CLEAR's."""
+        adapters' own LoRA matrices are not CLEAR's. ``real_names``: the names in the model as they are
+        (what ``torch.func.functional_call`` needs)."""
         for name, param in self.model.named_parameters():
             plain = name.replace(".base_layer.", ".")
             if self.trainable_pattern.match(plain):
-                yield plain, param
+                yield (name if real_names else plain), param
 
     def clear_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_clear_parameters()}
@@ -132,10 +133,11 @@ class ForwardGrid:
         self.original_pass = False  # a forward with the original processors swapped in on purpose
         self.grids: dict[int, set[tuple[int, int]]] = {}  # image token count -> grids read eagerly
 
-    def grid_of(self, image_tokens: int, read_grid) -> tuple[int, int]:
+    def grid_of(self, image_tokens: int, read_grid, assert_grid) -> tuple[int, int]:
         """(H, W) of a forward. Eagerly ``read_grid()`` reads it from the inputs (and checks them);
-        compiled code cannot (it would depend on tensor data), so under ``torch.compile`` the grid is
-        the one an eager forward read for this token count: checked once per size."""
+        compiled code cannot branch on tensor data, so under ``torch.compile`` the grid is the one an
+        eager forward read for this token count (one grid per token count), and ``assert_grid(grid)``
+        checks the inputs against it with a traceable assertion (a wrong grid fails, never runs)."""
         if not torch.compiler.is_compiling():
             grid = read_grid()
             self.grids.setdefault(image_tokens, set()).add(grid)
@@ -148,16 +150,19 @@ class ForwardGrid:
                 + ("none ran" if not grids else f"several grids have that many tokens: {sorted(grids)}")
                 + "; run the model once without torch.compile at this size first"
             )
-        return next(iter(grids))
+        grid = next(iter(grids))
+        assert_grid(grid)
+        return grid
 
     def check_processors(self, transformer: nn.Module) -> None:
         """Refuse a forward whose attention processors are not this model's CLEAR processors (replaced
         after ``linearize``, e.g. by ``set_attn_processor``), unless ``original_attention`` is on."""
         if getattr(transformer, "_parallel_config", None) is not None:
             raise NotSupportedError(
-                "diffusers' context / tensor parallelism (enable_parallelism) splits the sequence without "
-                "knowing CLEAR's grid; use cleardit's exact patch parallelism instead: "
-                "cleardit generate --devices N, or cleardit.parallel.parallelize on a plain model"
+                "diffusers' parallelism (enable_parallelism) is not supported with CLEAR (its context "
+                "parallelism splits the sequence without knowing CLEAR's grid); use cleardit's exact patch "
+                "parallelism instead: cleardit generate --devices N, or cleardit.parallel.parallelize on a "
+                "plain model"
             )
         modules = self.adapter.attention_modules(transformer)
         ours = [getattr(m.processor, "geometry", None) is self for m in modules]

@@ -151,7 +151,7 @@ class AttentionModes:
 
     @contextlib.contextmanager
     def clear(self) -> Iterator[None]:
-        from ..models import linearize
+        from ..models import adapter_for, linearize
         from ..weights import load_weights
 
         handle = (self.install or linearize)(self.transformer, config=self.config)
@@ -170,11 +170,13 @@ class AttentionModes:
                 else:
                     for k, p in params.items():
                         p.data = self._clear[k]
+                    adapter_for(self.transformer).sync_fused_projections(self.transformer)
             yield
         finally:
             if self._original is not None:
                 for k, t in self._original.items():
                     params[k].data = t
+                adapter_for(self.transformer).sync_fused_projections(self.transformer)  # fused copies too
             handle.restore()
 
 
