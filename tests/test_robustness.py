@@ -291,3 +291,28 @@ def test_distillation_teacher_runs_on_a_peft_model():
     handle = cleardit.linearize(model, radius=RADIUS)
     teacher.freeze_initial(handle)
     torch.testing.assert_close(teacher.run(**inputs).sample, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_first_block_cache_on_a_linearized_model():
+    """The cache's decisions and reuse give the same numbers as on the dense-mask reference model."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from tests.helpers import DenseMaskProcessor
+
+    model = tiny_flux_transformer()
+    oracle = tiny_flux_transformer()
+    oracle.set_attn_processor(DenseMaskProcessor(6, 8, 5, RADIUS))
+    cleardit.linearize(model, radius=RADIUS, backend="reference")
+    outputs = {}
+    for name, m in (("clear", model), ("oracle", oracle)):
+        m.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        outputs[name] = []
+        for step in range(3):
+            inputs = flux_inputs(m, 6, 8, seed=1)
+            inputs["hidden_states"] = inputs["hidden_states"] * (
+                1 + 0.01 * step
+            )  # the cache reuses steps 2-3
+            with m.cache_context("cond"):
+                outputs[name].append(run(m, inputs))
+    for got, want in zip(outputs["clear"], outputs["oracle"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
