@@ -49,7 +49,7 @@ from cleardit.image_metrics import ms_ssim_images as ms_ssim  # noqa: E402
 from cleardit.image_metrics import psnr_images as psnr  # noqa: E402
 from cleardit.pipelines import generate  # noqa: E402
 from cleardit.pipelines import highres as hr  # noqa: E402
-from cleardit.pipelines.generate import DEFAULT_STRENGTH  # noqa: E402
+from cleardit.pipelines.config import DEFAULT_STRENGTH  # noqa: E402
 from cleardit.pipelines.loading import (  # noqa: E402
     ModelNotFoundError,
     base_size,

@@ -31,8 +31,9 @@ def _float(text: str) -> float:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..parallel.launch import ParallelLaunchError
-    from ..pipelines.generate import generate, read_prompts
+    from ..pipelines.generate import generate
     from ..pipelines.loading import ModelNotFoundError
+    from ..prompt_list import read_prompts
 
     run = generate
     if args.devices != 1:

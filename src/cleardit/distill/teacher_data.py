@@ -380,7 +380,7 @@ def _run(
         size_factor,
         size_factor_of_folder,
     )
-    from ..pipelines.plan import resolve_guidance
+    from ..pipelines.plan import resolve_guidance, resolve_true_cfg
 
     prompts = prompt_list(prompts, one_line=True)
     height, width = _resolution(resolution)
@@ -423,10 +423,7 @@ def _run(
         dt = model.transformer.dtype
     steps = steps or info.default_steps or adapter.default_steps
     guidance = resolve_guidance(guidance, info, adapter)
-    if true_cfg is None:
-        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
-    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
-        raise ValueError(f"--true-cfg must be a number >= 1 (1 = off), got {true_cfg!r}")
+    true_cfg = resolve_true_cfg(true_cfg, info, adapter)
     settings = {
         "format": FORMAT,
         "model": name,

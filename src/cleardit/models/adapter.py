@@ -48,10 +48,9 @@ class ModelAdapter:
     default_true_cfg: float = 1.0
 
     # -- which models ------------------------------------------------------------------------------
-    def matches(self, obj) -> bool:
-        """Whether ``obj`` (a transformer or a pipeline) is of this family."""
-        names = {c.__name__ for c in type(obj).__mro__}
-        return bool(names & set(self.transformer_classes + self.pipeline_classes))
+    def matches(self, transformer) -> bool:
+        """Whether ``transformer`` is of this family (``adapter_for`` takes a pipeline's transformer)."""
+        return bool({c.__name__ for c in type(transformer).__mro__} & set(self.transformer_classes))
 
     def loads_pipeline_class(self, name: str) -> bool:
         """Whether this family loads a folder whose ``model_index.json`` names pipeline class ``name``."""

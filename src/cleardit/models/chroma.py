@@ -25,7 +25,7 @@ from torch import nn
 
 from ..attention import clear_attention
 from ..config import ClearConfig
-from .adapter import NotSupportedError
+from .adapter import ModelAdapter
 from .flux import ClearFluxAttnProcessor, FluxAdapter, IPAdapterBranch, _check_fits
 from .handle import ForwardGrid, ForwardState
 
@@ -109,6 +109,7 @@ class ChromaAdapter(FluxAdapter):
     pipeline_classes = ("ChromaPipeline",)
     img2img_class = "ChromaImg2ImgPipeline"
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
+    text_tokenizer = "tokenizer"  # T5 only
     processor_class = ClearChromaAttnProcessor
     ip_processor_class = ClearChromaIPAdapterAttnProcessor
     grid_class = TextMaskGrid
@@ -122,8 +123,7 @@ class ChromaAdapter(FluxAdapter):
             "(its text-padding mask is not split into strips)"
         )
 
-    def install_strips(self, transformer: nn.Module, config: ClearConfig, context):
-        raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
+    install_strips = ModelAdapter.install_strips  # FLUX's strips do not honour the text mask: refuse
 
     def read_forward_inputs(self, transformer: nn.Module, bound, geometry: TextMaskGrid) -> None:
         geometry.groups = None
@@ -151,10 +151,6 @@ class ChromaAdapter(FluxAdapter):
             yield
         finally:
             hook.remove()
-
-    def max_text_tokens(self, pipe) -> int:
-        length = getattr(getattr(pipe, "tokenizer", None), "model_max_length", None)
-        return min(length, 512) if isinstance(length, int) and length > 0 else 512
 
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         # Chroma has no distilled guidance: its guidance_scale is classifier-free guidance

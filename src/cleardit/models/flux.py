@@ -171,9 +171,7 @@ class ClearFluxAttnProcessor(nn.Module):
         state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
         layout = state.layout
         query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
-        image_query = (
-            query[:, query.shape[1] - layout.image_len :] if query.shape[1] >= layout.image_len else query
-        )
+        image_query = query[:, max(0, query.shape[1] - layout.image_len) :]  # [text | image]: image last
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -438,6 +436,7 @@ class FluxAdapter(ModelAdapter):
     img2img_class = "FluxImg2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
+    text_tokenizer = "tokenizer_2"  # the pipeline's T5 tokenizer: it sets the text length
     processor_class = ClearFluxAttnProcessor
     ip_processor_class = ClearFluxIPAdapterAttnProcessor
     grid_class = ForwardGrid
@@ -567,8 +566,7 @@ class FluxAdapter(ModelAdapter):
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
-        tok = getattr(pipe, "tokenizer_2", None)
-        length = getattr(tok, "model_max_length", None) if tok is not None else None
+        length = getattr(getattr(pipe, self.text_tokenizer, None), "model_max_length", None)
         if not isinstance(length, int) or length <= 0:
             return MAX_TEXT_TOKENS
         return min(length, MAX_TEXT_TOKENS)

@@ -3,8 +3,9 @@
 Heavy libraries (diffusers, transformers, PIL) are imported when a function runs, not here.
 """
 
+from ..prompt_list import read_prompts
 from .config import GenerateConfig
-from .generate import CompareStats, GenerationResult, generate, read_prompts
+from .generate import CompareStats, GenerationResult, generate
 from .loading import DEFAULT_MODEL_DIR, ModelInfo, ModelNotFoundError, read_model_info, resolve_model
 
 __all__ = [

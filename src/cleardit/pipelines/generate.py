@@ -31,11 +31,11 @@ from ..attention.flops import format_flops
 from ..config import ClearConfig
 from ..image_grid import image_grid
 from ..image_metrics import ms_ssim_images, psnr_images
-from ..prompt_list import prompt_list, read_prompts  # noqa: F401 (read_prompts: re-exported)
+from ..prompt_list import prompt_list
 from . import highres as hr
-from .config import DEFAULT_STRENGTH, UPSCALE_MODES, GenerateConfig  # noqa: F401 (re-exported)
+from .config import GenerateConfig
 from .loading import ModelInfo
-from .plan import RunPlan, clear_settings, plan_run, sigmas_metadata  # noqa: F401 (re-exported)
+from .plan import RunPlan, plan_run
 
 
 # ----------------------------------------------------------------------------- results

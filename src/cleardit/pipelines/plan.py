@@ -9,6 +9,7 @@ the first step, and when the model comes from a folder before gigabytes are load
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,8 +38,6 @@ from .loading import (
 
 def sigmas_metadata(sigmas) -> str:
     """The noise levels of a run as PNG metadata: a JSON list, 4 decimals (the final 0 left out)."""
-    import json
-
     return json.dumps([round(float(x), 4) for x in sigmas])
 
 
@@ -240,6 +239,17 @@ def resolve_guidance(guidance: float | None, info: ModelInfo, adapter) -> float 
     return info.default_guidance if info.default_guidance is not None else adapter.default_guidance
 
 
+def resolve_true_cfg(true_cfg: float | None, info: ModelInfo, adapter) -> float:
+    """The classifier-free guidance scale of a run: the caller's, the model folder's, the family's."""
+    if true_cfg is None:
+        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
+    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
+        raise ValueError(
+            f"--true-cfg must be a number >= 1 (1 = no classifier-free guidance), got {true_cfg!r}"
+        )
+    return true_cfg
+
+
 def plan_run(prompts: list[str], config: GenerateConfig, model, info: ModelInfo | None, wrap, log) -> RunPlan:
     """Resolve ``config`` against the model (loading it); ``wrap(pipe)`` replaces the pipeline
     (a patch-parallel rank's strip pipeline), or None."""
@@ -275,13 +285,7 @@ def plan_run(prompts: list[str], config: GenerateConfig, model, info: ModelInfo 
     text_len = max_sequence_length(pipe, info)
     steps = c.steps or info.default_steps or adapter.default_steps
     guidance = resolve_guidance(c.guidance, info, adapter)
-    true_cfg = c.true_cfg
-    if true_cfg is None:
-        true_cfg = info.default_true_cfg if info.default_true_cfg is not None else adapter.default_true_cfg
-    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or true_cfg < 1:
-        raise ValueError(
-            f"--true-cfg must be a number >= 1 (1 = no classifier-free guidance), got {true_cfg!r}"
-        )
+    true_cfg = resolve_true_cfg(c.true_cfg, info, adapter)
     heads, head_dim, layers = adapter.attention_geometry(transformer)
 
     stage1 = stage1_sigmas = None
