@@ -17,8 +17,9 @@ def adapters() -> tuple[ModelAdapter, ...]:
     class names, so a subclass of a supported class is served by its parent's adapter."""
     from .chroma import ChromaAdapter
     from .flux import FluxAdapter
+    from .sd3 import SD3Adapter
 
-    return (FluxAdapter(), ChromaAdapter())
+    return (FluxAdapter(), ChromaAdapter(), SD3Adapter())
 
 
 def supported_models() -> list[str]:

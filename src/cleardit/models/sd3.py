@@ -1,0 +1,272 @@
+"""SD3 / SD3.5 adapter: diffusers' ``SD3Transformer2DModel`` / ``StableDiffusion3Pipeline``.
+
+SD3's joint attention runs on ``[image | text]``: the image tokens come FIRST (``TokenLayout(...,
+text_first=False)``). There is no RoPE (``PatchEmbed`` adds an absolute sin-cos embedding), so the
+grid is the latents' (H / patch, W / patch), read by a forward pre-hook from ``hidden_states``
+[B, C, H, W] before the transformer patchifies them. SD3.5's ``dual_attention_layers`` add ``attn2``,
+an image-only self-attention: CLEAR without text. The last block is ``context_pre_only``: its text
+output is dropped by the block (no ``to_add_out``), as in diffusers.
+
+The transformer patchifies inside its forward, so the tile-major permutation is applied to the
+output of ``pos_embed`` and undone on the output of ``proj_out`` (every op between them but
+attention is token-wise). ControlNet residuals arrive in raster order: with them the order stays
+raster. Each forward's layout also travels to the processors in ``joint_attention_kwargs``, so a
+block that gradient checkpointing recomputes during backward uses the grid of its own forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..config import ClearConfig
+from .adapter import ModelAdapter
+from .errors import NotSupportedError
+from .flux import bind_forward_args
+from .handle import ClearHandle, ForwardGrid, add_hooks, remove_hooks
+
+# The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,
+# plus the pooling weights of the down-sampled variant.
+TRAINABLE_PATTERN = re.compile(
+    r"^transformer_blocks\.\d+\.attn2?\."
+    r"(?:(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)|processor\.spatial_weight)$"
+)
+LAYOUT_KWARG = "cleardit_layout"  # the forward's TokenLayout, passed to processors in joint_attention_kwargs
+
+
+def latent_grid(hidden_states: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """(H, W) token grid of SD3 latents [B, C, H, W]; a ValueError naming the fix otherwise."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
+        shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else hidden_states
+        raise ValueError(
+            f"SD3Transformer2DModel takes hidden_states as latents [batch, channels, height, width], got "
+            f"{shape!r}; pass the unpacked latents (the transformer patchifies them itself)"
+        )
+    height, width = hidden_states.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"latents of {height}x{width} are not a whole number of {patch_size}x{patch_size} patches, so "
+            f"they do not form one token grid; crop or pad the latents to multiples of {patch_size} "
+            "(image sides to multiples of patch_size x the VAE's scale factor, 16 px for SD3)"
+        )
+    return height // patch_size, width // patch_size
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, n, heads * d] -> [B, heads, n, d] (as JointAttnProcessor2_0 reshapes)."""
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+class ClearSD3AttnProcessor(nn.Module):
+    """Replaces ``JointAttnProcessor2_0`` (joint ``attn`` and SD3.5's ``attn2``): the same projections
+    and q/k norms; CLEAR instead of full attention. Without ``encoder_hidden_states`` (``attn2``) the
+    attention is image-only: CLEAR without text."""
+
+    def __init__(
+        self, geometry: ForwardGrid | None = None, config: ClearConfig | None = None, param_like=None
+    ):
+        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``) it belongs to no
+        # linearized model: the transformer's pre-hook refuses the forward clearly.
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+        if config is not None and config.down_factor is not None:
+            df = config.down_factor
+            # FLUX reference layout (1, 1, 1, df, 1, df, 1): one weight file format for every family
+            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
+            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+        else:
+            self.spatial_weight = None
+
+    def pool_weight(self) -> torch.Tensor | None:
+        if self.spatial_weight is None:
+            return None
+        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cleardit_layout: TokenLayout | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError("CLEAR attention for SD3 takes no attention_mask; SD3 pipelines pass none")
+        layout = cleardit_layout if cleardit_layout is not None else self.geometry.require_layout()
+        joint = encoder_hidden_states is not None
+        if not joint:  # attn2: image-only self-attention
+            layout = dataclasses.replace(layout, text_len=0)
+        query, key, value = (_heads(p(hidden_states), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if joint:
+            eq, ek, ev = (
+                _heads(p(encoder_hidden_states), attn.heads)
+                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            # [image | text], image first
+            query, key, value = (torch.cat(p, dim=2) for p in ((query, eq), (key, ek), (value, ev)))
+        if query.shape[2] != layout.seq_len:
+            raise ValueError(
+                f"attention got {query.shape[2]} tokens but the latents and text describe {layout.seq_len} "
+                f"({layout.height}x{layout.width} image + {layout.text_len} text)"
+            )
+        out = clear_attention(
+            query, key, value, layout, self.config.radius, pool_weight=self.pool_weight(),
+            scale=self.config.scale, backend=self.config.backend,
+        )  # fmt: skip
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        image_out = attn.to_out[1](attn.to_out[0](out[:, : layout.image_len]))
+        if not joint:
+            return image_out
+        text_out = out[:, layout.image_len :]
+        if not attn.context_pre_only:  # the last block drops its text output (no to_add_out)
+            text_out = attn.to_add_out(text_out)
+        return image_out, text_out
+
+
+class SD3Grid(ForwardGrid):
+    """ForwardGrid plus the tile-major permutation of the forward in flight (applied by the hooks on
+    ``pos_embed`` and ``proj_out``)."""
+
+    def __init__(self, config: ClearConfig):
+        super().__init__(config)
+        self.order: torch.Tensor | None = None  # raster -> tile-major, applied to pos_embed's output
+        self.inverse: torch.Tensor | None = None  # tile-major -> raster, applied to proj_out's output
+
+
+# ----------------------------------------------------------------------------- forward hooks
+def _sd3_pre_hook(module, args, kwargs):
+    """Read the grid from the latents, publish the layout (also to the processors through
+    ``joint_attention_kwargs``) and choose the token order of this forward."""
+    geometry: SD3Grid = module._cleardit_grid
+    geometry.check_processors(module)
+    bound = bind_forward_args(module, args, kwargs)
+    text = bound.arguments.get("encoder_hidden_states")
+    if text is None:
+        raise ValueError("a linearized SD3 transformer needs encoder_hidden_states (the text tokens)")
+    height, width = latent_grid(bound.arguments["hidden_states"], module.config.patch_size)
+    tile = geometry.config.tile
+    if bound.arguments.get("block_controlnet_hidden_states") is not None:
+        tile = None  # controlnet residuals are added in raster order
+    layout = TokenLayout(
+        text.shape[1], height, width, text_first=False, down_factor=geometry.config.down_factor, tile=tile
+    )
+    geometry.layout = layout
+    geometry.order = geometry.inverse = None
+    if tile is not None and (height > tile[0] or width > tile[1]):
+        geometry.order = layout.sequence_to_raster(text.device)
+        geometry.inverse = layout.raster_to_sequence(text.device)
+    if not geometry.original_pass:  # the original processors (distillation teacher) take no layout
+        attention_kwargs = dict(bound.arguments.get("joint_attention_kwargs") or {})
+        attention_kwargs[LAYOUT_KWARG] = layout
+        bound.arguments["joint_attention_kwargs"] = attention_kwargs
+    bound.arguments.pop("self", None)
+    return (), dict(bound.arguments)
+
+
+def _sd3_post_hook(module, args, kwargs, output):
+    # geometry.layout stays set for processors called outside a forward's kwargs (none in diffusers)
+    module._cleardit_grid.order = module._cleardit_grid.inverse = None
+    return output
+
+
+def _to_tile_major_hook(module, args, output):
+    """On ``pos_embed``: image tokens [B, H*W, C] from raster into this forward's tile-major order."""
+    order = module._cleardit_grid.order
+    return output if order is None else output[:, order]
+
+
+def _to_raster_hook(module, args, output):
+    """On ``proj_out``: image tokens back into raster order before the transformer unpatchifies."""
+    inverse = module._cleardit_grid.inverse
+    return output if inverse is None else output[:, inverse]
+
+
+def _token_order_modules(transformer: nn.Module) -> list[tuple[nn.Module, object]]:
+    return [(transformer.pos_embed, _to_tile_major_hook), (transformer.proj_out, _to_raster_hook)]
+
+
+@dataclasses.dataclass
+class SD3Handle(ClearHandle):
+    """ClearHandle that also removes the token-order hooks on ``pos_embed`` and ``proj_out``."""
+
+    def restore(self) -> nn.Module:
+        if self.active:
+            for sub, hook in _token_order_modules(self.model):
+                remove_hooks(sub, (hook,))
+                if "_cleardit_grid" in sub.__dict__:
+                    del sub._cleardit_grid
+        return super().restore()
+
+
+# ----------------------------------------------------------------------------- the adapter
+class SD3Adapter(ModelAdapter):
+    """Stable Diffusion 3 (medium) and 3.5 (medium, large, large-turbo)."""
+
+    family = "sd3"
+    transformer_classes = ("SD3Transformer2DModel",)
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    img2img_class = "StableDiffusion3Img2ImgPipeline"
+    trainable_pattern = TRAINABLE_PATTERN
+
+    # -- CLEAR attention ---------------------------------------------------------------------------
+    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
+        """Per block its joint ``attn`` and, in SD3.5's dual-attention blocks, the image-only ``attn2``."""
+        modules = []
+        for block in transformer.transformer_blocks:
+            modules += [a for a in (block.attn, getattr(block, "attn2", None)) if a is not None]
+        return modules
+
+    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        modules = self.attention_modules(transformer)
+        foreign = sorted({type(a.processor).__name__ for a in modules} - {"JointAttnProcessor2_0"})
+        if foreign:
+            raise NotSupportedError(
+                "CLEAR for SD3 replaces diffusers' JointAttnProcessor2_0; this model has "
+                f"{', '.join(foreign)} "
+                "(an IP-Adapter, fused QKV projections or another attention variant). Unload it "
+                "(unload_ip_adapter(), unfuse_qkv_projections()) before linearize"
+            )
+        geometry = SD3Grid(config)
+        geometry.adapter = self
+        handle = SD3Handle(transformer, config, self.trainable_pattern)
+        for attn in modules:
+            handle.originals.append((attn, attn.processor))
+            attn.set_processor(ClearSD3AttnProcessor(geometry, config, attn.to_q.weight))
+        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
+        for sub, hook in _token_order_modules(transformer):
+            sub._cleardit_grid = geometry
+            sub.register_forward_hook(hook)
+        handle.hooks = add_hooks(transformer, _sd3_pre_hook, _sd3_post_hook)
+        return handle
+
+    def strips_unsupported(self) -> str | None:
+        return "patch-parallel inference (--devices) is not supported for SD3 models yet"
+
+    def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
+        """(heads, head_dim, attention layers); SD3.5's image-only attn2 layers count as layers (their
+        few text pairs are counted too: the FLOPs are a slight over-estimate)."""
+        cfg = transformer.config
+        return (
+            int(cfg.num_attention_heads),
+            int(cfg.attention_head_dim),
+            len(self.attention_modules(transformer)),
+        )
+
+    def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every block's joint attention (its image-stream output is compared)."""
+        return [
+            (f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)
+        ]
