@@ -17,9 +17,10 @@ def adapters() -> tuple[ModelAdapter, ...]:
     class names, so a subclass of a supported class is served by its parent's adapter."""
     from .chroma import ChromaAdapter
     from .flux import FluxAdapter
+    from .flux2 import Flux2Adapter
     from .sd3 import SD3Adapter
 
-    return (FluxAdapter(), ChromaAdapter(), SD3Adapter())
+    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), SD3Adapter())
 
 
 def supported_models() -> list[str]:

@@ -1,0 +1,361 @@
+"""FLUX.2: CLEAR on a tiny Flux2Transformer2DModel with a reference image, against a dense-mask oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Flux2Transformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2AttnProcessor,
+    Flux2KVAttnProcessor,
+    Flux2KVParallelSelfAttnProcessor,
+    Flux2ParallelSelfAttnProcessor,
+)
+
+from cleardit import linearize, load_weights, save_weights
+from cleardit.models import adapter_for, get_handle
+from cleardit.models.flux2 import ClearFlux2AttnProcessor, ClearFlux2ParallelSelfAttnProcessor
+from cleardit.models.strips import parallelize
+from cleardit.models.tiny import tiny_flux_transformer
+
+TEXT_DIM = 24
+CHANNELS = 8
+
+
+def tiny_flux2_transformer(seed: int = 0) -> Flux2Transformer2DModel:
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but random values make every path count
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def image_ids(t: int, height: int, width: int) -> torch.Tensor:
+    """(t, h, w, l) ids of one image, row-major, as FLUX.2 pipelines make them."""
+    ids = torch.cartesian_prod(*(torch.arange(n) for n in (1, height, width, 1)))
+    return ids + torch.tensor([t, 0, 0, 0])
+
+
+def flux2_inputs(height, width, references=((3, 4),), text_len=4, batch=2, seed=0, refs_first=False):
+    """Forward kwargs: target grid (t = 0) then reference images (t = 10, 20, ...), as Flux2Pipeline
+    concatenates them (``refs_first``: the references prepended, as the KV-cache extraction does)."""
+    g = torch.Generator().manual_seed(seed)
+    refs = [image_ids(10 * (i + 1), h, w) for i, (h, w) in enumerate(references)]
+    parts = [*refs, image_ids(0, height, width)] if refs_first else [image_ids(0, height, width), *refs]
+    ids = torch.cat(parts)
+    text_ids = torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, text_len)))  # (0, 0, 0, l)
+    return dict(
+        hidden_states=torch.randn(batch, ids.shape[0], CHANNELS, generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, TEXT_DIM, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        guidance=torch.full((batch,), 3.5),
+        img_ids=ids[None].expand(batch, -1, -1),  # the pipelines pass batched ids
+        txt_ids=text_ids[None].expand(batch, -1, -1),
+        return_dict=False,
+    )
+
+
+# ----------------------------------------------------------------------------- the oracle
+def rule_mask(queries: list, keys: list, radius: int, references_see_only_references=False) -> torch.Tensor:
+    """Brute force: token kinds are "text", "ref" or the target's (h, w). Target queries see target keys
+    in the disc; every other pair is allowed (text and references are global). While the KV cache is
+    extracted, reference queries see only reference keys (diffusers' rule there)."""
+    mask = torch.zeros(len(queries), len(keys), dtype=torch.bool)
+    for i, a in enumerate(queries):
+        for j, b in enumerate(keys):
+            if references_see_only_references and a == "ref":
+                mask[i, j] = b == "ref"
+            elif isinstance(a, str) or isinstance(b, str):
+                mask[i, j] = True
+            else:
+                mask[i, j] = (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 < radius**2
+    return mask
+
+
+class Oracle:
+    """The token kinds of the forward in flight (set from its inputs by a pre-hook) and the radius."""
+
+    def __init__(self, radius: int):
+        self.radius, self.text, self.stream, self.mode = radius, 0, [], None
+        self.masks = {}  # built once per token layout: every layer of a forward shares it
+
+    def read_inputs(self, _module, _args, kwargs):
+        ids = kwargs["img_ids"][0] if kwargs["img_ids"].ndim == 3 else kwargs["img_ids"]
+        self.text = kwargs["encoder_hidden_states"].shape[1]
+        self.stream = [(int(h), int(w)) if int(t) == 0 else "ref" for t, h, w, _ in ids.tolist()]
+        self.mode = kwargs.get("kv_cache_mode")
+
+    def attention(self, query, key, value, rope, kv_cache):
+        """diffusers' FLUX.2 attention (RoPE, KV cache, SDPA) with the rule's explicit mask."""
+        query = apply_rotary_emb(query, rope, sequence_dim=1)
+        key = apply_rotary_emb(key, rope, sequence_dim=1)
+        tokens = ["text"] * self.text + self.stream
+        keys, only_refs = tokens, False
+        if self.mode == "extract":
+            refs = slice(self.text, self.text + self.stream.count("ref"))
+            kv_cache.store(key[:, refs].clone(), value[:, refs].clone())
+            only_refs = True
+        elif self.mode == "cached":
+            k_ref, v_ref = kv_cache.get()
+            key = torch.cat([key[:, : self.text], k_ref, key[:, self.text :]], dim=1)
+            value = torch.cat([value[:, : self.text], v_ref, value[:, self.text :]], dim=1)
+            keys = ["text"] * self.text + ["ref"] * k_ref.shape[1] + self.stream
+        signature = (tuple(tokens), tuple(keys), only_refs)
+        if signature not in self.masks:
+            self.masks[signature] = rule_mask(tokens, keys, self.radius, only_refs)
+        mask = self.masks[signature]
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask
+        )
+        return out.transpose(1, 2).flatten(2, 3)
+
+
+class OracleDouble:
+    def __init__(self, oracle: Oracle):
+        self.oracle = oracle
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):  # fmt: skip
+        def heads(x):
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        text = encoder_hidden_states
+        eq, ek, ev = (heads(f(text)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        q = torch.cat([attn.norm_added_q(eq), attn.norm_q(q)], dim=1)
+        k = torch.cat([attn.norm_added_k(ek), attn.norm_k(k)], dim=1)
+        v = torch.cat([ev, v], dim=1)
+        out = self.oracle.attention(q, k, v, image_rotary_emb, kv_cache)
+        t = encoder_hidden_states.shape[1]
+        return attn.to_out[0](out[:, t:]), attn.to_add_out(out[:, :t])
+
+
+class OracleSingle:
+    def __init__(self, oracle: Oracle):
+        self.oracle = oracle
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
+                 kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):  # fmt: skip
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        inner = attn.inner_dim
+        q, k, v = (projected[..., i * inner : (i + 1) * inner] for i in range(3))
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        out = self.oracle.attention(attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb, kv_cache)
+        gate, linear = projected[..., 3 * inner :].chunk(2, dim=-1)
+        return attn.to_out(torch.cat([out, F.silu(gate) * linear], dim=-1))
+
+
+def oracle_model(model, radius: int):
+    """A deep copy of ``model`` (restored if linearized) with the dense-mask oracle's processors."""
+    oracle = copy.deepcopy(model)
+    if get_handle(oracle) is not None:
+        get_handle(oracle).restore()
+    state = Oracle(radius)
+    for block in oracle.transformer_blocks:
+        block.attn.set_processor(OracleDouble(state))
+    for block in oracle.single_transformer_blocks:
+        block.attn.set_processor(OracleSingle(state))
+    oracle.register_forward_pre_hook(state.read_inputs, with_kwargs=True)
+    return oracle
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize(
+    "height,width,radius,references,batch,backend",
+    [
+        (5, 7, 2, ((3, 4),), 2, "reference"),  # non-square, odd, one reference, batch 2
+        (7, 5, 1, ((2, 3),), 1, "reference"),  # radius 1: the target sees only itself and the globals
+        (9, 19, 3, ((3, 4),), 2, "tiled"),  # wider than the 8x16 tile: tile-major order
+        (11, 6, 4, ((2, 2), (3, 1)), 1, "tiled"),  # two references (t = 10, 20)
+        (6, 9, 3, ((3, 4),), 2, "flex"),
+        (6, 5, 2, ((2, 3),), 1, "triton"),
+        (4, 6, 9, ((3, 4),), 2, "reference"),  # radius beyond the grid
+    ],
+)
+def test_linearized_flux2_matches_the_dense_mask_oracle(height, width, radius, references, batch, backend):
+    model = tiny_flux2_transformer()
+    inputs = flux2_inputs(height, width, references, batch=batch, seed=radius)
+    full = run(model, inputs)
+    expected = run(oracle_model(model, radius), inputs)
+    linearize(model, radius=radius, backend=backend)
+    got = run(model, inputs)
+    assert got.shape == (batch, inputs["hidden_states"].shape[1], CHANNELS)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the disc really cuts, except beyond the grid, where CLEAR is the original model
+    beyond = radius**2 > (height - 1) ** 2 + (width - 1) ** 2
+    assert torch.allclose(got, full, atol=1e-5) == beyond
+
+
+def test_radius_beyond_the_grid_equals_flux2_and_restore_is_exact():
+    model = tiny_flux2_transformer()
+    inputs = flux2_inputs(9, 18, ((3, 4),), batch=2)
+    original = run(model, inputs)
+    handle = linearize(model, radius=30, backend="tiled")
+    torch.testing.assert_close(run(model, inputs), original, atol=1e-5, rtol=0)
+    handle.restore()
+    assert torch.equal(run(model, inputs), original)
+    assert all(type(b.attn.processor) is Flux2AttnProcessor for b in model.transformer_blocks)
+    singles = model.single_transformer_blocks
+    assert all(type(b.attn.processor) is Flux2ParallelSelfAttnProcessor for b in singles)
+    assert not hasattr(model, "_cleardit_grid") and not model._forward_pre_hooks
+
+
+def test_reference_tokens_are_global():
+    """Changing a reference token changes every target token's output (it is a global key), while
+    changing a far target token does not reach across the disc."""
+    model = tiny_flux2_transformer()
+    inputs = flux2_inputs(6, 9, ((2, 3),), batch=1)
+    linearize(model, radius=2, backend="reference")
+    base = run(model, inputs)
+    poked = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    poked["hidden_states"][0, -1] += 5.0  # the last reference token
+    diff = (run(model, poked) - base)[0, : 6 * 9].abs().amax(-1)
+    assert bool((diff > 1e-4).all())
+
+
+def flux2_kv_model(seed: int = 0) -> Flux2Transformer2DModel:
+    """A tiny FLUX.2 with the KV-cache processors Flux2KleinKVPipeline installs."""
+    model = tiny_flux2_transformer(seed)
+    for block in model.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return model
+
+
+def kv_steps(model, height, width, references):
+    """Step 0 with the references prepended (extract), then step 1 with the cache (cached)."""
+    extract = flux2_inputs(height, width, references, refs_first=True, seed=4)
+    refs = extract["hidden_states"].shape[1] - height * width
+    first, cache = model(**extract, kv_cache_mode="extract", num_ref_tokens=refs, ref_fixed_timestep=0.0)
+    target = dict(
+        extract, hidden_states=extract["hidden_states"][:, refs:] * 0.5, img_ids=extract["img_ids"][:, refs:]
+    )
+    second = model(**target, kv_cache=cache, kv_cache_mode="cached")[0]
+    return first, second
+
+
+@pytest.mark.parametrize("radius,backend", [(2, "reference"), (3, "tiled"), (40, "tiled")])
+@torch.no_grad()
+def test_kv_cache_extract_then_cached_matches_the_oracle(radius, backend):
+    model = flux2_kv_model()
+    height, width, references = 9, 17, ((3, 4),)
+    expected = kv_steps(oracle_model(model, radius), height, width, references)
+    if radius == 40:  # beyond the grid: the oracle is diffusers' own KV-cache model
+        original = kv_steps(model, height, width, references)
+        for a, b in zip(original, expected, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    handle = linearize(model, radius=radius, backend=backend)
+    got = kv_steps(model, height, width, references)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == (2, height * width, CHANNELS)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    handle.restore()
+    assert type(model.transformer_blocks[0].attn.processor) is Flux2KVAttnProcessor
+
+
+def test_bf16_error_is_the_models_own():
+    inputs = flux2_inputs(6, 7, ((3, 4),), batch=2)
+    low_inputs = {
+        k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+
+    def bf16_error(model, reference):  # how far the model's bf16 output is from ``reference`` (fp32)
+        low = run(model.to(torch.bfloat16), low_inputs).float()
+        model.to(torch.float32)
+        return (low - reference).abs().max().item()
+
+    model = tiny_flux2_transformer()
+    diffusers_error = bf16_error(model, run(model, inputs))
+    expected = run(oracle_model(model, 2), inputs)
+    linearize(model, radius=2, backend="reference")
+    clear_error = bf16_error(model, expected)
+    assert 0 < clear_error < 2 * diffusers_error  # CLEAR adds no bf16 error of its own
+
+
+def test_inputs_that_are_not_one_grid_are_refused():
+    model = tiny_flux2_transformer()
+    linearize(model, radius=2)
+    inputs = flux2_inputs(4, 5, ((2, 2),), batch=1)
+    shuffled = inputs["img_ids"][0].clone()
+    shuffled[:20] = shuffled[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ValueError, match="not one row-major grid"):
+        run(model, dict(inputs, img_ids=shuffled))
+    no_target = inputs["img_ids"][0].clone()
+    no_target[:, 0] += 1
+    with pytest.raises(ValueError, match="no target-image token"):
+        run(model, dict(inputs, img_ids=no_target))
+    with pytest.raises(ValueError, match="first num_ref_tokens=4"):  # the references are not prepended
+        run(model, dict(inputs, kv_cache_mode="extract", num_ref_tokens=4))
+    with pytest.raises(ValueError, match="kv_cache_mode must be one of"):
+        run(model, dict(inputs, kv_cache_mode="prefill"))
+
+
+def test_trainable_parameters_weights_round_trip_and_family_checks(tmp_path):
+    model = tiny_flux2_transformer()
+    handle = linearize(model, radius=2, down_factor=2)
+    names = [n for n, _ in handle.named_clear_parameters()]
+    # 1 double block: to_q, to_k, to_v, to_out.0 (no biases in FLUX.2); 2 single blocks: the fused
+    # to_qkv_mlp_proj; one pooling weight per attention layer
+    assert sorted(names) == sorted(
+        [f"transformer_blocks.0.attn.{p}.weight" for p in ("to_q", "to_k", "to_v", "to_out.0")]
+        + [f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj.weight" for i in (0, 1)]
+        + ["transformer_blocks.0.attn.processor.spatial_weight"]
+        + [f"single_transformer_blocks.{i}.attn.processor.spatial_weight" for i in (0, 1)]
+    )
+    # every CLEAR parameter is used: the pooled branch and the fused projections get gradients
+    model(**flux2_inputs(5, 6, ((2, 2),), batch=1))[0].square().mean().backward()
+    for name, p in handle.named_clear_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for _, p in handle.named_clear_parameters():
+            p.add_(0.01)
+    path = save_weights(model, tmp_path / "flux2.safetensors")
+    other = tiny_flux2_transformer(seed=5)
+    linearize(other, radius=2, down_factor=2)
+    load_weights(other, path)
+    theirs = dict(get_handle(other).named_clear_parameters())
+    for name, p in handle.named_clear_parameters():
+        assert torch.equal(p, theirs[name]), name
+    # a FLUX.1 checkpoint is refused by name, and FLUX.2's by a FLUX.1 model
+    flux = tiny_flux_transformer()
+    linearize(flux, radius=2, down_factor=2)
+    flux_path = save_weights(flux, tmp_path / "flux.safetensors")
+    with pytest.raises(ValueError, match="FluxTransformer2DModel, not a Flux2Transformer2DModel"):
+        load_weights(other, flux_path)
+    with pytest.raises(ValueError, match="Flux2Transformer2DModel, not a FluxTransformer2DModel"):
+        load_weights(flux, path)
+
+
+def test_adapter_registry_and_no_strips():
+    model = tiny_flux2_transformer()
+    adapter = adapter_for(model)
+    assert adapter.family == "flux2"
+    assert adapter.attention_geometry(model) == (2, 16, 3)
+    assert [n for n, _ in adapter.consistency_modules(model)] == [
+        "single_transformer_blocks.0.attn",
+        "single_transformer_blocks.1.attn",
+    ]
+    assert "Flux2Transformer2DModel" in adapter.describe()
+    handle = linearize(model, radius=3)
+    assert isinstance(model.transformer_blocks[0].attn.processor, ClearFlux2AttnProcessor)
+    assert isinstance(model.single_transformer_blocks[1].attn.processor, ClearFlux2ParallelSelfAttnProcessor)
+    handle.restore()
+    with pytest.raises(ValueError, match="not supported for FLUX.2"):
+        parallelize(model, radius=2)
