@@ -18,9 +18,10 @@ def adapters() -> tuple[ModelAdapter, ...]:
     from .chroma import ChromaAdapter
     from .flux import FluxAdapter
     from .flux2 import Flux2Adapter
+    from .qwenimage import QwenImageAdapter
     from .sd3 import SD3Adapter
 
-    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), SD3Adapter())
+    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter())
 
 
 def supported_models() -> list[str]:
