@@ -20,8 +20,9 @@ def adapters() -> tuple[ModelAdapter, ...]:
     from .flux2 import Flux2Adapter
     from .qwenimage import QwenImageAdapter
     from .sd3 import SD3Adapter
+    from .zimage import ZImageAdapter
 
-    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter())
+    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), SD3Adapter(), QwenImageAdapter(), ZImageAdapter())
 
 
 def supported_models() -> list[str]:

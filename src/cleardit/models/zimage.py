@@ -1,0 +1,319 @@
+"""Z-Image adapter: diffusers' ``ZImageTransformer2DModel`` / ``ZImagePipeline``.
+
+The forward takes ``x``, a list of latents (C, F, H, W), one per sample, and ``cap_feats``, a list
+of caption embeddings (L, D). It patchifies each image into an (H/p) x (W/p) raster grid of tokens
+and pads it to a multiple of 32 with a learned pad token; captions are padded the same way. Then:
+
+* ``noise_refiner`` blocks: attention over ``[grid | image pads]`` only. CLEAR without text: the
+  pads are real (unmasked) tokens that lie on no grid, so they are global.
+* ``context_refiner`` blocks: caption only; left as they are.
+* ``layers``: one sequence ``[grid | image pads | caption | caption pads]`` per sample (image first),
+  samples of different lengths padded with zeros to the longest and masked out (a key mask
+  [B, S]). Everything after the grid is global, so the layout is one contiguous block of global
+  tokens after the image (``text_first=False``); the batch padding is honoured exactly: masked
+  keys are dropped, and the padding queries attend to every kept key, as under diffusers' mask.
+
+A forward pre-hook reads the grid from the shapes of ``x`` (one grid per batch) and publishes the
+layouts. For tile-major order it rearranges each input latent by whole patches so that diffusers'
+patchify already yields the tokens tile-major (every op but attention is token-wise); the RoPE
+rows, which diffusers builds in raster order, are permuted once per forward in the first processor
+that sees them, and a forward hook puts the output patches back. RoPE has three axes (frame,
+row, column); an image is one frame, and multi-frame inputs are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..config import ClearConfig
+from .adapter import ModelAdapter
+from .errors import NotSupportedError
+from .flux import _replace_sample, bind_forward_args
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+
+SEQ_MULTIPLE = 32  # diffusers pads every part of the sequence to a multiple of this (SEQ_MULTI_OF)
+
+# The image-stream attention projections (the main layers attend to image and caption tokens with
+# the same projections, as FLUX's single-stream blocks do), plus the pooling weights.
+TRAINABLE_PATTERN = re.compile(
+    r"^(?:noise_refiner|layers)\.\d+\.attention\."
+    r"(?:(?:to_q|to_k|to_v)\.(?:weight|bias)|processor\.spatial_weight)$"
+)
+STAGES = ("noise_refiner", "layers")
+
+
+def padded(length: int) -> int:
+    """``length`` rounded up to the multiple of 32 diffusers pads each part to."""
+    return length + (-length) % SEQ_MULTIPLE
+
+
+@dataclass(frozen=True)
+class ZImageTokens:
+    """The token layout of one forward.
+
+    Attributes:
+        noise_refiner: ``[grid | image pads]``.
+        layers: ``[grid | image pads | caption with its pads]`` of the longest sample.
+        kept: unified tokens of each sample (the rest of its row is batch padding, masked out).
+        order: tile-major order (sequence position -> raster cell of the grid), None for raster.
+        patch_size: latent pixels per token side.
+    """
+
+    noise_refiner: TokenLayout
+    layers: TokenLayout
+    kept: tuple[int, ...]
+    order: torch.Tensor | None
+    patch_size: int
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Raster cell -> sequence position (undoes ``order``)."""
+        return torch.argsort(self.order)
+
+
+class ZImageGrid(ForwardGrid):
+    """ForwardGrid plus the ``ZImageTokens`` of the forward in flight (None outside a forward)."""
+
+    def __init__(self, config: ClearConfig):
+        super().__init__(config)
+        self.tokens: ZImageTokens | None = None
+
+    def snapshot(self) -> ForwardState:
+        if self.tokens is None:
+            raise RuntimeError(
+                "a CLEAR attention processor of a Z-Image transformer ran outside the transformer's forward "
+                "(e.g. a ZImageControlNetModel, which runs the transformer's noise_refiner itself), so the "
+                "image grid is unknown; ControlNet is not supported with CLEAR: call handle.restore()"
+            )
+        return ForwardState(self.tokens.layers, self.tokens)
+
+
+def read_tokens(x, cap_feats, patch_size: int, f_patch_size: int, config: ClearConfig, raster: bool):
+    """``ZImageTokens`` of a forward's ``x`` (list of (C, F, H, W) latents) and ``cap_feats``."""
+    if not isinstance(x, (list, tuple)) or not x or not all(torch.is_tensor(t) and t.dim() == 4 for t in x):
+        kinds = type(x[0]).__name__ if isinstance(x, (list, tuple)) and x else type(x).__name__
+        raise NotSupportedError(
+            f"a linearized ZImageTransformer2DModel takes x as a list of (C, F, H, W) latents, one per "
+            f"sample (got {kinds}); omni mode (nested lists with condition images) is not supported with "
+            "CLEAR: call handle.restore() for it"
+        )
+    shapes = {tuple(t.shape[1:]) for t in x}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"x holds latents of different sizes {sorted(shapes)} (frames, height, width); CLEAR needs one "
+            "image grid per batch: call the transformer once per size"
+        )
+    frames, height, width = shapes.pop()
+    if frames != f_patch_size or height % patch_size or width % patch_size:
+        raise ValueError(
+            f"CLEAR needs one frame of latents whose height and width are multiples of the patch size "
+            f"{patch_size}; x has latents of {frames} frames x {height} x {width} (f_patch_size "
+            f"{f_patch_size}): pass images (F = 1) of a size the pipeline accepts"
+        )
+    if len(cap_feats) != len(x):
+        raise ValueError(f"x has {len(x)} samples but cap_feats has {len(cap_feats)}; pass one caption each")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    image = padded(grid_h * grid_w)
+    captions = [padded(len(c)) for c in cap_feats]
+    tile = None if raster else config.tile
+    common = dict(text_first=False, down_factor=config.down_factor, tile=tile)
+    refiner = TokenLayout(image - grid_h * grid_w, grid_h, grid_w, **common)
+    layers = TokenLayout(image - grid_h * grid_w + max(captions), grid_h, grid_w, **common)
+    order = None
+    if tile is not None and (grid_h > tile[0] or grid_w > tile[1]):
+        order = layers.sequence_to_raster(x[0].device)
+    return ZImageTokens(refiner, layers, tuple(image + c for c in captions), order, patch_size)
+
+
+def permute_patches(latents: torch.Tensor, patch_size: int, index: torch.Tensor) -> torch.Tensor:
+    """One-frame latents (C, 1, H, W) with their p x p patches rearranged: patch cell ``i`` (raster)
+    of the result is cell ``index[i]`` of ``latents``."""
+    c, f, h, w = latents.shape
+    p = patch_size
+    patches = latents.reshape(c, f, h // p, p, w // p, p).permute(2, 4, 0, 1, 3, 5).flatten(0, 1)
+    patches = patches[index].unflatten(0, (h // p, w // p))
+    return patches.permute(2, 3, 0, 4, 1, 5).reshape(c, f, h, w)
+
+
+def tile_major_rope(freqs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """RoPE rows [B, S, d/2] (grid first, raster order) in the tokens' tile-major order; computed
+    once per forward and kept on the tensor (the forward's other layers pass the same one)."""
+    cached = getattr(freqs, "_cleardit_tile_major", None)
+    if cached is not None:
+        return cached
+    n = order.numel()
+    index = torch.cat([order.to(freqs.device), torch.arange(n, freqs.shape[1], device=freqs.device)])
+    permuted = freqs[:, index]
+    if not torch.compiler.is_compiling():
+        freqs._cleardit_tile_major = permuted
+    return permuted
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Z-Image's rotary embedding (complex multiply in fp32) of x [B, S, heads, d]."""
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs.unsqueeze(2)
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+class ClearZImageAttnProcessor(nn.Module):
+    """Replaces ZSingleStreamAttnProcessor: same projections, norms and RoPE; CLEAR instead of full
+    attention, with the layout of its ``stage`` ("noise_refiner" or "layers")."""
+
+    def __init__(self, geometry: ZImageGrid | None = None, config: ClearConfig | None = None,
+                 param_like: torch.Tensor | None = None, stage: str = "layers"):  # fmt: skip
+        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``) it belongs to no
+        # linearized model, and the forward refuses it clearly.
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.geometry, self.config, self.stage = geometry, config, stage
+        self.spatial_weight = None
+        if config is not None and config.down_factor is not None:
+            w = initial_pool_weight(config.down_factor)
+            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        if self.geometry is None:
+            raise RuntimeError(
+                "this ClearZImageAttnProcessor belongs to no linearized model; use linearize()"
+            )
+        state = self.geometry.state_for(freqs_cis)
+        tokens: ZImageTokens = state.extra
+        layout = getattr(tokens, self.stage)
+        query, key, value = (
+            f(hidden_states).unflatten(-1, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            if tokens.order is not None:
+                freqs_cis = tile_major_rope(freqs_cis, tokens.order)
+            query, key = apply_rope(query, freqs_cis), apply_rope(key, freqs_cis)
+        if query.shape[1] != layout.seq_len:
+            raise ValueError(
+                f"{self.stage} attention got {query.shape[1]} tokens but the inputs describe "
+                f"{layout.seq_len} ({layout.height}x{layout.width} grid + {layout.text_len} global tokens)"
+            )
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        kept = tokens.kept if self.stage == "layers" else (layout.seq_len,) * q.shape[0]
+        out = self.attend(q, k, v, layout, kept, attention_mask).transpose(1, 2).flatten(2, 3)
+        out = attn.to_out[0](out.to(query.dtype))
+        return attn.to_out[1](out) if len(attn.to_out) > 1 else out
+
+    def attend(self, q, k, v, layout: TokenLayout, kept: tuple[int, ...], attention_mask) -> torch.Tensor:
+        """CLEAR over [B, heads, S, d]; sample b keeps its first ``kept[b]`` keys (diffusers' mask)."""
+        seq_len = q.shape[2]
+        padding = any(n != seq_len for n in kept)
+        if padding != (attention_mask is not None) or (
+            padding and tuple(attention_mask.shape) != (q.shape[0], seq_len)
+        ):
+            shape = None if attention_mask is None else tuple(attention_mask.shape)
+            raise RuntimeError(
+                f"the attention mask ({shape}) does not match the batch padding read from the inputs "
+                f"(kept tokens {kept} of {seq_len})"
+            )
+        options = dict(pool_weight=self.pool_weight(), scale=self.config.scale, backend=self.config.backend)
+        if not padding:
+            return clear_attention(q, k, v, layout, self.config.radius, **options)
+        out = torch.empty_like(q)
+        for n in sorted(set(kept)):
+            rows = torch.tensor([b for b, m in enumerate(kept) if m == n], device=q.device)
+            qs, ks, vs = q[rows], k[rows, :, :n], v[rows, :, :n]
+            part = dataclasses.replace(layout, text_len=n - layout.image_len)
+            out[rows, :, :n] = clear_attention(qs[:, :, :n], ks, vs, part, self.config.radius, **options)
+            if n < seq_len:  # batch-padding queries see every kept key (the mask drops keys only)
+                out[rows, :, n:] = F.scaled_dot_product_attention(
+                    qs[:, :, n:], ks, vs, scale=self.config.scale
+                )
+        return out
+
+    def pool_weight(self) -> torch.Tensor | None:
+        return self.spatial_weight
+
+
+# ----------------------------------------------------------------------------- forward hooks
+def _grid_pre_hook(module, args, kwargs):
+    """Read the grid from the shapes of ``x``, publish the layouts, rearrange the latents' patches
+    into tile-major order (raster with controlnet residuals, which arrive in raster order)."""
+    geometry: ZImageGrid = module._cleardit_grid
+    geometry.check_processors(module)
+    bound = bind_forward_args(module, args, kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    if arguments["siglip_feats"] is not None or arguments["image_noise_mask"] is not None:
+        raise NotSupportedError(
+            "omni mode (siglip_feats, image_noise_mask) is not supported with CLEAR; call handle.restore()"
+        )
+    x = arguments["x"]
+    raster = arguments["controlnet_block_samples"] is not None
+    tokens = read_tokens(
+        x, arguments["cap_feats"], arguments["patch_size"], arguments["f_patch_size"], geometry.config, raster
+    )
+    geometry.tokens, geometry.layout = tokens, tokens.layers
+    if tokens.order is not None:
+        arguments["x"] = [permute_patches(t, tokens.patch_size, tokens.order) for t in x]
+    arguments.pop("self", None)
+    return (), dict(arguments)
+
+
+def _grid_post_hook(module, args, kwargs, output):
+    """Put the output's patches back in raster order; the forward is over (its state stays recorded
+    on its RoPE tensors for gradient checkpointing's re-runs)."""
+    geometry: ZImageGrid = module._cleardit_grid
+    tokens, geometry.tokens, geometry.layout = geometry.tokens, None, None
+    if output is None or tokens is None or tokens.order is None:  # output is None when forward raised
+        return output
+    inverse = tokens.inverse.to(tokens.order.device)
+    return _replace_sample(
+        output, lambda sample: [permute_patches(t, tokens.patch_size, inverse) for t in sample]
+    )
+
+
+# ----------------------------------------------------------------------------- the adapter
+class ZImageAdapter(ModelAdapter):
+    """Z-Image (Tongyi-MAI/Z-Image-Turbo and relatives)."""
+
+    family = "zimage"
+    transformer_classes = ("ZImageTransformer2DModel",)
+    pipeline_classes = ("ZImagePipeline",)
+    trainable_pattern = TRAINABLE_PATTERN
+
+    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
+        return [b.attention for b in transformer.noise_refiner] + [b.attention for b in transformer.layers]
+
+    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        geometry = ZImageGrid(config)
+        geometry.adapter = self
+        handle = ClearHandle(transformer, config, self.trainable_pattern)
+        for stage in STAGES:
+            for block in getattr(transformer, stage):
+                attn = block.attention
+                handle.originals.append((attn, attn.processor))
+                attn.set_processor(ClearZImageAttnProcessor(geometry, config, attn.to_q.weight, stage))
+        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
+        handle.hooks = add_hooks(transformer, _grid_pre_hook, _grid_post_hook)
+        return handle
+
+    def strips_unsupported(self) -> str | None:
+        return (
+            "patch-parallel inference (--devices) is not supported for Z-Image models yet "
+            "(its noise refiner and padded unified sequence are not split into strips)"
+        )
+
+    def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
+        cfg = transformer.config
+        layers = int(cfg.n_layers) + int(cfg.n_refiner_layers)  # the noise refiner's and the main layers
+        return int(cfg.n_heads), int(cfg.dim) // int(cfg.n_heads), layers
+
+    def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The main layers' attention (image and caption together)."""
+        return [(f"layers.{i}.attention", b.attention) for i, b in enumerate(transformer.layers)]
