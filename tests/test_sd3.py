@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection
 
-from cleardit import linearize, load_weights, save_weights
+from cleardit import generate, linearize, load_weights, save_weights
+from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
+from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+from cleardit.eval import evaluate_model
+from cleardit.mini.pipeline import build_mini_pipeline, mini_model_info
+from cleardit.mini.vocab import clip_text_config
 from cleardit.models import NotSupportedError, adapter_for, get_handle
 from cleardit.models.sd3 import ClearSD3AttnProcessor
 from cleardit.models.tiny import tiny_flux_transformer
@@ -18,15 +27,16 @@ from cleardit.models.tiny import tiny_flux_transformer
 TEXT_DIM, POOLED_DIM, CHANNELS, PATCH = 12, 8, 4, 2
 
 
-def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2) -> SD3Transformer2DModel:
+def tiny_sd3_transformer(seed: int = 0, **overrides) -> SD3Transformer2DModel:
     """SD3.5-shaped: block 0 has the image-only attn2, RMS q/k norms, the last block is context_pre_only."""
     torch.manual_seed(seed)
-    model = SD3Transformer2DModel(
-        sample_size=16, patch_size=PATCH, in_channels=CHANNELS, num_layers=num_layers, attention_head_dim=8,
+    config = dict(
+        sample_size=16, patch_size=PATCH, in_channels=CHANNELS, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
         pooled_projection_dim=POOLED_DIM, out_channels=CHANNELS, pos_embed_max_size=32,
         dual_attention_layers=(0,), qk_norm="rms_norm",
     )  # fmt: skip
+    model = SD3Transformer2DModel(**{**config, **overrides})
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # diffusers zero-initialises some layers: random everywhere instead
         for p in model.parameters():
@@ -128,7 +138,7 @@ def test_linearized_sd3_matches_dense_mask_oracle(height, width, radius, batch, 
 @pytest.mark.parametrize("backend", ["reference", "tiled", "flex", "triton"])
 def test_every_backend_agrees_with_the_oracle(backend):
     model = tiny_sd3_transformer()
-    inputs = sd3_inputs(4, 5, text_len=3, batch=2, seed=4)
+    inputs = sd3_inputs(4, 5, text_len=3, batch=1, seed=4)
     expected = oracle_output(model, inputs, 4, 5, 2)
     linearize(model, radius=2, tile=(2, 3), backend=backend)
     torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
@@ -276,3 +286,124 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_grid():
         grads.append(weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the pipeline side
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """The tiny mini pipeline's VAE, T5 encoder and tokenizers, two tiny CLIP encoders with projection
+    and a tiny SD3.5-shaped transformer: 64 px base size, 4x4 tokens."""
+    flux = build_mini_pipeline("tiny", seed=seed)
+    clip = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=8
+    )
+    torch.manual_seed(seed)
+    clip_l, clip_g = (CLIPTextModelWithProjection(clip_text_config(**clip)) for _ in range(2))
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in [*clip_l.parameters(), *clip_g.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    t5 = flux.text_encoder_2
+    transformer = tiny_sd3_transformer(
+        seed,
+        sample_size=8,
+        joint_attention_dim=t5.config.d_model,
+        pooled_projection_dim=2 * clip["projection_dim"],
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3's
+        vae=flux.vae,
+        text_encoder=clip_l.eval(),
+        tokenizer=flux.tokenizer,
+        text_encoder_2=clip_g.eval(),
+        tokenizer_2=flux.tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=flux.tokenizer_2,
+    )
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    tiny_sd3_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    mini_model_info("tiny", name="tiny-sd3", default_guidance=None).write(folder)
+    return folder
+
+
+def test_the_adapter_serves_the_pipeline_and_encodes_its_prompts(sd3_folder):
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_folder))
+    adapter = adapter_for(pipe)
+    assert adapter.family == "sd3" and adapter.size_factor(pipe) == 16 and adapter.default_size(pipe) == 64
+    assert adapter.max_text_tokens(pipe) == 40  # the tiny T5 tokenizer's length
+    text = adapter.encode_prompt(
+        pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=2.0, negative_prompt=""
+    )
+    assert set(text) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+                         "negative_pooled_prompt_embeds"}  # fmt: skip
+    assert text["prompt_embeds"].shape == (2, 40 + 12, 32)  # CLIP tokens, then T5 tokens
+    assert text["pooled_prompt_embeds"].shape == (2, 16)
+    noise = adapter.initial_noise(pipe, 2, 64, 80, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 4, 8, 10)
+    assert adapter.call_options(3.5, 1.0, "", 12) == dict(guidance_scale=1.0, max_sequence_length=12)
+    assert "sd3 (SD3Transformer2DModel, StableDiffusion3Pipeline)" in adapter.describe()
+
+
+def test_generate_with_a_tiny_sd3_pipeline(sd3_folder, tmp_path):
+    result = generate(
+        ["a red circle", "a blue square"], model=sd3_folder, height=64, width=96, steps=2, radius=2,
+        true_cfg=2.0, compare=True, output=tmp_path, quiet=True,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (96, 64)
+    assert result.compare is not None and result.compare.flops_clear < result.compare.flops_full
+    clear, full = (np.asarray(im, dtype=int) for im in (result.images[0], result.full_images[0]))
+    assert np.abs(clear - full).max() > 0  # radius 2 on a 4x6 grid: CLEAR changes the image
+    assert Image.open(result.paths[0]).text["true_cfg"] == "2.0"
+    highres = generate(
+        "a red circle", model=sd3_folder, height=96, width=96, steps=2, radius=2, highres=True, quiet=True
+    )
+    assert highres.images[0].size == (96, 96) and highres.base_images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="--true-cfg"):
+        generate("a red circle", model=sd3_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+
+
+def test_clear_beyond_the_grid_equals_full_attention_through_the_pipeline(sd3_folder):
+    common = dict(model=sd3_folder, height=64, width=80, steps=2, true_cfg=2.0, quiet=True)
+    full = generate("a red circle", radius=0, **common).images[0]
+    clear = generate("a red circle", radius=20, **common).images[0]
+    diff = np.abs(np.asarray(full, dtype=int) - np.asarray(clear, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_distill_with_resume_and_eval_on_a_tiny_sd3_pipeline(sd3_folder, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_teacher_data(sd3_folder, ["a red circle", "a blue square"], data, resolution=64, steps=2, quiet=True)
+    dataset = TeacherDataset(data)
+    sample = dataset[0]
+    assert sample["latents"].shape == (4, 8, 8) and sample["prompt_embeds"].shape == (80, 32)
+    cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0,1")
+    opts = RunOptions(checkpoint_every=1, quiet=True)
+    reference = Distiller(cfg, dataset, tmp_path / "ref", model=str(sd3_folder), opts=opts).run()
+    original_step = Distiller._step
+
+    def crash_at_2(self, model, optimizer, step):
+        if step == 1:  # the second step (0-based): one step is checkpointed
+            raise RuntimeError("simulated crash")
+        return original_step(self, model, optimizer, step)
+
+    monkeypatch.setattr(Distiller, "_step", crash_at_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Distiller(cfg, dataset, tmp_path / "run", model=str(sd3_folder), opts=opts).run()
+    monkeypatch.setattr(Distiller, "_step", original_step)
+    resumed = Distiller(cfg, dataset, tmp_path / "run", model=str(sd3_folder), resume=True, opts=opts).run()
+    assert [e["step"] for e in resumed.losses] == [1, 2] and resumed.weights.is_file()
+    want, got = (load_file(str(r.weights)) for r in (reference, resumed))
+    assert want.keys() == got.keys() and "transformer_blocks.0.attn2.to_q.weight" in want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+
+    report = evaluate_model(
+        ["a red circle", "a blue square"], model=sd3_folder, radii=[2], output=tmp_path / "eval",
+        steps=2, metrics=["psnr"], quiet=True,
+    )  # fmt: skip
+    assert report.teacher.generated == 2 and report.clear[0].generated == 2
+    assert report.results["r2"].to_dict()

@@ -12,6 +12,11 @@ output of ``pos_embed`` and undone on the output of ``proj_out`` (every op betwe
 attention is token-wise). ControlNet residuals arrive in raster order: with them the order stays
 raster. Each forward's layout also travels to the processors in ``joint_attention_kwargs``, so a
 block that gradient checkpointing recomputes during backward uses the grid of its own forward.
+
+Pipelines: ``StableDiffusion3Pipeline`` (and its img2img for ``--highres``) keep the latents unpacked
+[B, C, h, w] (nothing to pack), take ``timestep`` = sigma x 1000, and have no distilled guidance: the
+jobs' true CFG is their ``guidance_scale``. The text is 77 CLIP tokens (the CLIP tokenizers' length)
+followed by ``max_sequence_length`` T5 tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ TRAINABLE_PATTERN = re.compile(
     r"^transformer_blocks\.\d+\.attn2?\."
     r"(?:(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)|processor\.spatial_weight)$"
 )
+MAX_T5_TOKENS = 512  # StableDiffusion3Pipeline refuses max_sequence_length > 512
+TRAIN_TIMESTEPS = 1000  # SD3's FlowMatchEulerDiscreteScheduler: timestep = sigma x 1000
 LAYOUT_KWARG = "cleardit_layout"  # the forward's TokenLayout, passed to processors in joint_attention_kwargs
 
 
@@ -220,6 +227,10 @@ class SD3Adapter(ModelAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     img2img_class = "StableDiffusion3Img2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
+    text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
+    default_steps = 28  # StableDiffusion3Pipeline's defaults
+    default_guidance = None  # no distilled guidance: guidance_scale is classifier-free guidance
+    default_true_cfg = 7.0
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
@@ -270,3 +281,116 @@ class SD3Adapter(ModelAdapter):
         return [
             (f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)
         ]
+
+    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
+        """The q norms (image and text queries) of SD3.5-style models (``qk_norm``); SD3 without q/k
+        norms has no module whose output is the query, so proportional attention cannot hook it."""
+        norms = []
+        for attn in self.attention_modules(transformer):
+            wanted = [attn.norm_q] + ([attn.norm_added_q] if attn.add_q_proj is not None else [])
+            if any(n is None for n in wanted):
+                raise NotSupportedError(
+                    "proportional attention with full attention needs q/k norms (SD3.5, qk_norm); this "
+                    "SD3 model has none: use it with CLEAR only, or without proportional attention"
+                )
+            norms += wanted
+        return norms
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_classes[0])
+        return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_classes[0])
+        return cls.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+
+    def img2img_pipeline(self, pipe):
+        import diffusers
+
+        img2img = getattr(diffusers, self.img2img_class)(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def size_factor(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * int(pipe.patch_size)
+
+    def default_size(self, pipe) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def max_text_tokens(self, pipe) -> int:
+        """T5 tokens per prompt (the pipeline adds the CLIP encoders' tokens before them)."""
+        length = getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", None)
+        if not isinstance(length, int) or length <= 0:
+            return MAX_T5_TOKENS
+        return min(length, MAX_T5_TOKENS)
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        # SD3 has no distilled guidance: its guidance_scale is classifier-free guidance
+        options = dict(guidance_scale=float(true_cfg), max_sequence_length=text_len)
+        if true_cfg > 1:
+            options.update(negative_prompt=negative_prompt)
+        return options
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=pipe._execution_device,
+            num_images_per_prompt=images_per_prompt, do_classifier_free_guidance=true_cfg > 1,
+            negative_prompt=negative_prompt, max_sequence_length=text_len,
+        )  # fmt: skip
+        kwargs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if true_cfg > 1:
+            kwargs.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        return kwargs
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        channels = self.latent_channels(pipe.transformer)
+        return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return packed  # SD3 pipelines keep latents unpacked [B, C, h, w]: the transformer patchifies
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=text_len,
+        )  # fmt: skip
+        return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        cfg = transformer.config
+        for what, got, want in [
+            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+            ("pooled embedding width", sample["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
+            ("latent channels", sample["latents"].shape[0], cfg.in_channels),
+        ]:
+            if got != want:
+                raise ValueError(
+                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
+                )
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        # SD3 pipelines pass the scheduler's timesteps: sigma x num_train_timesteps (1000)
+        return dict(
+            hidden_states=self.pack_latents(noisy),
+            timestep=sigma * TRAIN_TIMESTEPS,
+            encoder_hidden_states=conditions["prompt_embeds"],
+            pooled_projections=conditions["pooled_prompt_embeds"],
+            return_dict=False,
+        )
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents  # the transformer takes (and returns) the latents [B, C, h, w] as they are
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        return int(transformer.config.in_channels)
