@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2ParallelSelfAttnProcessor,
 )
 
-from cleardit import linearize, load_weights, save_weights
+from cleardit import generate, linearize, load_weights, save_weights
 from cleardit.models import adapter_for, get_handle
 from cleardit.models.flux2 import ClearFlux2AttnProcessor, ClearFlux2ParallelSelfAttnProcessor
 from cleardit.models.strips import parallelize
@@ -359,3 +360,177 @@ def test_adapter_registry_and_no_strips():
     handle.restore()
     with pytest.raises(ValueError, match="not supported for FLUX.2"):
         parallelize(model, radius=2)
+
+
+# ----------------------------------------------------------------------------- the pipeline side
+TEXT_LAYERS = 27  # Flux2KleinPipeline stacks the text encoder's hidden states 9, 18 and 27
+
+
+def tiny_klein_pipeline(seed: int = 0):
+    """A Flux2KleinPipeline built offline: the mini model's word-level tokenizer (with a chat template)
+    and a tiny Qwen3 text encoder, a tiny FLUX.2 VAE with batch-norm statistics, a tiny transformer."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from cleardit.mini.pipeline import SCHEDULER_CONFIG
+    from cleardit.mini.vocab import PAD_ID, build_t5_tokenizer, vocab_size
+
+    torch.manual_seed(seed)
+    tokenizer = build_t5_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+            pad_token_id=PAD_ID,
+        )
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        mid_block_add_attention=False, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 2)
+    vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=g))
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=16, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    for module in (vae, text_encoder, transformer):
+        module.eval().requires_grad_(False)
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=transformer,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def klein_folder(tmp_path_factory):
+    from cleardit.mini.pipeline import mini_model_info
+
+    folder = tmp_path_factory.mktemp("klein") / "tiny-klein"
+    tiny_klein_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    mini_model_info("tiny", name="tiny-klein", default_guidance=None, default_true_cfg=2.0).write(folder)
+    return folder
+
+
+def test_generate_compare_and_highres_with_a_tiny_klein_pipeline(klein_folder, tmp_path):
+    from PIL import Image
+
+    result = generate(
+        ["a red circle", "a blue square"], model=klein_folder, height=64, width=96, steps=2, radius=2,
+        compare=True, output=tmp_path, quiet=True,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (96, 64)
+    assert result.compare is not None and result.compare.flops_clear < result.compare.flops_full
+    assert Image.open(result.paths[0]).text["true_cfg"] == "2.0"
+    for upscale in ("latent", "image"):
+        highres = generate(
+            "a red circle", model=klein_folder, height=96, width=128, steps=2, radius=2, highres=True,
+            upscale=upscale, batch=2, quiet=True,
+        )  # fmt: skip
+        assert [im.size for im in highres.images] == [(128, 96)] * 2
+        assert highres.base_images[0].size == (80, 48)  # stage 1 near the 64x64 base area
+
+
+def test_clear_beyond_the_grid_equals_full_attention_through_the_klein_pipeline(klein_folder):
+    common = dict(model=klein_folder, height=64, width=80, steps=2, quiet=True)
+    full = generate("a red circle", radius=0, **common).images[0]
+    clear = generate("a red circle", radius=20, **common).images[0]
+    small = generate("a red circle", radius=1, **common).images[0]
+    as_array = np.asarray  # noqa: E731
+    assert np.abs(as_array(full, dtype=int) - as_array(clear, dtype=int)).max() <= 1
+    assert np.abs(as_array(full, dtype=int) - as_array(small, dtype=int)).max() > 1
+
+
+def test_the_adapters_latents_are_the_transformers_space(klein_folder):
+    """What the pipeline's last step fed the transformer, moved by the last Euler step, is the adapter's
+    ``pack_latents(unpack_latents(pipeline output))``; ``training_inputs`` rebuilds the pipeline's call."""
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(str(klein_folder))
+    adapter = adapter_for(pipe)
+    calls = []
+    pipe.transformer.register_forward_hook(
+        lambda _m, _a, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    raw = pipe(
+        prompt="a red circle", height=64, width=80, num_inference_steps=2, max_sequence_length=12,
+        guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    last, velocity = calls[-1]
+    last_sigma = float(pipe.scheduler.sigmas[-2])  # the scheduler shifted the sigmas; then 0
+    expected = last["hidden_states"] + (0.0 - last_sigma) * velocity
+    latents = adapter.unpack_latents(pipe, raw, (64, 80))
+    assert latents.shape == (1, 4, 8, 10)
+    torch.testing.assert_close(adapter.pack_latents(latents), expected, atol=1e-5, rtol=1e-5)
+    # training_inputs makes the call the pipeline makes: same input, same velocity
+    patches = last["hidden_states"].transpose(1, 2).reshape(1, 16, 4, 5)
+    noisy = Flux2KleinPipeline._unpatchify_latents(patches)
+    inputs = adapter.training_inputs(
+        pipe.transformer, noisy, last["timestep"], {"prompt_embeds": last["encoder_hidden_states"]}, 1.0
+    )
+    assert torch.equal(inputs["hidden_states"], last["hidden_states"])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**inputs)[0], velocity, atol=1e-6, rtol=0)
+    text = adapter.encode_prompt(
+        pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=2.0, negative_prompt=""
+    )
+    assert text["prompt_embeds"].shape == (2, 12, 48) and text["negative_prompt_embeds"].shape == (2, 12, 48)
+    noise = adapter.initial_noise(pipe, 2, 64, 80, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert noise.shape == (2, 4 * 5, 16)
+    with pytest.raises(ValueError, match="empty negative prompt"):
+        adapter.call_options(None, 2.0, "blurry", 12)
+    with pytest.raises(ValueError, match="--true-cfg"):
+        generate("a red circle", model=klein_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+
+
+def test_distill_with_resume_and_eval_on_a_tiny_klein_pipeline(klein_folder, tmp_path, monkeypatch):
+    from diffusers import Flux2KleinPipeline
+
+    from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
+    from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+    from cleardit.eval import evaluate_model
+
+    data = tmp_path / "data"
+    make_teacher_data(
+        klein_folder, ["a red circle", "a blue square"], data, resolution=64, steps=2, quiet=True
+    )
+    dataset = TeacherDataset(data)
+    assert set(dataset[0]) >= {"latents", "prompt_embeds"} and dataset[0]["latents"].shape == (4, 8, 8)
+    cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0")
+    opts = RunOptions(checkpoint_every=1, quiet=True)
+
+    def load():
+        return Flux2KleinPipeline.from_pretrained(str(klein_folder))
+
+    original_step = Distiller._step
+
+    def crash_in_the_second_step(self, m, opt, step):  # step counts from 0
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return original_step(self, m, opt, step)
+
+    monkeypatch.setattr(Distiller, "_step", crash_in_the_second_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Distiller(cfg, dataset, tmp_path / "run", model=load(), opts=opts).run()
+    monkeypatch.setattr(Distiller, "_step", original_step)
+    result = Distiller(cfg, dataset, tmp_path / "run", model=load(), resume=True, opts=opts).run()
+    assert result.steps == 2 and [e["step"] for e in result.losses] == [1, 2] and result.weights.is_file()
+    uninterrupted = Distiller(cfg, dataset, tmp_path / "again", model=load(), opts=opts).run()
+    from safetensors.torch import load_file
+
+    resumed, again = load_file(str(result.weights)), load_file(str(uninterrupted.weights))
+    assert resumed.keys() == again.keys() and any("to_qkv_mlp_proj" in k for k in resumed)
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], again[name], atol=1e-6, rtol=0)
+    report = evaluate_model(
+        ["a red circle", "a blue square"], model=klein_folder, radii=[2], output=tmp_path / "eval",
+        steps=2, metrics=["psnr"], quiet=True,
+    )  # fmt: skip
+    assert report.teacher.generated == 2 and report.clear[0].generated == 2
+    assert report.results["r2"].to_dict()

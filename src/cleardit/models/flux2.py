@@ -17,11 +17,20 @@ The KV-cache mode of ``Flux2KleinKVPipeline`` is supported as diffusers runs it:
 references prepended to the image stream attend only to themselves, and their post-RoPE keys and
 values are cached) and "cached" (the cached reference keys and values sit between text and target
 as global keys).
+
+Pipelines: ``Flux2KleinPipeline`` (Qwen3 text encoder, classifier-free guidance with the empty
+negative prompt, no distilled guidance). diffusers has no FLUX.2 image-to-image pipeline, so
+``--highres`` re-noises the start latents to the first sigma and denoises them with the text-to-image
+pipeline (``renoise_pipeline_class``). The adapter's "latents" [B, C, H/8, W/8] are the transformer's
+normalised space seen unpatchified: the VAE latents, patchified (2x2), normalised by the VAE's
+batch-norm statistics, unpatchified again (every map token-wise, so flow matching there is flow
+matching in the transformer's own space).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +43,7 @@ from torch import nn
 from ..attention import TokenLayout, clear_attention, initial_pool_weight
 from ..config import ClearConfig
 from .adapter import ModelAdapter
+from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 
@@ -48,6 +58,7 @@ TRAINABLE_PATTERN = re.compile(
     r"|(?:single_)?transformer_blocks\.\d+\.attn\.processor\.spatial_weight)$"
 )
 KV_MODES = (None, "extract", "cached")
+MAX_TEXT_TOKENS = 512  # Flux2KleinPipeline's tokenizer_max_length
 
 
 @dataclass(frozen=True)
@@ -287,15 +298,24 @@ class ClearFlux2ParallelSelfAttnProcessor(ClearFlux2Processor):
 
 # ----------------------------------------------------------------------------- the adapter
 class Flux2Adapter(ModelAdapter):
-    """FLUX.2 (dev, klein): ``Flux2Transformer2DModel``."""
+    """FLUX.2 (dev, klein): ``Flux2Transformer2DModel``; the jobs through ``Flux2KleinPipeline``."""
 
     family = "flux2"
     transformer_classes = ("Flux2Transformer2DModel",)
+    pipeline_classes = ("Flux2KleinPipeline",)
     trainable_pattern = TRAINABLE_PATTERN
+    text_conditions = ("prompt_embeds",)
+    default_steps = 50  # Flux2KleinPipeline's defaults
+    default_guidance = None  # no distilled guidance: its guidance_scale is classifier-free guidance
+    default_true_cfg = 4.0
 
     def describe(self) -> str:
         classes = ", ".join(self.transformer_classes + self.pipeline_classes)
-        return f"{self.family} ({classes}): linearize (reference images global, KV cache), weights"
+        jobs = "linearize (reference images global, KV cache), weights, generate, --compare"
+        return (
+            f"{self.family} ({classes}): {jobs}, --highres (latent re-noise), distill, eval model, "
+            f"--devices: not yet"
+        )
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
@@ -364,3 +384,178 @@ class Flux2Adapter(ModelAdapter):
         for attn in self.attention_modules(transformer):
             norms += [n for n in (attn.norm_q, getattr(attn, "norm_added_q", None)) if n is not None]
         return norms
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+
+    def img2img_pipeline(self, pipe):
+        img2img = renoise_pipeline_class()(**pipe.components, is_distilled=pipe.config.is_distilled)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def size_factor(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def default_size(self, pipe) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def max_text_tokens(self, pipe) -> int:
+        length = getattr(pipe.tokenizer, "model_max_length", None)
+        if not isinstance(length, int) or length <= 0:
+            return MAX_TEXT_TOKENS
+        return min(length, MAX_TEXT_TOKENS)
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        if true_cfg > 1 and negative_prompt:
+            raise NotSupportedError(
+                "FLUX.2 klein pipelines guide with the empty negative prompt and take no other; "
+                "drop --negative-prompt"
+            )
+        return dict(guidance_scale=float(true_cfg), max_sequence_length=text_len)
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        device = pipe._execution_device
+        embeds, _ = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=images_per_prompt, max_sequence_length=text_len
+        )
+        kwargs = dict(prompt_embeds=embeds)
+        if true_cfg > 1 and not pipe.config.is_distilled:  # every rank needs both texts' embeddings
+            prompts = embeds.shape[0] // images_per_prompt
+            neg, _ = pipe.encode_prompt(
+                [negative_prompt or ""] * prompts, device=device, num_images_per_prompt=images_per_prompt,
+                max_sequence_length=text_len,
+            )  # fmt: skip
+            kwargs.update(negative_prompt_embeds=neg)
+        return kwargs
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        channels = self.latent_channels(pipe.transformer)
+        noise, _ = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
+        return noise
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Flux2KleinPipeline's ``output_type="latent"`` (the VAE's own latents) -> normalised latents."""
+        return normalize_latents(pipe.vae, packed)
+
+    def decode_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+        vae = pipe.vae  # the pipeline's latent output is the VAE's own: decode as it is
+        with torch.no_grad():
+            image = vae.decode(packed.to(vae.device, vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        embeds, _ = pipe.encode_prompt(prompt, num_images_per_prompt=1, max_sequence_length=text_len)
+        return {"prompt_embeds": embeds[0]}
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        cfg = transformer.config
+        for what, got, want in (
+            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+            ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
+        ):
+            if got != want:
+                raise ValueError(
+                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
+                )
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._patchify_latents(latents))
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        from diffusers import Flux2KleinPipeline
+
+        text = conditions["prompt_embeds"]
+        patches = Flux2KleinPipeline._patchify_latents(noisy)
+        return dict(  # as Flux2KleinPipeline calls the transformer (no guidance)
+            hidden_states=Flux2KleinPipeline._pack_latents(patches),
+            timestep=sigma,
+            encoder_hidden_states=text,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(sigma.device),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(patches).to(sigma.device),
+            return_dict=False,
+        )
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        return int(transformer.config.in_channels) // 4
+
+
+# ----------------------------------------------------------------------------- latents and --highres
+def _batch_norm_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        like.device, like.dtype
+    )
+    return mean, std
+
+
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latents [B, C, h, w] -> the transformer's normalised space, unpatchified."""
+    from diffusers import Flux2KleinPipeline
+
+    patches = Flux2KleinPipeline._patchify_latents(latents)
+    mean, std = _batch_norm_stats(vae, patches)
+    return Flux2KleinPipeline._unpatchify_latents((patches - mean) / std)
+
+
+@functools.cache
+def renoise_pipeline_class():
+    """``Flux2RenoisePipeline``, made on first use (importing diffusers' pipelines is slow)."""
+    from diffusers import Flux2KleinPipeline
+
+    class Flux2RenoisePipeline(Flux2KleinPipeline):
+        """``--highres`` stage 2 for FLUX.2 (diffusers has no image-to-image pipeline for it): the start
+        image's normalised latents re-noised to the first sigma, ``(1 - s) x0 + s noise`` (what an
+        image-to-image pipeline does at strength s), then denoised by ``Flux2KleinPipeline`` on those
+        sigmas. Built from a pipeline's components (shared, not copied)."""
+
+        @torch.no_grad()
+        def __call__(self, prompt=None, image=None, height=None, width=None, sigmas=None, strength=None,
+                     generator=None, **kwargs):  # fmt: skip
+            """``image``: normalised latents [B, C, h, w] (the adapter's ``unpack_latents``) or images
+            (PIL), resized to ``height`` x ``width``, one per image made; the noise level is
+            ``sigmas[0]`` (``strength``, if given other than 1, must agree)."""
+            if image is None or sigmas is None:
+                raise ValueError("the FLUX.2 re-noise pipeline needs image= (the start) and sigmas=")
+            level = float(sigmas[0])
+            if strength not in (None, 1.0) and abs(strength - level) > 1e-6:
+                raise ValueError(
+                    f"strength={strength} disagrees with sigmas[0]={level}; pass one noise level"
+                )
+            device = self._execution_device
+            if isinstance(image, torch.Tensor):
+                start = self._patchify_latents(image.to(device, torch.float32))
+            else:
+                pixels = self.image_processor.preprocess(image, height=height, width=width)
+                start = self._encode_vae_image(pixels.to(device, self.vae.dtype), generator).float()
+            noise = randn_like_with(start, generator)
+            latents = ((1 - level) * start + level * noise).to(self.transformer.dtype)
+            kwargs.setdefault("num_inference_steps", len(sigmas))
+            return super().__call__(
+                prompt=prompt, height=height, width=width, sigmas=sigmas, generator=generator,
+                latents=latents, **kwargs,
+            )  # fmt: skip
+
+    return Flux2RenoisePipeline
+
+
+def randn_like_with(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` from ``generator`` (one, or one per sample)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)

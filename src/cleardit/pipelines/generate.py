@@ -373,7 +373,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
             for clear in [True, False] if c.compare else [plan.use_clear]:
                 with target_mode(clear):
                     pipe(
-                        plan.prompts[0],
+                        prompt=plan.prompts[0],
                         height=height,
                         width=width,
                         num_inference_steps=1,
@@ -402,7 +402,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
                 def run(clear, seeds=seeds, text=text, call=call):
                     with target_mode(clear):
                         return pipe(
-                            text,
+                            prompt=text,
                             height=height,
                             width=width,
                             num_inference_steps=plan.steps,
@@ -426,7 +426,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
             first, t1 = timed(
                 lambda text=text, g1=g1, call=call, kind=kind: (
                     pipe(
-                        text,
+                        prompt=text,
                         height=s1[0],
                         width=s1[1],
                         num_inference_steps=plan.steps,
@@ -444,7 +444,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
             def run2(clear, text=text, init=init, states=states, call=call, seeds=seeds):
                 with target_mode(clear):
                     return img2img(
-                        text,
+                        prompt=text,
                         image=init,
                         height=height,
                         width=width,
