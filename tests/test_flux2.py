@@ -360,6 +360,29 @@ def test_adapter_registry_and_no_strips():
     handle.restore()
     with pytest.raises(ValueError, match="not supported for FLUX.2"):
         parallelize(model, radius=2)
+    with adapter.rope_theta_scaled(model, 10):  # NTK RoPE for --highres
+        assert model.pos_embed.theta == 20_000
+    assert model.pos_embed.theta == 2000
+    assert len(adapter.query_norms(model)) == 2 + 2  # the double block's image and text queries, 2 singles
+
+
+def test_fused_qkv_projections_follow_loaded_weights(tmp_path):
+    """fuse_qkv_projections() gives the double blocks a to_qkv the processors read; weights loaded into
+    to_q/k/v reach it (beyond the grid: the same numbers as the unfused model with those weights)."""
+    trained = tiny_flux2_transformer()
+    handle = linearize(trained, radius=50)
+    with torch.no_grad():  # "training": new CLEAR weights
+        for _, p in handle.named_clear_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = save_weights(trained, tmp_path / "trained.safetensors")
+    inputs = flux2_inputs(5, 6, ((2, 2),), batch=1)
+    expected = run(trained, inputs)
+    handle.restore()
+    model = tiny_flux2_transformer()
+    model.fuse_qkv_projections()
+    linearize(model, radius=50)
+    load_weights(model, path)
+    torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the pipeline side
@@ -487,6 +510,18 @@ def test_the_adapters_latents_are_the_transformers_space(klein_folder):
         adapter.call_options(None, 2.0, "blurry", 12)
     with pytest.raises(ValueError, match="--true-cfg"):
         generate("a red circle", model=klein_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+
+
+def test_a_flux2_dev_folder_is_refused_clearly(klein_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "dev"
+    shutil.copytree(klein_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2Pipeline")))
+    with pytest.raises(ValueError, match="cleardit's jobs run FLUX.2 klein pipelines"):
+        generate("a red circle", model=folder, height=64, width=64, steps=1, quiet=True)
 
 
 def test_distill_with_resume_and_eval_on_a_tiny_klein_pipeline(klein_folder, tmp_path, monkeypatch):

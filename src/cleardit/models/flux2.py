@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -386,9 +388,21 @@ class Flux2Adapter(ModelAdapter):
         return norms
 
     # -- pipelines ---------------------------------------------------------------------------------
+    def loads_pipeline_class(self, name: str) -> bool:
+        # every FLUX.2 folder is ours (FLUX.1's adapter takes the other Flux* names); load_pipeline
+        # says which of them the jobs run
+        return name.startswith("Flux2")
+
     def load_pipeline(self, folder, dtype: torch.dtype):
         from diffusers import Flux2KleinPipeline
 
+        name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+        if not name.startswith("Flux2Klein"):
+            raise NotSupportedError(
+                f"{folder} holds a {name} (FLUX.2 [dev]: Mistral text encoder, distilled guidance); "
+                "cleardit's jobs run FLUX.2 klein pipelines (Flux2KleinPipeline) so far. Its transformer "
+                "can be linearized directly: cleardit.linearize(pipe.transformer, radius=...)"
+            )
         return Flux2KleinPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
     def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
