@@ -1,20 +1,33 @@
 """Qwen-Image: CLEAR on a tiny QwenImageTransformer2DModel equals a hand-written dense-mask oracle,
-with a padded text mask and an Edit-style condition image (global tokens)."""
+with a padded text mask and an Edit-style condition image (global tokens); every job runs on a tiny
+QwenImagePipeline built offline."""
 
 from __future__ import annotations
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import QwenImageTransformer2DModel
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
 )
 
-from cleardit import linearize, load_weights, save_weights
+from cleardit import generate, linearize, load_weights, save_weights
+from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
+from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+from cleardit.eval import evaluate_model
+from cleardit.mini.pipeline import mini_model_info
+from cleardit.mini.vocab import WORDS
 from cleardit.models import NotSupportedError, adapter_for, get_handle
 from cleardit.models.tiny import tiny_flux_transformer
 
@@ -348,3 +361,168 @@ def test_weights_round_trip_and_other_families_are_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in handle.clear_state_dict().items()}, str(release))
     with pytest.raises(ValueError, match="for flux models, not for this qwenimage model"):
         load_weights(model, release)
+
+
+# ----------------------------------------------------------------------------- a tiny pipeline, offline
+# QwenImagePipeline.prompt_template_encode (checked below): its first 34 tokens are dropped
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+PROMPTS = ["a red circle", "a small blue square at the top left on a plain white background"]
+
+
+def tiny_qwen_tokenizer():
+    """A word-level tokenizer of the mini model's words and the template's, which splits the template's
+    prefix into the 34 tokens the pipeline drops, as Qwen2's tokenizer does (newlines are tokens)."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "\n")
+    words = set(re.findall(r"\w+|[^\w\s]+", re.sub(r"<\|\w+\|>", " ", TEMPLATE).lower())) | set(WORDS)
+    vocab = {t: i for i, t in enumerate(special + ("<unk>",) + tuple(sorted(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=1024, padding_side="right",
+        pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>",
+    )  # fmt: skip
+
+
+def tiny_qwenimage_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Tokenizer, Qwen2.5-VL text encoder, VAE (x4: 8 px per token) and transformer, all tiny."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_qwen_tokenizer()
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **ids,
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_DIM)
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    ).eval()
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, False],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2],
+    ).eval()  # fmt: skip
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=tiny_qwenimage_transformer(seed),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwenimage") / "tiny-qwenimage"
+    tiny_qwenimage_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    mini_model_info("tiny", name="tiny-qwenimage", default_guidance=None).write(folder)  # 64 px, 40 tokens
+    return folder
+
+
+def test_the_tiny_tokenizer_drops_the_template_as_qwen2s_does():
+    pipe = tiny_qwenimage_pipeline()
+    assert pipe.prompt_template_encode == TEMPLATE
+    tokens = pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer(TEMPLATE.format("a red circle")).input_ids)
+    drop = pipe.prompt_template_encode_start_idx
+    assert tokens[drop - 3 : drop] == ["<|im_start|>", "user", "\n"]
+    assert tokens[drop : drop + 3] == ["a", "red", "circle"] and "<unk>" not in tokens
+
+
+def test_generate_with_a_tiny_qwenimage_pipeline(qwen_folder, tmp_path):
+    result = generate(
+        PROMPTS, model=qwen_folder, height=64, width=96, steps=2, radius=2, true_cfg=2.0, compare=True,
+        output=tmp_path, quiet=True,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (96, 64)
+    assert result.compare is not None and result.compare.flops_clear < result.compare.flops_full
+    assert result.compare.psnr[0] < 60  # radius 2 on 8x12 tokens is not full attention
+    for upscale in ("image", "latent"):  # the img2img pipeline takes images and latents
+        highres = generate(
+            PROMPTS[0], model=qwen_folder, height=96, width=96, steps=2, radius=2, highres=True,
+            upscale=upscale, quiet=True,
+        )  # fmt: skip
+        assert highres.images[0].size == (96, 96) and highres.base_images[0].size == (64, 64)
+
+
+def test_clear_beyond_the_grid_equals_full_attention_through_the_pipeline(qwen_folder):
+    """Two prompts of different lengths: the pipeline pads the shorter one and passes the text mask."""
+    common = dict(model=qwen_folder, height=64, width=80, steps=2, true_cfg=2.0, quiet=True)
+    full = generate(PROMPTS, radius=0, **common).images
+    clear = generate(PROMPTS, radius=20, **common).images
+    for a, b in zip(full, clear, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_distill_with_resume_and_eval_on_a_tiny_qwenimage_pipeline(qwen_folder, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    make_teacher_data(qwen_folder, PROMPTS, data, resolution=64, steps=2, quiet=True)
+    dataset = TeacherDataset(data)
+    sample = dataset[0]
+    assert set(sample) >= {"latents", "prompt_embeds", "prompt_embeds_mask"}
+    assert sample["prompt_embeds"].shape == (40, TEXT_DIM) and sample["latents"].shape == (4, 16, 16)
+    assert 0 < int(sample["prompt_embeds_mask"].sum()) < 40  # padded to the text length, masked
+
+    cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0,1")
+    opts = RunOptions(checkpoint_every=1, quiet=True)
+
+    def distiller(name, **kw):
+        pipe = QwenImagePipeline.from_pretrained(str(qwen_folder))
+        return Distiller(cfg, dataset, tmp_path / name, model=pipe, opts=opts, **kw)
+
+    reference = distiller("ref").run()
+    original_step = Distiller._step
+
+    def crash_in_step_2(self, model, opt, step):  # steps count from 0
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return original_step(self, model, opt, step)
+
+    monkeypatch.setattr(Distiller, "_step", crash_in_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distiller("run").run()
+    monkeypatch.setattr(Distiller, "_step", original_step)
+    resumed = distiller("run", resume=True).run()
+    assert [e["step"] for e in resumed.losses] == [1, 2]
+    from safetensors.torch import load_file
+
+    want, got = load_file(str(reference.weights)), load_file(str(resumed.weights))
+    assert want.keys() == got.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+    report = evaluate_model(
+        PROMPTS, model=qwen_folder, radii=[2], clear_weights=[resumed.weights], output=tmp_path / "eval",
+        steps=2, metrics=["psnr"], quiet=True,
+    )  # fmt: skip
+    assert report.teacher.generated == 2 and report.clear[0].generated == 2
+    assert report.results
+
+
+def test_qwenimage_pipeline_hooks(qwen_folder):
+    pipe = QwenImagePipeline.from_pretrained(str(qwen_folder))
+    adapter = adapter_for(pipe)
+    assert "--highres (QwenImageImg2ImgPipeline)" in adapter.describe()
+    text = adapter.encode_prompt(
+        pipe, PROMPTS, images_per_prompt=2, text_len=12, true_cfg=2.0, negative_prompt=""
+    )
+    assert set(text) == {"prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds",
+                         "negative_prompt_embeds_mask"}  # fmt: skip
+    assert text["prompt_embeds"].shape == (4, 12, TEXT_DIM)  # truncated at text_len
+    g = torch.Generator().manual_seed(0)
+    noise = adapter.initial_noise(pipe, 2, 64, 80, torch.float32, "cpu", g)
+    assert noise.shape == (2, 8 * 10, 16)
+    latents = adapter.unpack_latents(pipe, noise, (64, 80))
+    assert latents.shape == (2, 4, 16, 20) and torch.equal(adapter.pack_latents(latents), noise)
+    assert adapter.size_factor(pipe) == 8 and adapter.max_text_tokens(pipe) == 1024
+    # latents decode to the pipeline's own images
+    call = dict(height=64, width=80, num_inference_steps=1, true_cfg_scale=1.0)
+    packed = pipe(PROMPTS[0], output_type="latent", generator=torch.Generator().manual_seed(1), **call).images
+    images = pipe(PROMPTS[0], output_type="np", generator=torch.Generator().manual_seed(1), **call).images
+    np.testing.assert_allclose(adapter.decode_latents(pipe, packed, (64, 80), "np"), images, atol=1e-5)
+    with pytest.raises(ValueError, match="--true-cfg"):
+        generate("a red circle", model=qwen_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)

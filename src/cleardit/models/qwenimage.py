@@ -328,12 +328,14 @@ class QwenImageAdapter(ModelAdapter):
     family = "qwenimage"
     transformer_classes = ("QwenImageTransformer2DModel",)
     pipeline_classes = ("QwenImagePipeline",)
+    img2img_class = "QwenImageImg2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
+    text_conditions = ("prompt_embeds", "prompt_embeds_mask")
+    default_steps = 50  # QwenImagePipeline's defaults
+    default_guidance = None  # no distilled guidance: classifier-free guidance is true_cfg_scale
+    default_true_cfg = 4.0
 
-    def describe(self) -> str:
-        classes = ", ".join(self.transformer_classes)
-        return f"{self.family} ({classes}): linearize, weights, --devices: not yet"
-
+    # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         return [block.attn for block in transformer.transformer_blocks]
 
@@ -366,6 +368,127 @@ class QwenImageAdapter(ModelAdapter):
     def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every block's joint attention (Qwen-Image has no single-stream blocks); its first output is
         the image stream's."""
-        return [
-            (f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)
+        blocks = transformer.transformer_blocks
+        return [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(blocks)]
+
+    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
+        attention = self.attention_modules(transformer)
+        return [n for attn in attention for n in (attn.norm_q, attn.norm_added_q) if n is not None]
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        from diffusers import QwenImageTransformer2DModel
+
+        return QwenImageTransformer2DModel.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+
+    def img2img_pipeline(self, pipe):
+        from diffusers import QwenImageImg2ImgPipeline
+
+        img2img = QwenImageImg2ImgPipeline(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def size_factor(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def default_size(self, pipe) -> int:
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def max_text_tokens(self, pipe) -> int:
+        return int(pipe.tokenizer_max_length)  # the pipelines refuse a longer max_sequence_length
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        # the pipelines' own default is true_cfg_scale=4: say 1 (off) explicitly
+        options = dict(true_cfg_scale=float(max(true_cfg, 1.0)), max_sequence_length=text_len)
+        if true_cfg > 1:
+            options.update(negative_prompt=negative_prompt)
+        return options
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        device = pipe._execution_device
+        embeds, mask = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=images_per_prompt, max_sequence_length=text_len
+        )
+        kwargs = dict(prompt_embeds=embeds, prompt_embeds_mask=mask)
+        if true_cfg > 1 and negative_prompt is not None:
+            neg, neg_mask = pipe.encode_prompt(
+                [negative_prompt] * (embeds.shape[0] // images_per_prompt), device=device,
+                num_images_per_prompt=images_per_prompt, max_sequence_length=text_len,
+            )  # fmt: skip
+            kwargs.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+        return kwargs
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        channels = self.latent_channels(pipe.transformer)
+        return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # the pipelines unpack to video latents [B, C, 1, h, w]: one frame
+        return pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)[:, :, 0]
+
+    def decode_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+        vae = pipe.vae
+        latents = self.unpack_latents(pipe, packed, size)[:, :, None].to(vae.device, vae.dtype)
+        stats = (vae.config.latents_mean, vae.config.latents_std)
+        mean, std = (torch.tensor(t).view(1, -1, 1, 1, 1).to(latents) for t in stats)
+        with torch.no_grad():
+            image = vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        embeds, mask = pipe.encode_prompt(prompt, num_images_per_prompt=1, max_sequence_length=text_len)
+        embeds = embeds[0]
+        mask = (
+            torch.ones(embeds.shape[0], dtype=torch.long, device=embeds.device) if mask is None else mask[0]
+        )
+        # the pipelines pad to the longest prompt of a call; stored samples all have text_len tokens
+        # (padding is masked, so the transformer's output does not change)
+        pad = text_len - embeds.shape[0]
+        return {
+            "prompt_embeds": F.pad(embeds, (0, 0, 0, pad)),
+            "prompt_embeds_mask": F.pad(mask.long(), (0, pad)),
+        }
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        cfg = transformer.config
+        checks = [
+            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+            ("text mask length", sample["prompt_embeds_mask"].shape[-1], sample["prompt_embeds"].shape[0]),
+            ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
         ]
+        for what, got, want in checks:
+            if got != want:
+                raise ValueError(
+                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
+                )
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        # QwenImagePipeline._pack_latents: 2x2 patches of the latent image, row-major
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        b, _, h, w = noisy.shape
+        return dict(
+            hidden_states=self.pack_latents(noisy),
+            timestep=sigma,  # the pipelines pass t / 1000 = sigma
+            encoder_hidden_states=conditions["prompt_embeds"],
+            encoder_hidden_states_mask=conditions["prompt_embeds_mask"],
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        return int(transformer.config.in_channels) // 4
