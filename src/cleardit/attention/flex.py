@@ -100,13 +100,24 @@ def flex_clear_attention(
             "use backend='tiled' for training on the CPU, or run under torch.no_grad()"
         )
     k, v = with_pooled_keys(k, v, pooled_k, pooled_v)
+    if torch.compiler.is_compiling():
+        # inside a compiled model: flex_attention and the mask are compiled with it (no cache lookup,
+        # no warning filter: both would break the graph)
+        return _flex(
+            flex_attention, q, k, v, clear_block_mask.__wrapped__(layout, radius, q.device), scale, return_lse
+        )
     block_mask = clear_block_mask(layout, radius, q.device)
     use_compiled = _use_compiled(q.device) if compile is None else compile
-    fn = _compiled_flex() if use_compiled else flex_attention
     with warnings.catch_warnings():
         # eager flex is chosen on purpose here (CPU comparison / tests); its advice to compile is noise
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        if return_lse:
-            out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-            return out, aux.lse.float()
-        return fn(q, k, v, block_mask=block_mask, scale=scale), None
+        return _flex(
+            _compiled_flex() if use_compiled else flex_attention, q, k, v, block_mask, scale, return_lse
+        )
+
+
+def _flex(fn, q, k, v, block_mask, scale, return_lse) -> BackendResult:
+    if return_lse:
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse.float()
+    return fn(q, k, v, block_mask=block_mask, scale=scale), None

@@ -23,9 +23,10 @@ _for_cpu``): it returns the log-sum-exp the merge needs and its backward recompu
 from it. On other devices, for other dtypes, or if that private op is missing, a plain
 matmul + softmax version of the same two functions runs instead (``USE_FUSED_CPU_KERNEL``).
 
-The backward is hand-written (a ``torch.autograd.Function``): the kernel's backward runs on each
-part with the *joint* output and log-sum-exp, which makes each part's gradient exactly its share
-of the joint softmax's gradient; window gradients are folded back onto the grid. A gradient
+The backward is hand-written; forward and backward are PyTorch custom operators, which
+``torch.compile`` keeps as single opaque calls. The kernel's backward runs on each part with the
+*joint* output and log-sum-exp, which makes each part's gradient exactly its share of the joint
+softmax's gradient; window gradients are folded back onto the grid. A gradient
 flowing into the returned log-sum-exp is supported (one extra kernel call per part).
 
 Query tiles are 4 x 8 in the forward and 8 x 8 in the backward (in calls of at most 16384 window
@@ -618,32 +619,79 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, s
     return dq, dk, dv, dpk, dpv
 
 
-class _TiledClear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pooled_k, pooled_v, layout, radius, scale):
-        plan = _get_plan(layout, radius, q.device)
-        out, lse = _forward(q, k, v, pooled_k, pooled_v, layout, plan, scale)
-        ctx.save_for_backward(q, k, v, pooled_k, pooled_v, out, lse)
-        ctx.layout, ctx.radius, ctx.scale = layout, radius, scale
-        ctx.set_materialize_grads(False)
-        return out, lse
+# The forward and backward are registered as PyTorch custom operators: ``torch.compile`` treats each
+# as one opaque call (with a shape-only "fake" version for tracing), so a compiled model keeps the
+# whole attention layer in its graph instead of breaking it at every strided view and scratch buffer.
+# The layout travels as plain ints, which operators can take.
+def _layout_args(layout: TokenLayout) -> tuple:
+    return (layout.text_len, layout.height, layout.width, layout.text_first, layout.down_factor,
+            list(layout.tile) if layout.tile is not None else None)  # fmt: skip
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, pooled_k, pooled_v, out, lse = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return (None,) * 8
-        plan = _get_plan(ctx.layout, ctx.radius, q.device, backward=True)
-        dq, dk, dv, dpk, dpv = _backward(
-            dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, ctx.layout, plan, ctx.scale
-        )
-        return dq, dk, dv, dpk, dpv, None, None, None
+
+def _layout_of(text_len, height, width, text_first, down_factor, tile) -> TokenLayout:
+    return TokenLayout(text_len, height, width, text_first, down_factor, tuple(tile) if tile else None)
+
+
+@torch.library.custom_op("cleardit::tiled_clear", mutates_args=())
+def _tiled_clear(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None,
+    text_len: int, height: int, width: int, text_first: bool, down_factor: int | None,
+    tile: list[int] | None, radius: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    layout = _layout_of(text_len, height, width, text_first, down_factor, tile)
+    return _forward(q, k, v, pooled_k, pooled_v, layout, _get_plan(layout, radius, q.device), scale)
+
+
+@_tiled_clear.register_fake
+def _(q, k, v, pooled_k, pooled_v, text_len, height, width, text_first, down_factor, tile, radius, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, as _forward
+
+
+@torch.library.custom_op("cleardit::tiled_clear_backward", mutates_args=())
+def _tiled_clear_backward(
+    dout: torch.Tensor | None, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor, pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, text_len: int, height: int, width: int, text_first: bool,
+    down_factor: int | None, tile: list[int] | None, radius: int, scale: float,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dq, dk, dv] (plus [d pooled_k, d pooled_v] when there are pooled keys)."""
+    layout = _layout_of(text_len, height, width, text_first, down_factor, tile)
+    plan = _get_plan(layout, radius, q.device, backward=True)
+    grads = _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, scale)
+    return [g.contiguous() for g in grads if g is not None]  # the strides the fake version promises
+
+
+@_tiled_clear_backward.register_fake
+def _(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, *layout_and_radius):
+    like = [q, k, v, *([pooled_k, pooled_v] if pooled_k is not None else [])]
+    return [t.new_empty(t.shape) for t in like]
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, pooled_k, pooled_v, *layout_args, radius, scale = inputs
+    ctx.save_for_backward(q, k, v, pooled_k, pooled_v, *output)
+    ctx.layout_args, ctx.radius, ctx.scale = layout_args, radius, scale
+    ctx.set_materialize_grads(False)  # no gradient for the log-sum-exp: skip its extra kernel calls
+
+
+def _tiled_clear_grad(ctx, dout, dlse):
+    q, k, v, pooled_k, pooled_v, out, lse = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * 13
+    grads = _tiled_clear_backward(
+        dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, *ctx.layout_args, ctx.radius, ctx.scale
+    )
+    pooled = grads[3:] if pooled_k is not None else [None, None]
+    return (*grads[:3], *pooled) + (None,) * 8
+
+
+_tiled_clear.register_autograd(_tiled_clear_grad, setup_context=_save_for_backward)
 
 
 def tiled_attention(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse) -> BackendResult:
     """CLEAR attention with tiles plus halo (``dispatch.AttentionBackend``). Memory is linear in N:
     no N x N (or image x image) tensor is ever formed."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _TiledClear.apply(q, k, v, pooled_k, pooled_v, layout, int(radius), float(scale))
+    out, lse = _tiled_clear(q, k, v, pooled_k, pooled_v, *_layout_args(layout), int(radius), float(scale))
     return out, (lse if return_lse else None)

@@ -328,43 +328,57 @@ def _replace_sample(output, fn):
 
 
 def _token_order_pre_hook(module, args, kwargs):
-    """Read the grid from the ids, publish the layout, permute to tile-major order (raster order with
-    controlnet residuals, which arrive in raster order); the family may read more inputs."""
+    """Read the grid from the ids and publish the layout of this forward; the family may read more
+    inputs. Only Python here: the tensor work (tile-major order, the compiled grid check) runs in the
+    sub-module hooks below, inside the forward, so ``torch.compile`` keeps the forward one graph."""
     geometry = module._cleardit_grid
     geometry.check_processors(module)
     tile = geometry.config.tile
     bound = bind_forward_args(module, args, kwargs)
     img_ids, txt_ids = _ids(bound, "linearized")
-    height, width = geometry.grid_of(
-        img_ids.shape[0], lambda: grid_from_ids(img_ids), lambda grid: assert_grid(img_ids, grid)
-    )
+    height, width = geometry.grid_of(img_ids.shape[0], lambda: grid_from_ids(img_ids))
+    # tile-major order, except with controlnet residuals, which arrive in raster order
     use_tile = tile is not None and not any(bound.arguments.get(k) is not None for k in CONTROLNET_INPUTS)
     down_factor = geometry.config.down_factor
-    layout = TokenLayout(
+    geometry.layout = TokenLayout(
         txt_ids.shape[0], height, width, down_factor=down_factor, tile=tile if use_tile else None
     )
-    geometry.layout = layout
-    geometry.inverse = None
-    if use_tile and (height > tile[0] or width > tile[1]):
-        order = layout.sequence_to_raster(img_ids.device)
-        geometry.inverse = layout.raster_to_sequence(img_ids.device)
-        bound.arguments["hidden_states"] = bound.arguments["hidden_states"][:, order]
-        bound.arguments["img_ids"] = img_ids[order]
-        bound.arguments["txt_ids"] = txt_ids
+    geometry.reorder = use_tile and (height > tile[0] or width > tile[1])
+    geometry.check_ids = torch.compiler.is_compiling()  # eagerly, grid_from_ids checked them all
     geometry.adapter.read_forward_inputs(module, bound, geometry)
     bound.arguments.pop("self", None)
     return (), dict(bound.arguments)
 
 
-def _token_order_post_hook(module, args, kwargs, output):
-    """Undo the tile-major permutation on the output."""
+def _tile_order_embedding_hook(module, args, kwargs, output):
+    """x_embedder's output (every op before attention is token-wise) in tile-major order."""
     geometry = module._cleardit_grid
-    inverse, geometry.inverse = geometry.inverse, None
-    # geometry.layout stays set: gradient checkpointing re-runs the blocks (and so the
-    # processors) during backward, after this hook, and needs the layout of that forward.
-    if inverse is None or output is None:  # output is None when forward raised
+    if not geometry.reorder:
         return output
-    return _replace_sample(output, lambda sample: sample[:, inverse])
+    return output[:, geometry.layout.sequence_to_raster(output.device)]
+
+
+def _tile_order_ids_hook(module, args, kwargs):
+    """pos_embed's ids [text | image] with the image ids in tile-major order (and, under
+    torch.compile, checked against the grid taken from an eager forward)."""
+    geometry = module._cleardit_grid
+    layout = geometry.layout
+    ids = args[0] if args else kwargs["ids"]
+    text, image = ids[: layout.text_len], ids[layout.text_len :]
+    if geometry.check_ids:
+        assert_grid(image, (layout.height, layout.width))
+    if not geometry.reorder:
+        return None
+    ids = torch.cat([text, image[layout.sequence_to_raster(ids.device)]])
+    return ((ids, *args[1:]), kwargs) if args else (args, {**kwargs, "ids": ids})
+
+
+def _raster_order_output_hook(module, args, kwargs, output):
+    """proj_out's output back in raster order."""
+    geometry = module._cleardit_grid
+    if not geometry.reorder or output is None:  # output is None when forward raised
+        return output
+    return output[:, geometry.layout.raster_to_sequence(output.device)]
 
 
 def _strip_pre_hook(module, args, kwargs):
@@ -468,8 +482,13 @@ class FluxAdapter(ModelAdapter):
         self._swap_processors(
             transformer, handle, lambda attn, _layer: self.clear_processor(attn, geometry, config)
         )
-        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
-        handle.hooks = add_hooks(transformer, _token_order_pre_hook, _token_order_post_hook)
+        # the hooks' state lives on the modules: per model, carried over by deepcopy
+        handle.hooks = (
+            *add_hooks(transformer, _token_order_pre_hook, state=geometry),
+            *add_hooks(transformer.x_embedder, post_hook=_tile_order_embedding_hook, state=geometry),
+            *add_hooks(transformer.pos_embed, _tile_order_ids_hook, state=geometry),
+            *add_hooks(transformer.proj_out, post_hook=_raster_order_output_hook, state=geometry),
+        )
         return handle
 
     def strips_unsupported(self) -> str | None:
@@ -490,8 +509,7 @@ class FluxAdapter(ModelAdapter):
             lambda attn, layer: ParallelClearFluxAttnProcessor(context, config, attn.to_q.weight, layer),
         )
         context.adapter = self
-        transformer._cleardit_grid = context
-        handle.hooks = add_hooks(transformer, _strip_pre_hook, _strip_post_hook)
+        handle.hooks = add_hooks(transformer, _strip_pre_hook, _strip_post_hook, state=context)
         return handle
 
     @torch.no_grad()

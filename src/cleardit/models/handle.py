@@ -29,7 +29,7 @@ class ClearHandle:
         trainable_pattern: regex over ``model.named_parameters()`` names selecting the parameters
             CLEAR trains and saves (reference-release key names).
         originals: (attention module, its processor before ``linearize``) pairs.
-        hooks: the forward (pre-)hook functions installed on ``model``.
+        hooks: the forward (pre-)hook functions installed on ``model`` and its sub-modules.
     """
 
     model: nn.Module
@@ -65,8 +65,9 @@ class ClearHandle:
         self.active = False
         if getattr(self.model, "_cleardit_handle", None) is self:
             del self.model._cleardit_handle
-        if hasattr(self.model, "_cleardit_grid"):
-            del self.model._cleardit_grid
+        for module in self.model.modules():
+            if "_cleardit_grid" in module.__dict__:
+                del module._cleardit_grid
         return self.model
 
 
@@ -85,23 +86,29 @@ def original_attention(model: nn.Module) -> Iterator[None]:
         grid.original_pass = before
 
 
-def add_hooks(module: nn.Module, pre_hook, post_hook) -> tuple:
-    """Register a forward pre-hook and a forward hook (both with kwargs; the post-hook runs even
+def add_hooks(module: nn.Module, pre_hook=None, post_hook=None, *, state=None) -> tuple:
+    """Register a forward pre-hook and/or a forward hook (both with kwargs; the post-hook runs even
     when the forward raises). They must be module-level functions reading their state from the
-    module (``module._cleardit_grid``), so that deepcopy and pickling carry them over."""
-    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
-    return (pre_hook, post_hook)
+    module (``module._cleardit_grid``, set to ``state`` when given), so that deepcopy and pickling
+    carry them over."""
+    if state is not None:
+        module._cleardit_grid = state
+    if pre_hook is not None:
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if post_hook is not None:
+        module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    return tuple(f for f in (pre_hook, post_hook) if f is not None)
 
 
-def remove_hooks(module: nn.Module, functions) -> None:
-    """Remove every forward (pre-)hook of ``module`` that is one of ``functions``."""
-    for table in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, fn in table.items() if any(fn is f for f in functions)]:
-            del table[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
+def remove_hooks(model: nn.Module, functions) -> None:
+    """Remove every forward (pre-)hook of ``model`` and its sub-modules that is one of ``functions``."""
+    for module in model.modules():
+        for table in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, fn in table.items() if any(fn is f for f in functions)]:
+                del table[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
 
 
 def get_handle(model: nn.Module) -> ClearHandle | None:
@@ -128,16 +135,17 @@ class ForwardGrid:
     def __init__(self, config: ClearConfig):
         self.config = config
         self.layout: TokenLayout | None = None
-        self.inverse: torch.Tensor | None = None  # the tile-major permutation to undo on the output
+        self.reorder = False  # this forward runs its image tokens in tile-major order
+        self.check_ids = False  # compiled: the grid came from an eager forward; check the inputs in-graph
         self.adapter = None  # the family's adapter (reads its extra forward inputs)
         self.original_pass = False  # a forward with the original processors swapped in on purpose
         self.grids: dict[int, set[tuple[int, int]]] = {}  # image token count -> grids read eagerly
 
-    def grid_of(self, image_tokens: int, read_grid, assert_grid) -> tuple[int, int]:
+    def grid_of(self, image_tokens: int, read_grid) -> tuple[int, int]:
         """(H, W) of a forward. Eagerly ``read_grid()`` reads it from the inputs (and checks them);
         compiled code cannot branch on tensor data, so under ``torch.compile`` the grid is the one an
-        eager forward read for this token count (one grid per token count), and ``assert_grid(grid)``
-        checks the inputs against it with a traceable assertion (a wrong grid fails, never runs)."""
+        eager forward read for this token count (one grid per token count), and the family checks the
+        inputs against it inside the compiled forward (``check_ids``: a wrong grid fails, never runs)."""
         if not torch.compiler.is_compiling():
             grid = read_grid()
             self.grids.setdefault(image_tokens, set()).add(grid)
@@ -150,9 +158,7 @@ class ForwardGrid:
                 + ("none ran" if not grids else f"several grids have that many tokens: {sorted(grids)}")
                 + "; run the model once without torch.compile at this size first"
             )
-        grid = next(iter(grids))
-        assert_grid(grid)
-        return grid
+        return next(iter(grids))
 
     def check_processors(self, transformer: nn.Module) -> None:
         """Refuse a forward whose attention processors are not this model's CLEAR processors (replaced
