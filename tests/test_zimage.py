@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ZImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from PIL import Image
 
-from cleardit import linearize, load_weights, save_weights
+from cleardit import generate, linearize, load_weights, save_weights
+from cleardit.distill.teacher import TeacherView
+from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
+from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions, prediction
+from cleardit.eval import evaluate_model
+from cleardit.mini.pipeline import build_mini_pipeline, mini_model_info
+from cleardit.mini.vocab import vocab_size
 from cleardit.models import NotSupportedError, adapter_for, get_handle
-from cleardit.models.zimage import ClearZImageAttnProcessor
+from cleardit.models.zimage import ClearZImageAttnProcessor, ZImageAdapter
 
 CAPTION_DIM = 16
 CHANNELS = 4
 
 
-def tiny_zimage_transformer(seed: int = 0) -> ZImageTransformer2DModel:
+def tiny_zimage_transformer(seed: int = 0, caption_dim: int = CAPTION_DIM) -> ZImageTransformer2DModel:
     torch.manual_seed(seed)
     model = ZImageTransformer2DModel(
         in_channels=CHANNELS, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-        cap_feat_dim=CAPTION_DIM, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+        cap_feat_dim=caption_dim, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # random weights everywhere, the learned pad tokens included (zeros in diffusers)
@@ -294,3 +302,138 @@ def test_adapter_reports_geometry_and_refuses_strips():
     assert [n for n, _ in adapter.consistency_modules(model)] == ["layers.0.attention", "layers.1.attention"]
     assert "not supported for Z-Image" in adapter.strips_unsupported()
     assert "zimage (ZImageTransformer2DModel" in adapter.describe()
+
+
+# ----------------------------------------------------------------------------- the pipeline side
+def tiny_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
+    """The tiny mini pipeline's VAE and word-level tokenizer (with a plain chat template, which
+    ZImagePipeline applies to every prompt) around a tiny Qwen3 text encoder and Z-Image transformer."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    mini = build_mini_pipeline("tiny", seed=seed)
+    tokenizer = mini.tokenizer_2
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        )
+    ).eval()  # fmt: skip
+    assert mini.vae.config.latent_channels == CHANNELS
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**mini.scheduler.config),
+        vae=mini.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=tiny_zimage_transformer(seed, caption_dim=32),
+    )
+
+
+@pytest.fixture(scope="module")
+def zimage_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zimage") / "tiny-zimage"
+    tiny_zimage_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    mini_model_info("tiny", name="tiny-zimage", default_guidance=None).write(folder)
+    return folder
+
+
+def test_generate_with_a_tiny_zimage_pipeline(zimage_folder, tmp_path):
+    result = generate(
+        ["a red circle", "a blue square on a green field"], model=zimage_folder, height=64, width=96,
+        steps=2, radius=2, true_cfg=2.0, compare=True, output=tmp_path, quiet=True,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (96, 64)
+    assert result.compare is not None and result.compare.flops_clear < result.compare.flops_full
+    assert Image.open(result.paths[0]).text["true_cfg"] == "2.0"
+    highres = generate(
+        "a red circle", model=zimage_folder, height=96, width=128, steps=2, radius=2, highres=True, quiet=True
+    )
+    assert highres.images[0].size == (128, 96) and highres.base_images[0].size[0] < 128
+    latent = generate(
+        "a red circle", model=zimage_folder, height=96, width=128, steps=2, radius=2, highres=True,
+        upscale="latent", quiet=True,
+    )  # fmt: skip
+    assert latent.images[0].size == (128, 96)
+
+
+def test_clear_beyond_the_grid_equals_full_attention_through_the_pipeline(zimage_folder):
+    """With CFG the pipeline batches the prompt and the empty negative prompt: captions of different
+    lengths, so the unified sequence carries batch padding."""
+    common = dict(model=zimage_folder, height=64, width=80, steps=2, true_cfg=2.0, quiet=True)
+    full = generate("a red circle", radius=0, **common).images[0]
+    clear = generate("a red circle", radius=20, **common).images[0]
+    diff = np.abs(np.asarray(full, dtype=int) - np.asarray(clear, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_zimage_has_no_distilled_guidance_and_encodes_its_prompts(zimage_folder):
+    with pytest.raises(ValueError, match="--true-cfg"):
+        generate("a red circle", model=zimage_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+    pipe = ZImageAdapter().load_pipeline(zimage_folder, torch.float32)
+    adapter = adapter_for(pipe)
+    text = adapter.encode_prompt(
+        pipe, ["a red circle", "a blue square"], images_per_prompt=2, text_len=12, true_cfg=2.0,
+        negative_prompt="",
+    )  # fmt: skip
+    assert set(text) == {"prompt_embeds", "negative_prompt_embeds"}
+    assert len(text["prompt_embeds"]) == 4 and len(text["negative_prompt_embeds"]) == 4
+    assert text["prompt_embeds"][0].shape[1] == 32 and len(text["prompt_embeds"][0]) <= 12
+    assert torch.equal(text["prompt_embeds"][0], text["prompt_embeds"][1])
+    noise = adapter.initial_noise(pipe, 2, 64, 80, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert noise.shape == (2, CHANNELS, 8, 10)
+    assert adapter.size_factor(pipe) == 16 and adapter.max_text_tokens(pipe) == 40
+    row = adapter.encode_text(pipe, "a red circle", 12)
+    kept = int(row["prompt_attention_mask"].sum())
+    assert row["prompt_embeds"].shape == (12, 32) and 0 < kept < 12
+    assert not row["prompt_embeds"][kept:].any()
+
+
+def test_the_teacher_pass_is_the_original_model_in_tile_major_order():
+    """The distillation teacher swaps the original processors in: the tokens then stay in raster
+    order (only CLEAR's processors permute RoPE alike)."""
+    model = tiny_zimage_transformer()
+    inputs = zimage_inputs(6, 7, [4, 40])
+    expected = run(model, inputs)
+    teacher = TeacherView(model)
+    handle = linearize(model, radius=2, tile=(2, 4))
+    teacher.freeze_initial(handle)
+    with torch.no_grad():
+        torch.testing.assert_close(prediction(teacher.run(**inputs)), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(run(model, inputs), expected, atol=1e-3)
+
+
+def test_distill_data_train_resume_and_eval_on_a_tiny_zimage_pipeline(zimage_folder, tmp_path, monkeypatch):
+    prompts = ["a red circle", "a big blue square on a green field"]  # different text lengths
+    data = tmp_path / "data"
+    make_teacher_data(zimage_folder, prompts, data, resolution=64, steps=2, quiet=True)
+    dataset = TeacherDataset(data)
+    assert set(dataset[0]) >= {"latents", "prompt_embeds", "prompt_attention_mask"}
+    assert dataset[0]["latents"].shape == (CHANNELS, 8, 8)
+    cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0,1")
+    opts = RunOptions(checkpoint_every=1, quiet=True)
+    original_step = Distiller._step
+
+    def crash_at_1(self, m, opt, step):
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return original_step(self, m, opt, step)
+
+    monkeypatch.setattr(Distiller, "_step", crash_at_1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Distiller(cfg, dataset, tmp_path / "run", model=zimage_folder, opts=opts).run()
+    monkeypatch.setattr(Distiller, "_step", original_step)
+    result = Distiller(cfg, dataset, tmp_path / "run", model=zimage_folder, resume=True, opts=opts).run()
+    assert [e["step"] for e in result.losses] == [1, 2] and result.weights.is_file()
+    assert all(np.isfinite(e["loss"]) and e["flow"] > 0 for e in result.losses)
+    report = evaluate_model(
+        prompts,
+        model=zimage_folder,
+        radii=[2],
+        output=tmp_path / "eval",
+        steps=2,
+        metrics=["psnr"],
+        quiet=True,
+    )
+    assert report.teacher.generated == 2 and report.clear[0].generated == 2
+    assert report.results["r2"].to_dict()

@@ -23,8 +23,11 @@ row, column); an image is one frame, and multi-frame inputs are refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,8 @@ TRAINABLE_PATTERN = re.compile(
     r"(?:(?:to_q|to_k|to_v)\.(?:weight|bias)|processor\.spatial_weight)$"
 )
 STAGES = ("noise_refiner", "layers")
+MAX_TEXT_TOKENS = 512  # ZImagePipeline's default max_sequence_length
+DEFAULT_SIZE = 1024  # ZImagePipeline's default height and width
 
 
 def padded(length: int) -> int:
@@ -243,7 +248,7 @@ class ClearZImageAttnProcessor(nn.Module):
 # ----------------------------------------------------------------------------- forward hooks
 def _grid_pre_hook(module, args, kwargs):
     """Read the grid from the shapes of ``x``, publish the layouts, rearrange the latents' patches
-    into tile-major order (raster with controlnet residuals, which arrive in raster order)."""
+    into tile-major order."""
     geometry: ZImageGrid = module._cleardit_grid
     geometry.check_processors(module)
     bound = bind_forward_args(module, args, kwargs)
@@ -254,7 +259,9 @@ def _grid_pre_hook(module, args, kwargs):
             "omni mode (siglip_feats, image_noise_mask) is not supported with CLEAR; call handle.restore()"
         )
     x = arguments["x"]
-    raster = arguments["controlnet_block_samples"] is not None
+    # raster order with controlnet residuals (they arrive in raster order) and for the original
+    # attention swapped in on purpose (a distillation teacher): only CLEAR's processors permute RoPE
+    raster = arguments["controlnet_block_samples"] is not None or geometry.original_pass
     tokens = read_tokens(
         x, arguments["cap_feats"], arguments["patch_size"], arguments["f_patch_size"], geometry.config, raster
     )
@@ -285,7 +292,11 @@ class ZImageAdapter(ModelAdapter):
     family = "zimage"
     transformer_classes = ("ZImageTransformer2DModel",)
     pipeline_classes = ("ZImagePipeline",)
+    img2img_class = "ZImageImg2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
+    text_conditions = ("prompt_embeds", "prompt_attention_mask")
+    default_steps = 9  # Z-Image-Turbo's recommended steps, guidance off
+    default_guidance = None  # no distilled guidance input
 
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         return [b.attention for b in transformer.noise_refiner] + [b.attention for b in transformer.layers]
@@ -317,3 +328,161 @@ class ZImageAdapter(ModelAdapter):
     def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
         """The main layers' attention (image and caption together)."""
         return [(f"layers.{i}.attention", b.attention) for i, b in enumerate(transformer.layers)]
+
+    # -- high-resolution hooks ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def rope_theta_scaled(self, transformer: nn.Module, factor: float) -> Iterator[None]:
+        rope = transformer.rope_embedder  # caches its tables on first use: recompute them for the new theta
+        original, cached = rope.theta, rope.freqs_cis
+        rope.theta, rope.freqs_cis = original * factor, None
+        try:
+            yield
+        finally:
+            rope.theta, rope.freqs_cis = original, cached
+
+    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
+        return [attn.norm_q for attn in self.attention_modules(transformer) if attn.norm_q is not None]
+
+    # -- pipelines ---------------------------------------------------------------------------------
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        return padded_text_pipeline().from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        from diffusers import ZImageTransformer2DModel
+
+        return ZImageTransformer2DModel.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+
+    def img2img_pipeline(self, pipe):
+        img2img = resizing_img2img_pipeline()(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def size_factor(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * 2
+
+    def default_size(self, pipe) -> int:
+        return DEFAULT_SIZE
+
+    def max_text_tokens(self, pipe) -> int:
+        length = getattr(pipe.tokenizer, "model_max_length", None)
+        return min(length, MAX_TEXT_TOKENS) if isinstance(length, int) and length > 0 else MAX_TEXT_TOKENS
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        # ZImagePipeline's guidance_scale g predicts pos + g * (pos - neg): classifier-free guidance of
+        # scale 1 + g (0 = off, as Z-Image-Turbo runs)
+        options = dict(guidance_scale=float(true_cfg) - 1.0, max_sequence_length=text_len)
+        if true_cfg > 1:
+            options.update(negative_prompt=negative_prompt)
+        return options
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+
+        def encode(texts):  # ZImagePipeline takes one embedding per image: [tokens, width] each
+            embeds = pipe._encode_prompt(texts, pipe._execution_device, max_sequence_length=text_len)
+            return [e for e in embeds for _ in range(images_per_prompt)]
+
+        kwargs = dict(prompt_embeds=encode(prompts))
+        if true_cfg > 1:
+            kwargs.update(negative_prompt_embeds=encode([negative_prompt or ""] * len(prompts)))
+        return kwargs
+
+    def initial_noise(
+        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+    ) -> torch.Tensor:
+        channels = self.latent_channels(pipe.transformer)  # ZImagePipeline draws fp32 noise
+        noise = pipe.prepare_latents(batch, channels, height, width, torch.float32, device, generator)
+        return noise.to(dtype)
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return packed  # ZImagePipeline's latents are the VAE's [B, C, h, w]; it patchifies inside
+
+    # -- training ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        """The prompt's embedding padded with zeros to ``text_len`` rows, and its mask (the pipeline
+        keeps only the prompt's real tokens; teacher data stores one length for all prompts)."""
+        embeds = pipe._encode_prompt([prompt], pipe._execution_device, max_sequence_length=text_len)[0]
+        padded_embeds = embeds.new_zeros(text_len, embeds.shape[-1])
+        padded_embeds[: len(embeds)] = embeds
+        mask = torch.arange(text_len, device=embeds.device) < len(embeds)
+        return {"prompt_embeds": padded_embeds, "prompt_attention_mask": mask}
+
+    def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
+        cfg = transformer.config
+        checks = [
+            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.cap_feat_dim),
+            ("text mask length", sample["prompt_attention_mask"].shape[-1], sample["prompt_embeds"].shape[0]),
+            ("latent channels", sample["latents"].shape[0], cfg.in_channels),
+        ]
+        for what, got, want in checks:
+            if got != want:
+                raise ValueError(
+                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
+                )
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        masks = conditions["prompt_attention_mask"].bool()
+        return dict(
+            x=list(noisy.unsqueeze(2).unbind(0)),  # one (C, 1, h, w) frame per sample
+            t=1 - sigma,  # Z-Image's time runs from 0 (noise) to 1 (image)
+            cap_feats=[e[m] for e, m in zip(conditions["prompt_embeds"], masks, strict=True)],
+            return_dict=False,
+        )
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, h, w] in the terms of the transformer's output (one (C, 1, h, w) tensor per
+        sample, stacked): Z-Image predicts x0 - noise where FLUX predicts noise - x0, so the sign
+        flips and the trainer's target ``pack_latents(noise - x0)`` matches the prediction."""
+        return -latents.unsqueeze(2)
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        return int(transformer.config.in_channels)
+
+
+@functools.cache
+def padded_text_pipeline():
+    """``ZImagePipeline`` that also takes the text as one padded tensor with its mask (how teacher data
+    stores text of any length), and encodes the negative prompt itself when given text embeddings
+    with guidance on (diffusers then asks for ``negative_prompt_embeds``). Built on first use:
+    importing the pipeline imports transformers."""
+    from diffusers import ZImagePipeline
+
+    class ZImagePaddedTextPipeline(ZImagePipeline):
+        def __call__(self, *args, prompt_attention_mask=None, **kwargs):
+            embeds = kwargs.get("prompt_embeds")
+            if prompt_attention_mask is not None:
+                masks = prompt_attention_mask.bool()
+                kwargs["prompt_embeds"] = embeds = [e[m] for e, m in zip(embeds, masks, strict=True)]
+            prompt = kwargs.get("prompt", args[0] if args else None)
+            if embeds is not None and prompt is None and kwargs.get("negative_prompt_embeds") is None:
+                if kwargs.get("guidance_scale", 5.0) > 0:  # 5.0: ZImagePipeline's default
+                    negative = kwargs.pop("negative_prompt", None) or ""
+                    kwargs["negative_prompt_embeds"] = self._encode_prompt(
+                        [negative] * len(embeds), self._execution_device,
+                        max_sequence_length=kwargs.get("max_sequence_length", MAX_TEXT_TOKENS),
+                    )  # fmt: skip
+            return super().__call__(*args, **kwargs)
+
+    return ZImagePaddedTextPipeline
+
+
+@functools.cache
+def resizing_img2img_pipeline():
+    """``ZImageImg2ImgPipeline`` that resizes PIL images to ``height`` x ``width`` first: diffusers'
+    preprocesses them at their own size (FLUX's img2img resizes), so an image of another size
+    than the output fails when the noise is added. Built on first use, as above."""
+    from diffusers import ZImageImg2ImgPipeline
+    from PIL import Image
+
+    class ZImageResizingImg2ImgPipeline(ZImageImg2ImgPipeline):
+        def __call__(self, *args, image=None, height=None, width=None, **kwargs):
+            if height is not None and width is not None:
+                images = image if isinstance(image, list) else [image]
+                if all(isinstance(i, Image.Image) for i in images):
+                    image = [self.image_processor.resize(i, height, width) for i in images]
+            return super().__call__(*args, image=image, height=height, width=width, **kwargs)
+
+    return ZImageResizingImg2ImgPipeline
