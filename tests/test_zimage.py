@@ -437,3 +437,10 @@ def test_distill_data_train_resume_and_eval_on_a_tiny_zimage_pipeline(zimage_fol
     )
     assert report.teacher.generated == 2 and report.clear[0].generated == 2
     assert report.results["r2"].to_dict()
+
+
+def test_devices_with_zimage_is_refused_before_any_rank_starts(zimage_folder):
+    from cleardit.parallel import generate_parallel
+
+    with pytest.raises(ValueError, match="not supported for Z-Image"):
+        generate_parallel("a red circle", devices=2, model=zimage_folder, radius=2, quiet=True)
