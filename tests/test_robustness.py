@@ -282,6 +282,18 @@ def test_torch_compile_backward_matches_eager_with_the_tiled_backend():
     torch._dynamo.reset()
 
 
+def test_torch_export_of_a_linearized_model():
+    """torch.export traces the forward like the compiler does (grid from an eager forward at that size)."""
+    model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    cleardit.linearize(model, radius=RADIUS, backend="tiled", tile=(2, 3))
+    inputs = flux_inputs(model, 6, 8, batch=2, seed=5)
+    expected = run(model, inputs)
+    with torch.no_grad():
+        exported = torch.export.export(model, (), inputs).module()
+        out = exported(**inputs)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out.sample, expected, atol=1e-5, rtol=0)
+
+
 def test_ip_adapter_scale_set_after_linearize_is_used():
     model = tiny_flux_transformer()
     extra = _with_ip_adapter(model)
