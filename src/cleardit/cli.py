@@ -7,61 +7,112 @@ import json
 import platform
 import sys
 
-from .argtypes import positive_int
+from .argtypes import nonneg_int, positive_int
 from .cli_options import add_down_factor_option, add_radius_option
 from .config import DEFAULT_RADIUS
-
-# FLUX.1-dev's attention geometry: pixels per token side (VAE x8, patch x2), 512 T5 tokens,
-# 24 heads of 128, 19 double-stream + 38 single-stream blocks.
-PIXELS_PER_TOKEN = 16
-FLUX_DEV = dict(text_len=512, heads=24, head_dim=128, layers=19 + 38)
+from .model_presets import DEFAULT_FAMILY, PRESETS, family_names, geometry_from_config, preset
 
 
-def pixels_to_tokens(pixels: int, what: str) -> int:
-    """Token count along one side; a clear error (with the nearest valid sizes) if not a multiple of 16."""
-    if pixels % PIXELS_PER_TOKEN:
-        lo = pixels // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-        hi = lo + PIXELS_PER_TOKEN
+def pixels_to_tokens(pixels: int, what: str, per_token: int = 16, model: str = "") -> int:
+    """Token count along one side; a clear error (with the nearest valid sizes) if ``pixels`` is not
+    a multiple of ``per_token`` (the model's pixels per token side: VAE factor x patch size)."""
+    if pixels % per_token:
+        lo = pixels // per_token * per_token
+        hi = lo + per_token
         nearest = f"{hi}" if lo == 0 else f"{lo} or {hi}"
-        raise ValueError(f"--{what} {pixels} is not a multiple of {PIXELS_PER_TOKEN}; use {nearest}")
-    return pixels // PIXELS_PER_TOKEN
+        whose = f" ({model}: {per_token} pixels per token side)" if model else ""
+        raise ValueError(f"--{what} {pixels} is not a multiple of {per_token}{whose}; use {nearest}")
+    return pixels // per_token
+
+
+FLOPS_OVERRIDES = ("heads", "head_dim", "layers", "image_only_layers", "text_len", "pixels_per_token")
+
+
+def flops_geometry(args: argparse.Namespace):
+    """The model geometry of a ``cleardit flops`` call: --config, else --family (default FLUX.1-dev),
+    with every explicit flag (--heads, --head-dim, --layers, ...) replacing the preset's value.
+    Returns (geometry, {name: value} of the flags that replaced a value)."""
+    base = geometry_from_config(args.config) if args.config else preset(args.family or DEFAULT_FAMILY)
+    given = {k: getattr(args, k) for k in FLOPS_OVERRIDES if getattr(args, k) is not None}
+    return base.with_overrides(**given), given
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from .attention import TokenLayout, attention_flops, count_pairs
     from .attention.flops import format_flops
 
-    grid_h = pixels_to_tokens(args.height, "height")
-    grid_w = pixels_to_tokens(args.width, "width")
-    layout = TokenLayout(args.text_len, grid_h, grid_w, down_factor=args.down_factor)
-    full = attention_flops(TokenLayout(args.text_len, grid_h, grid_w), None, args.heads, args.head_dim)
-    clear = attention_flops(layout, args.radius, args.heads, args.head_dim)
+    geo, overrides = flops_geometry(args)
+    ppt = geo.pixels_per_token
+    grid_h = pixels_to_tokens(args.height, "height", ppt, geo.name)
+    grid_w = pixels_to_tokens(args.width, "width", ppt, geo.name)
+    heads, head_dim, text_len = geo.heads, geo.head_dim, geo.text_len
+    joint_full = TokenLayout(text_len, grid_h, grid_w)
+    joint_clear = TokenLayout(text_len, grid_h, grid_w, down_factor=args.down_factor)
+    full = attention_flops(joint_full, None, heads, head_dim)
+    clear = attention_flops(joint_clear, args.radius, heads, head_dim)
+    # image-only layers (Z-Image's noise refiner, SD3.5-Medium's attn2): CLEAR without text
+    image_full = TokenLayout(0, grid_h, grid_w)
+    image_clear = TokenLayout(0, grid_h, grid_w, down_factor=args.down_factor)
+    only = geo.image_only_layers
+    only_full = attention_flops(image_full, None, heads, head_dim) if only else 0
+    only_clear = attention_flops(image_clear, args.radius, heads, head_dim) if only else 0
+    model_full = full * geo.layers + only_full * only
+    model_clear = clear * geo.layers + only_clear * only
     result = {
         "height_px": args.height,
         "width_px": args.width,
         "grid": [grid_h, grid_w],
-        "text_len": args.text_len,
+        "text_len": text_len,
         "radius": args.radius,
         "down_factor": args.down_factor,
-        "pairs_full": count_pairs(TokenLayout(args.text_len, grid_h, grid_w), None),
-        "pairs_clear": count_pairs(layout, args.radius),
+        "pairs_full": count_pairs(joint_full, None),
+        "pairs_clear": count_pairs(joint_clear, args.radius),
         "flops_per_layer_full": full,
         "flops_per_layer_clear": clear,
-        "layers": args.layers,
+        "layers": geo.layers,
+        "model": geo.name,
+        "source": geo.source,
+        "heads": heads,
+        "head_dim": head_dim,
+        "pixels_per_token": ppt,
+        "image_only_layers": only,
+        "pairs_image_only_full": count_pairs(image_full, None) if only else 0,
+        "pairs_image_only_clear": count_pairs(image_clear, args.radius) if only else 0,
+        "flops_per_image_only_layer_full": only_full,
+        "flops_per_image_only_layer_clear": only_clear,
+        "flops_model_full": model_full,
+        "flops_model_clear": model_clear,
+        "overrides": overrides,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     name = f"CLEAR r={args.radius}" + (f" df={args.down_factor}" if args.down_factor else "")
+    layers = f"{geo.layers} layers" + (f" with text + {only} image-only layers" if only else "")
+    if args.family or args.config:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        print(
+            f"{geo.name}: {ppt} px per token side; numbers from {geo.source}"
+            + (f"; replaced on the command line: {flags}" if flags else "")
+        )
     print(
         f"Attention FLOPs at {args.height}x{args.width} px = {grid_h}x{grid_w} image tokens + "
-        f"{args.text_len} text tokens ({args.heads} heads x {args.head_dim}, {args.layers} layers)"
+        f"{text_len} text tokens ({heads} heads x {head_dim}, {layers})"
     )
     rows = [
         ("allowed pairs", f"{result['pairs_full']:,}", f"{result['pairs_clear']:,}"),
         ("per layer", format_flops(full), format_flops(clear)),
-        (f"whole model ({args.layers})", format_flops(full * args.layers), format_flops(clear * args.layers)),
     ]
+    if only:
+        rows += [
+            (
+                "allowed pairs, image-only",
+                f"{result['pairs_image_only_full']:,}",
+                f"{result['pairs_image_only_clear']:,}",
+            ),
+            ("per image-only layer", format_flops(only_full), format_flops(only_clear)),
+        ]
+    rows.append((f"whole model ({geo.total_layers})", format_flops(model_full), format_flops(model_clear)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "full attention", "")])
     w2 = max(len(r[2]) for r in rows + [("", "", name)])
@@ -69,7 +120,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     for label, a, b in rows:
         print(f"{label:<{w0}}  {a:>{w1}}  {b:>{w2}}")
     print(
-        f"CLEAR computes {100 * (1 - clear / full):.2f}% fewer attention FLOPs ({full / clear:,.1f}x fewer)"
+        f"CLEAR computes {100 * (1 - model_clear / model_full):.2f}% fewer attention FLOPs "
+        f"({model_full / model_clear:,.1f}x fewer)"
     )
     return 0
 
@@ -133,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--reps", type=positive_int, default=2, help="timed repetitions (2)")
     check.set_defaults(func=cmd_check)
 
+    default = PRESETS[DEFAULT_FAMILY]
     flops = sub.add_parser(
         "flops",
         help="attention FLOPs of full vs CLEAR attention (FLUX.1-dev geometry by default)",
-        description="Exact allowed-pair counts and attention FLOPs (4 * head_dim * heads * pairs).",
+        description="Exact allowed-pair counts and attention FLOPs (4 * head_dim * heads * pairs), with "
+        "the published geometry of a model family (--family) or of a transformer config.json (--config); "
+        "explicit flags replace the preset's values.",
     )
     flops.add_argument(
         "--height", type=positive_int, default=1024, help="image height in pixels (default 1024)"
@@ -146,11 +201,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_radius_option(flops, default=DEFAULT_RADIUS)
     add_down_factor_option(flops)
-    flops.add_argument("--text-len", type=int, default=FLUX_DEV["text_len"], help="text tokens (default 512)")
-    flops.add_argument("--heads", type=positive_int, default=FLUX_DEV["heads"], help="attention heads (24)")
-    flops.add_argument("--head-dim", type=positive_int, default=FLUX_DEV["head_dim"], help="head dim (128)")
+    model = flops.add_mutually_exclusive_group()
+    model.add_argument(
+        "--family",
+        metavar="NAME",
+        help=f"a model's published geometry: {', '.join(family_names())} (default {DEFAULT_FAMILY})",
+    )
+    model.add_argument(
+        "--config",
+        metavar="PATH",
+        help="a diffusers transformer config.json (or its folder): heads, head dim, layers and patch "
+        "size from it, 8 px of VAE per latent pixel, the family's text length",
+    )
     flops.add_argument(
-        "--layers", type=positive_int, default=FLUX_DEV["layers"], help="attention layers (57)"
+        "--text-len",
+        type=nonneg_int,
+        help=f"text tokens (default: the family's; {default.text_len} for {default.name})",
+    )
+    flops.add_argument(
+        "--heads",
+        type=positive_int,
+        help=f"attention heads (default: the family's; {default.heads} for {default.name})",
+    )
+    flops.add_argument(
+        "--head-dim",
+        type=positive_int,
+        help=f"head dim (default: the family's; {default.head_dim} for {default.name})",
+    )
+    flops.add_argument(
+        "--layers",
+        type=positive_int,
+        help="attention layers over text + image "
+        f"(default: the family's; {default.layers} for {default.name})",
+    )
+    flops.add_argument(
+        "--image-only-layers",
+        type=nonneg_int,
+        help="attention layers over the image tokens alone: Z-Image's noise refiner, SD3.5-Medium's "
+        f"attn2 (default: the family's; {default.image_only_layers} for {default.name})",
+    )
+    flops.add_argument(
+        "--pixels-per-token",
+        type=positive_int,
+        help="image pixels per token side, VAE factor x patch size (default: the family's; "
+        f"{default.pixels_per_token} for {default.name})",
     )
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)
