@@ -137,13 +137,6 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def prediction(output) -> torch.Tensor:
-    """The prediction in a transformer's output tuple as one tensor (a list of per-sample tensors,
-    as Z-Image returns, is stacked)."""
-    sample = output[0]
-    return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
-
-
 def load_transformer(model, dtype: torch.dtype) -> tuple[nn.Module, dict, str]:
     """(transformer, scheduler config, name) from a folder / cached id / None / pipeline / transformer."""
     if isinstance(model, nn.Module):
@@ -288,11 +281,11 @@ class Distiller:
             positions = list(range(start, start + self.micro))
             inputs, target = self._inputs(positions, [indices[p] for p in positions], step)
             with acc.autocast():
-                teacher_pred = prediction(self.teacher.run(**inputs))
+                teacher_pred = self.adapter.velocity(self.teacher.run(**inputs))
             teacher_att = self.recorder.take()
             with acc.accumulate(model):
                 with acc.autocast():
-                    pred = prediction(model(**inputs))
+                    pred = self.adapter.velocity(model(**inputs))
                 terms = distillation_loss(
                     pred,
                     teacher_pred,

@@ -121,19 +121,34 @@ class ModelAdapter:
 
     def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
         """Only the transformer of the pipeline in ``folder``, offline."""
-        raise NotImplementedError
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_classes[0])
+        return cls.from_pretrained(
+            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
 
     def img2img_pipeline(self, pipe):
         """An image-to-image pipeline sharing every module of ``pipe`` (no copies)."""
-        raise NotSupportedError(f"--highres needs an image-to-image pipeline; {self.family} has none yet")
+        if self.img2img_class is None:
+            raise NotSupportedError(f"--highres needs an image-to-image pipeline; {self.family} has none yet")
+        img2img = self.img2img_pipeline_class()(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def img2img_pipeline_class(self) -> type:
+        """The class ``img2img_pipeline`` builds: diffusers' ``img2img_class``."""
+        import diffusers
+
+        return getattr(diffusers, self.img2img_class)
 
     def size_factor(self, pipe) -> int:
-        """Pixels per token side."""
-        raise NotImplementedError
+        """Pixels per token side: the VAE's factor times 2x2 patches (most families)."""
+        return int(pipe.vae_scale_factor) * 2
 
     def default_size(self, pipe) -> int:
         """The pipeline's default image side in pixels."""
-        raise NotImplementedError
+        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
         """Text tokens per prompt when the model folder does not say."""
@@ -181,8 +196,13 @@ class ModelAdapter:
         raise NotImplementedError
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] -> the transformer's token layout (its output has the same)."""
+        """Latents [B, C, h, w] -> the transformer's token layout (``velocity`` gives the same)."""
         raise NotImplementedError
+
+    def velocity(self, output) -> torch.Tensor:
+        """The prediction in a transformer's forward ``output`` as the flow-matching velocity
+        noise - x0, in ``pack_latents``' layout (what distillation's target is)."""
+        return output[0]
 
     def latent_channels(self, transformer: nn.Module) -> int:
         """Channels C of the unpacked latents."""

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention import TokenLayout, clear_attention
 from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .processor import ClearProcessor
 from .strips import ParallelHandle, StripContext
 
 # The image-stream attention projections the reference release trains, plus pooling weights.
@@ -121,29 +122,8 @@ def _finish(attn: nn.Module, out: torch.Tensor, text_len: int, dual_stream: bool
     return image_out, attn.to_add_out(text_out.contiguous())
 
 
-class ClearFluxAttnProcessor(nn.Module):
+class ClearFluxAttnProcessor(ClearProcessor):
     """Replaces FluxAttnProcessor: same projections, norms and RoPE; CLEAR instead of full attention."""
-
-    def __init__(
-        self, geometry: ForwardGrid | None = None, config: ClearConfig | None = None, param_like=None
-    ):
-        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``, e.g.
-        # load_ip_adapter) it belongs to no linearized model: the forward refuses it clearly.
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        if config is not None and config.down_factor is not None:
-            df = config.down_factor
-            # Reference layout (1, 1, 1, df, 1, df, 1) so reference-release files load as they are.
-            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
-        else:
-            self.spatial_weight = None
-
-    def pool_weight(self) -> torch.Tensor | None:
-        if self.spatial_weight is None:
-            return None
-        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
 
     def attend(self, q, k, v, state: ForwardState, attention_mask) -> torch.Tensor:
         """CLEAR over [B, heads, N, d] tensors. FLUX pipelines pass no mask (Chroma's adapter does)."""
@@ -496,8 +476,9 @@ class FluxAdapter(ModelAdapter):
 
     def loads_pipeline_class(self, name: str) -> bool:
         # every FLUX.1 pipeline folder (FluxPipeline, FluxImg2ImgPipeline, ...) holds the same
-        # components, and FluxPipeline loads them all
-        return super().loads_pipeline_class(name) or (self.family == "flux" and name.startswith("Flux"))
+        # components, and FluxPipeline loads them all (Flux2* folders are FLUX.2's)
+        flux1 = name.startswith("Flux") and not name.startswith("Flux2")
+        return super().loads_pipeline_class(name) or (self.family == "flux" and flux1)
 
     def install_strips(
         self, transformer: nn.Module, config: ClearConfig, context: StripContext
@@ -561,27 +542,6 @@ class FluxAdapter(ModelAdapter):
 
     def load_pipeline(self, folder, dtype: torch.dtype):
         return self._pipeline_class().from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        import diffusers
-
-        cls = getattr(diffusers, self.transformer_classes[0])
-        return cls.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-
-    def img2img_pipeline(self, pipe):
-        import diffusers
-
-        img2img = getattr(diffusers, self.img2img_class)(**pipe.components)
-        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-        return img2img
-
-    def size_factor(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * 2
-
-    def default_size(self, pipe) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
         length = getattr(getattr(pipe, self.text_tokenizer, None), "model_max_length", None)

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .processor import ClearProcessor
 
 # What CLEAR fine-tunes and saves. Double-stream blocks: the image stream's to_q/k/v/to_out, as the
 # reference release trains on FLUX.1. Single blocks compute q, k, v and the MLP input with ONE Linear
@@ -198,27 +199,9 @@ def _flux2_post_hook(module, args, kwargs, output):
 
 
 # ----------------------------------------------------------------------------- processors
-class ClearFlux2Processor(nn.Module):
+class ClearFlux2Processor(ClearProcessor):
     """CLEAR over FLUX.2's ``[text | references | target]`` q/k/v; the KV-cache modes as diffusers'
     ``_flux2_kv_causal_attention`` runs them. Subclasses project q/k/v as their block does."""
-
-    def __init__(self, geometry: Flux2Grid | None = None, config: ClearConfig | None = None, param_like=None):
-        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``) it belongs to no
-        # linearized model: the forward refuses it clearly.
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        self.spatial_weight = None
-        if config is not None and config.down_factor is not None:
-            df = config.down_factor
-            # the reference release's layout (1, 1, 1, df, 1, df, 1), as for FLUX.1
-            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
-
-    def pool_weight(self) -> torch.Tensor | None:
-        if self.spatial_weight is None:
-            return None
-        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
 
     def attend(self, query, key, value, image_rotary_emb, attention_mask, kv_cache) -> torch.Tensor:
         """[B, N, heads, d] q/k/v before RoPE -> the attention output [B, N, heads * d]."""
@@ -405,23 +388,10 @@ class Flux2Adapter(ModelAdapter):
             )
         return Flux2KleinPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        from diffusers import Flux2Transformer2DModel
-
-        return Flux2Transformer2DModel.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-
     def img2img_pipeline(self, pipe):
         img2img = renoise_pipeline_class()(**pipe.components, is_distilled=pipe.config.is_distilled)
         img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
         return img2img
-
-    def size_factor(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * 2
-
-    def default_size(self, pipe) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
         length = getattr(pipe.tokenizer, "model_max_length", None)

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .processor import ClearProcessor
 
 # The image-stream attention projections (as the reference release trains for FLUX's double-stream
 # blocks), plus the pooling weights of the down-sampled variant.
@@ -153,28 +154,12 @@ class QwenGrid(ForwardGrid):
 
 
 # ----------------------------------------------------------------------------- the processor
-class ClearQwenAttnProcessor(nn.Module):
+class ClearQwenAttnProcessor(ClearProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0``: the same projections, norms and per-stream RoPE;
     CLEAR attention over ``[text | conditions | target]`` instead of full attention."""
 
     _attention_backend = None  # what diffusers' set_attention_backend writes; CLEAR picks its own
     _parallel_config = None
-
-    def __init__(self, geometry: QwenGrid | None = None, config: ClearConfig | None = None, param_like=None):
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        self.spatial_weight = None
-        if config is not None and config.down_factor is not None:
-            df = config.down_factor
-            # the layout of FLUX's reference files (1, 1, 1, df, 1, df, 1), one format for every family
-            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
-
-    def pool_weight(self) -> torch.Tensor | None:
-        if self.spatial_weight is None:
-            return None
-        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
 
     def __call__(
         self,
@@ -380,26 +365,6 @@ class QwenImageAdapter(ModelAdapter):
         from diffusers import QwenImagePipeline
 
         return QwenImagePipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        from diffusers import QwenImageTransformer2DModel
-
-        return QwenImageTransformer2DModel.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-
-    def img2img_pipeline(self, pipe):
-        from diffusers import QwenImageImg2ImgPipeline
-
-        img2img = QwenImageImg2ImgPipeline(**pipe.components)
-        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-        return img2img
-
-    def size_factor(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * 2
-
-    def default_size(self, pipe) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
         return int(pipe.tokenizer_max_length)  # the pipelines refuse a longer max_sequence_length

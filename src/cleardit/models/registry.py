@@ -22,8 +22,7 @@ def adapters() -> tuple[ModelAdapter, ...]:
     from .sd3 import SD3Adapter
     from .zimage import ZImageAdapter
 
-    # FLUX.2 before FLUX.1, whose adapter loads every Flux* pipeline folder
-    return (Flux2Adapter(), FluxAdapter(), ChromaAdapter(), SD3Adapter(), QwenImageAdapter(), ZImageAdapter())
+    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), QwenImageAdapter(), SD3Adapter(), ZImageAdapter())
 
 
 def supported_models() -> list[str]:

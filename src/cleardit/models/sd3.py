@@ -27,12 +27,13 @@ import re
 import torch
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import bind_forward_args
-from .handle import ClearHandle, ForwardGrid, add_hooks, remove_hooks
+from .handle import ClearHandle, ForwardGrid, add_hooks
+from .processor import ClearProcessor
 
 # The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,
 # plus the pooling weights of the down-sampled variant.
@@ -68,31 +69,10 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-class ClearSD3AttnProcessor(nn.Module):
+class ClearSD3AttnProcessor(ClearProcessor):
     """Replaces ``JointAttnProcessor2_0`` (joint ``attn`` and SD3.5's ``attn2``): the same projections
     and q/k norms; CLEAR instead of full attention. Without ``encoder_hidden_states`` (``attn2``) the
     attention is image-only: CLEAR without text."""
-
-    def __init__(
-        self, geometry: ForwardGrid | None = None, config: ClearConfig | None = None, param_like=None
-    ):
-        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``) it belongs to no
-        # linearized model: the transformer's pre-hook refuses the forward clearly.
-        super().__init__()
-        self.geometry = geometry
-        self.config = config
-        if config is not None and config.down_factor is not None:
-            df = config.down_factor
-            # FLUX reference layout (1, 1, 1, df, 1, df, 1): one weight file format for every family
-            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
-        else:
-            self.spatial_weight = None
-
-    def pool_weight(self) -> torch.Tensor | None:
-        if self.spatial_weight is None:
-            return None
-        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
 
     def __call__(
         self,
@@ -189,33 +169,16 @@ def _sd3_post_hook(module, args, kwargs, output):
     return output
 
 
-def _to_tile_major_hook(module, args, output):
+def _to_tile_major_hook(module, args, kwargs, output):
     """On ``pos_embed``: image tokens [B, H*W, C] from raster into this forward's tile-major order."""
     order = module._cleardit_grid.order
     return output if order is None else output[:, order]
 
 
-def _to_raster_hook(module, args, output):
+def _to_raster_hook(module, args, kwargs, output):
     """On ``proj_out``: image tokens back into raster order before the transformer unpatchifies."""
     inverse = module._cleardit_grid.inverse
     return output if inverse is None else output[:, inverse]
-
-
-def _token_order_modules(transformer: nn.Module) -> list[tuple[nn.Module, object]]:
-    return [(transformer.pos_embed, _to_tile_major_hook), (transformer.proj_out, _to_raster_hook)]
-
-
-@dataclasses.dataclass
-class SD3Handle(ClearHandle):
-    """ClearHandle that also removes the token-order hooks on ``pos_embed`` and ``proj_out``."""
-
-    def restore(self) -> nn.Module:
-        if self.active:
-            for sub, hook in _token_order_modules(self.model):
-                remove_hooks(sub, (hook,))
-                if "_cleardit_grid" in sub.__dict__:
-                    del sub._cleardit_grid
-        return super().restore()
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -252,15 +215,16 @@ class SD3Adapter(ModelAdapter):
             )
         geometry = SD3Grid(config)
         geometry.adapter = self
-        handle = SD3Handle(transformer, config, self.trainable_pattern)
+        handle = ClearHandle(transformer, config, self.trainable_pattern)
         for attn in modules:
             handle.originals.append((attn, attn.processor))
             attn.set_processor(ClearSD3AttnProcessor(geometry, config, attn.to_q.weight))
-        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
-        for sub, hook in _token_order_modules(transformer):
-            sub._cleardit_grid = geometry
-            sub.register_forward_hook(hook)
-        handle.hooks = add_hooks(transformer, _sd3_pre_hook, _sd3_post_hook)
+        # the hooks' state lives on the modules: per model, carried over by deepcopy
+        handle.hooks = (
+            *add_hooks(transformer, _sd3_pre_hook, _sd3_post_hook, state=geometry),
+            *add_hooks(transformer.pos_embed, post_hook=_to_tile_major_hook, state=geometry),
+            *add_hooks(transformer.proj_out, post_hook=_to_raster_hook, state=geometry),
+        )
         return handle
 
     def strips_unsupported(self) -> str | None:
@@ -303,26 +267,8 @@ class SD3Adapter(ModelAdapter):
         cls = getattr(diffusers, self.pipeline_classes[0])
         return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        import diffusers
-
-        cls = getattr(diffusers, self.transformer_classes[0])
-        return cls.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-
-    def img2img_pipeline(self, pipe):
-        import diffusers
-
-        img2img = getattr(diffusers, self.img2img_class)(**pipe.components)
-        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-        return img2img
-
     def size_factor(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * int(pipe.patch_size)
-
-    def default_size(self, pipe) -> int:
-        return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
         """T5 tokens per prompt (the pipeline adds the CLIP encoders' tokens before them)."""

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .processor import ClearProcessor
 
 SEQ_MULTIPLE = 32  # diffusers pads every part of the sequence to a multiple of this (SEQ_MULTI_OF)
 
@@ -167,22 +168,16 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
-class ClearZImageAttnProcessor(nn.Module):
+class ClearZImageAttnProcessor(ClearProcessor):
     """Replaces ZSingleStreamAttnProcessor: same projections, norms and RoPE; CLEAR instead of full
     attention, with the layout of its ``stage`` ("noise_refiner" or "layers")."""
 
     def __init__(self, geometry: ZImageGrid | None = None, config: ClearConfig | None = None,
                  param_like: torch.Tensor | None = None, stage: str = "layers"):  # fmt: skip
-        # Without arguments (diffusers' loaders rebuild processors as ``type(p)()``) it belongs to no
-        # linearized model, and the forward refuses it clearly.
-        super().__init__()
+        super().__init__(geometry, config, param_like)
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        self.geometry, self.config, self.stage = geometry, config, stage
-        self.spatial_weight = None
-        if config is not None and config.down_factor is not None:
-            w = initial_pool_weight(config.down_factor)
-            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+        self.stage = stage
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         if self.geometry is None:
@@ -240,9 +235,6 @@ class ClearZImageAttnProcessor(nn.Module):
                     qs[:, :, n:], ks, vs, scale=self.config.scale
                 )
         return out
-
-    def pool_weight(self) -> torch.Tensor | None:
-        return self.spatial_weight
 
 
 # ----------------------------------------------------------------------------- forward hooks
@@ -347,20 +339,8 @@ class ZImageAdapter(ModelAdapter):
     def load_pipeline(self, folder, dtype: torch.dtype):
         return padded_text_pipeline().from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        from diffusers import ZImageTransformer2DModel
-
-        return ZImageTransformer2DModel.from_pretrained(
-            str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-
-    def img2img_pipeline(self, pipe):
-        img2img = resizing_img2img_pipeline()(**pipe.components)
-        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-        return img2img
-
-    def size_factor(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * 2
+    def img2img_pipeline_class(self) -> type:
+        return resizing_img2img_pipeline()
 
     def default_size(self, pipe) -> int:
         return DEFAULT_SIZE
@@ -433,10 +413,12 @@ class ZImageAdapter(ModelAdapter):
         )
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] in the terms of the transformer's output (one (C, 1, h, w) tensor per
-        sample, stacked): Z-Image predicts x0 - noise where FLUX predicts noise - x0, so the sign
-        flips and the trainer's target ``pack_latents(noise - x0)`` matches the prediction."""
-        return -latents.unsqueeze(2)
+        """Latents [B, C, h, w] -> [B, C, 1, h, w]: the transformer's per-sample (C, 1, h, w), stacked."""
+        return latents.unsqueeze(2)
+
+    def velocity(self, output) -> torch.Tensor:
+        # one (C, 1, h, w) tensor per sample; Z-Image predicts x0 - noise, the opposite sign
+        return -torch.stack(list(output[0]))
 
     def latent_channels(self, transformer: nn.Module) -> int:
         return int(transformer.config.in_channels)

@@ -1,0 +1,38 @@
+"""``ClearProcessor``: what every family's CLEAR attention processor holds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import initial_pool_weight
+from ..config import ClearConfig
+
+
+class ClearProcessor(nn.Module):
+    """Base of the families' CLEAR processors: the model's per-forward state (``geometry``, a
+    ``ForwardGrid``), the ``ClearConfig``, and with a down factor the pooled branch's weights.
+
+    Built without arguments (diffusers' loaders rebuild processors as ``type(p)()``, e.g.
+    ``load_ip_adapter``) it belongs to no linearized model, and the forward refuses it clearly.
+    """
+
+    def __init__(
+        self, geometry=None, config: ClearConfig | None = None, param_like: torch.Tensor | None = None
+    ):
+        super().__init__()
+        self.geometry = geometry
+        self.config = config
+        self.spatial_weight = None
+        if config is not None and config.down_factor is not None:
+            df = config.down_factor
+            # the reference release's layout (1, 1, 1, df, 1, df, 1), one weight-file format for every
+            # family; parameters follow the model's device and dtype (``param_like``)
+            w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
+            self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+
+    def pool_weight(self) -> torch.Tensor | None:
+        """The (df, df) pooling weights, or None without a down factor."""
+        if self.spatial_weight is None:
+            return None
+        return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
