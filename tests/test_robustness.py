@@ -282,6 +282,21 @@ def test_torch_compile_backward_matches_eager_with_the_tiled_backend():
     torch._dynamo.reset()
 
 
+def test_compile_repeated_blocks_with_the_tiled_backend():
+    """diffusers' regional compilation (each block compiled, fullgraph): the hooks stay eager, so
+    every grid is read from the ids, also two grids with one token count."""
+    torch._dynamo.reset()
+    model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
+    cleardit.linearize(model, radius=RADIUS, backend="tiled", tile=(2, 3))
+    a, b = flux_inputs(model, 6, 8, seed=1), flux_inputs(model, 8, 6, seed=2)
+    expected = [run(model, a), run(model, b)]
+    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    for inputs, want in zip((a, b), expected, strict=True):
+        torch.testing.assert_close(run(model, inputs), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected[1], dense_oracle_output(model, b, 8, 6, 5, RADIUS), atol=1e-5, rtol=0)
+    torch._dynamo.reset()
+
+
 def test_torch_export_of_a_linearized_model():
     """torch.export traces the forward like the compiler does (grid from an eager forward at that size)."""
     model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
