@@ -158,6 +158,15 @@ class ModelAdapter:
         """Keyword arguments of a pipeline call for these generation settings."""
         raise NotImplementedError
 
+    @staticmethod
+    def cfg_guidance_scale_options(true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        """``call_options`` of a family without distilled guidance whose pipeline's ``guidance_scale``
+        is classifier-free guidance (Chroma, SD3)."""
+        options = dict(guidance_scale=float(true_cfg), max_sequence_length=text_len)
+        if true_cfg > 1:
+            options.update(negative_prompt=negative_prompt)
+        return options
+
     def encode_prompt(self, pipe, prompt, *, images_per_prompt: int, text_len: int, true_cfg: float,
                       negative_prompt: str | None) -> dict:  # fmt: skip
         """The encoded text as keyword arguments of a pipeline call (``prompt_embeds=...``)."""

@@ -154,10 +154,7 @@ class ChromaAdapter(FluxAdapter):
 
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         # Chroma has no distilled guidance: its guidance_scale is classifier-free guidance
-        options = dict(guidance_scale=float(true_cfg), max_sequence_length=text_len)
-        if true_cfg > 1:
-            options.update(negative_prompt=negative_prompt)
-        return options
+        return self.cfg_guidance_scale_options(true_cfg, negative_prompt, text_len)
 
     def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
         embeds, _, mask, neg, _, neg_mask = pipe.encode_prompt(

@@ -29,11 +29,9 @@ matching in the transformer's own space).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +44,7 @@ from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
-from .flux import _replace_sample, bind_forward_args, project_qkv
+from .flux import FluxAdapter, _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
 
@@ -303,10 +301,14 @@ class Flux2Adapter(ModelAdapter):
         )
 
     # -- CLEAR attention ---------------------------------------------------------------------------
-    def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
-        return [b.attn for b in transformer.transformer_blocks] + [
-            b.attn for b in transformer.single_transformer_blocks
-        ]
+    # FLUX.2 keeps FLUX.1's module names (double blocks, then single blocks whose to_qkv_mlp_proj is
+    # never "fused_projections"), so these read the model as FLUX.1's adapter does
+    attention_modules = FluxAdapter.attention_modules
+    sync_fused_projections = FluxAdapter.sync_fused_projections
+    attention_geometry = FluxAdapter.attention_geometry
+    consistency_modules = FluxAdapter.consistency_modules
+    rope_theta_scaled = FluxAdapter.rope_theta_scaled
+    query_norms = FluxAdapter.query_norms
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
         geometry = Flux2Grid(config)
@@ -318,8 +320,8 @@ class Flux2Adapter(ModelAdapter):
             cls = ClearFlux2ParallelSelfAttnProcessor if single else ClearFlux2AttnProcessor
             param_like = attn.to_qkv_mlp_proj.weight if single else attn.to_q.weight
             attn.set_processor(cls(geometry, config, param_like))
-        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
-        handle.hooks = add_hooks(transformer, _flux2_pre_hook, _flux2_post_hook)
+        # the hooks' state lives on the model: carried over by deepcopy
+        handle.hooks = add_hooks(transformer, _flux2_pre_hook, _flux2_post_hook, state=geometry)
         return handle
 
     def strips_unsupported(self) -> str | None:
@@ -328,48 +330,7 @@ class Flux2Adapter(ModelAdapter):
             "tokens are global and are not split into strips)"
         )
 
-    @torch.no_grad()
-    def sync_fused_projections(self, transformer: nn.Module) -> None:
-        # fuse_qkv_projections() adds to_qkv = [q; k; v] to the double blocks and their processors then
-        # read it, so it must follow weights loaded into to_q/k/v (single blocks are always fused)
-        for block in transformer.transformer_blocks:
-            attn = block.attn
-            if not getattr(attn, "fused_projections", False) or not hasattr(attn, "to_qkv"):
-                continue
-            parts = (attn.to_q, attn.to_k, attn.to_v)
-            attn.to_qkv.weight.copy_(torch.cat([p.weight for p in parts]))
-            if attn.to_qkv.bias is not None:
-                attn.to_qkv.bias.copy_(torch.cat([p.bias for p in parts]))
-
-    def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
-        cfg = transformer.config
-        layers = int(cfg.num_layers) + int(cfg.num_single_layers)
-        return int(cfg.num_attention_heads), int(cfg.attention_head_dim), layers
-
-    def consistency_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The single blocks' attention modules (as for FLUX.1; their output includes the fused MLP)."""
-        return [
-            (f"single_transformer_blocks.{i}.attn", b.attn)
-            for i, b in enumerate(transformer.single_transformer_blocks)
-        ]
-
     # -- high-resolution hooks ---------------------------------------------------------------------
-    @contextlib.contextmanager
-    def rope_theta_scaled(self, transformer: nn.Module, factor: float) -> Iterator[None]:
-        pos_embed = transformer.pos_embed
-        original = pos_embed.theta
-        pos_embed.theta = original * factor
-        try:
-            yield
-        finally:
-            pos_embed.theta = original
-
-    def query_norms(self, transformer: nn.Module) -> list[nn.Module]:
-        norms = []
-        for attn in self.attention_modules(transformer):
-            norms += [n for n in (attn.norm_q, getattr(attn, "norm_added_q", None)) if n is not None]
-        return norms
-
     # -- pipelines ---------------------------------------------------------------------------------
     def loads_pipeline_class(self, name: str) -> bool:
         # every FLUX.2 folder is ours (FLUX.1's adapter takes the other Flux* names); load_pipeline

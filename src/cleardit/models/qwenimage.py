@@ -31,7 +31,7 @@ from ..attention import TokenLayout, clear_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
-from .flux import bind_forward_args
+from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
 
@@ -300,10 +300,7 @@ def _post_hook(module, args, kwargs, output):
     # layout and forward stay set: gradient checkpointing re-runs the blocks during backward
     if inverse is None or output is None:  # output is None when forward raised
         return output
-    if isinstance(output, tuple):
-        return (output[0][:, inverse], *output[1:])
-    output.sample = output.sample[:, inverse]
-    return output
+    return _replace_sample(output, lambda sample: sample[:, inverse])
 
 
 # ----------------------------------------------------------------------------- the adapter
