@@ -32,6 +32,9 @@ class ModelAdapter:
         trainable_pattern: regex over ``named_parameters()`` names: what CLEAR fine-tunes and saves.
         text_conditions: the per-sample text tensors teacher data stores, in ``encode_text`` order;
             they are also the pipeline call's keyword arguments for pre-encoded text.
+        strip_latents: patch-parallel generation keeps only each rank's strip of the packed latents
+            through the denoising loop (``StripPipeline``); False: every rank runs the whole loop on
+            the full latents and the transformer gathers its output strips at every step.
         default_steps, default_guidance, default_true_cfg: generation defaults when the model folder's
             ``cleardit.json`` gives none (``default_guidance`` None: the family has no distilled
             guidance, and ``--guidance`` is refused).
@@ -43,6 +46,7 @@ class ModelAdapter:
     img2img_class: str | None = None
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
+    strip_latents: bool = False
     default_steps: int = 28
     default_guidance: float | None = 3.5
     default_true_cfg: float = 1.0

@@ -431,6 +431,7 @@ class FluxAdapter(ModelAdapter):
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
     text_tokenizer = "tokenizer_2"  # the pipeline's T5 tokenizer: it sets the text length
+    strip_latents = True  # packed latents [B, H*W, C]: a rank's rows are a slice
     processor_class = ClearFluxAttnProcessor
     ip_processor_class = ClearFluxIPAdapterAttnProcessor
     grid_class = ForwardGrid

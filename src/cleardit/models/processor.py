@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import initial_pool_weight
+from ..attention import TokenLayout, clear_attention, initial_pool_weight
+from ..attention.strips import strip_clear_attention
 from ..config import ClearConfig
 
 
@@ -36,3 +37,21 @@ class ClearProcessor(nn.Module):
         if self.spatial_weight is None:
             return None
         return self.spatial_weight.reshape(self.config.down_factor, self.config.down_factor)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout
+    ) -> torch.Tensor:
+        """CLEAR over [B, heads, N, d] tensors laid out as ``layout``. In a patch-parallel model
+        (``geometry`` is a ``StripContext``) they hold the global tokens and this rank's image rows
+        only, ``layout`` is the whole image's, and the band's keys and values come from the
+        neighbouring ranks (``strip_clear_attention``)."""
+        cfg = self.config
+        options = dict(pool_weight=self.pool_weight(), scale=cfg.scale, backend=cfg.backend)
+        comm = getattr(self.geometry, "comm", None)
+        if comm is None:
+            return clear_attention(q, k, v, layout, cfg.radius, **options)
+        timeout_s = comm.timeout.total_seconds() if comm.timeout is not None else None
+        return strip_clear_attention(
+            q, k, v, layout, cfg.radius, group=comm.group, counter=comm.counter, timeout_s=timeout_s,
+            text_merge=self.geometry.text_merge, **options,
+        )  # fmt: skip

@@ -13,6 +13,11 @@ attention is token-wise). ControlNet residuals arrive in raster order: with them
 raster. Each forward's layout also travels to the processors in ``joint_attention_kwargs``, so a
 block that gradient checkpointing recomputes during backward uses the grid of its own forward.
 
+Patch-parallel (``install_strips``): every rank takes the full latents, keeps its rows after
+``pos_embed`` (the sin-cos positions are already added), runs the processors' attention with the
+band's keys and values from its neighbours (``ClearProcessor.attention``) and gathers every rank's
+rows at ``proj_out``, so the transformer unpatchifies the whole image on every rank.
+
 Pipelines: ``StableDiffusion3Pipeline`` (and its img2img for ``--highres``) keep the latents unpacked
 [B, C, h, w] (nothing to pack), take ``timestep`` = sigma x 1000, and have no distilled guidance: the
 jobs' true CFG is their ``guidance_scale``. The text is 77 CLIP tokens (the CLIP tokenizers' length)
@@ -27,13 +32,15 @@ import re
 import torch
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention
+from ..attention import TokenLayout
+from ..attention.strips import StripPlan
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import bind_forward_args
 from .handle import ClearHandle, ForwardGrid, add_hooks
 from .processor import ClearProcessor
+from .strips import ParallelHandle, StripContext
 
 # The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,
 # plus the pooling weights of the down-sampled variant.
@@ -104,20 +111,19 @@ class ClearSD3AttnProcessor(ClearProcessor):
                 ek = attn.norm_added_k(ek)
             # [image | text], image first
             query, key, value = (torch.cat(p, dim=2) for p in ((query, eq), (key, ek), (value, ev)))
-        if query.shape[2] != layout.seq_len:
+        strip = getattr(self.geometry, "comm", None) is not None  # this rank's rows only (install_strips)
+        if not strip and query.shape[2] != layout.seq_len:
             raise ValueError(
                 f"attention got {query.shape[2]} tokens but the latents and text describe {layout.seq_len} "
                 f"({layout.height}x{layout.width} image + {layout.text_len} text)"
             )
-        out = clear_attention(
-            query, key, value, layout, self.config.radius, pool_weight=self.pool_weight(),
-            scale=self.config.scale, backend=self.config.backend,
-        )  # fmt: skip
+        out = self.attention(query, key, value, layout)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        image_out = attn.to_out[1](attn.to_out[0](out[:, : layout.image_len]))
+        image_len = out.shape[1] - layout.text_len
+        image_out = attn.to_out[1](attn.to_out[0](out[:, :image_len]))
         if not joint:
             return image_out
-        text_out = out[:, layout.image_len :]
+        text_out = out[:, image_len:]
         if not attn.context_pre_only:  # the last block drops its text output (no to_add_out)
             text_out = attn.to_add_out(text_out)
         return image_out, text_out
@@ -144,15 +150,28 @@ def _sd3_pre_hook(module, args, kwargs):
     if text is None:
         raise ValueError("a linearized SD3 transformer needs encoder_hidden_states (the text tokens)")
     height, width = latent_grid(bound.arguments["hidden_states"], module.config.patch_size)
-    tile = geometry.config.tile
-    if bound.arguments.get("block_controlnet_hidden_states") is not None:
-        tile = None  # controlnet residuals are added in raster order
+    controlnet = bound.arguments.get("block_controlnet_hidden_states") is not None
+    comm = getattr(geometry, "comm", None)
+    tile = None if controlnet or comm is not None else geometry.config.tile
     layout = TokenLayout(
         text.shape[1], height, width, text_first=False, down_factor=geometry.config.down_factor, tile=tile
     )
     geometry.layout = layout
     geometry.order = geometry.inverse = None
-    if tile is not None and (height > tile[0] or width > tile[1]):
+    if comm is not None:  # patch-parallel: keep this rank's rows (gathered again at proj_out)
+        if controlnet:
+            raise ValueError(
+                "patch-parallel SD3 does not support ControlNet residuals; run them on one device"
+            )
+        geometry.plan = StripPlan(
+            height, width, comm.world, geometry.config.radius, geometry.config.down_factor
+        )
+        y0, y1 = geometry.plan.strip(comm.rank)
+        geometry.order = torch.arange(y0 * width, y1 * width, device=text.device)
+        if comm.counter is not None:
+            comm.counter.next_step()
+    elif tile is not None and (height > tile[0] or width > tile[1]):
+        # controlnet residuals are added in raster order: with them the order stays raster
         geometry.order = layout.sequence_to_raster(text.device)
         geometry.inverse = layout.raster_to_sequence(text.device)
     if not geometry.original_pass:  # the original processors (distillation teacher) take no layout
@@ -176,9 +195,15 @@ def _to_tile_major_hook(module, args, kwargs, output):
 
 
 def _to_raster_hook(module, args, kwargs, output):
-    """On ``proj_out``: image tokens back into raster order before the transformer unpatchifies."""
-    inverse = module._cleardit_grid.inverse
-    return output if inverse is None else output[:, inverse]
+    """On ``proj_out``: image tokens back into raster order before the transformer unpatchifies
+    (patch-parallel: every rank's rows gathered)."""
+    geometry = module._cleardit_grid
+    comm = getattr(geometry, "comm", None)
+    if comm is not None:
+        plan = geometry.plan
+        counts = [plan.rows(r) * plan.width for r in range(comm.world)]
+        return torch.cat(comm.all_gather(output, counts, 1, "output", "output gather", None), dim=1)
+    return output if geometry.inverse is None else output[:, geometry.inverse]
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -204,6 +229,30 @@ class SD3Adapter(ModelAdapter):
         return modules
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        geometry = SD3Grid(config)
+        return self._install(
+            transformer, config, geometry, ClearHandle(transformer, config, self.trainable_pattern)
+        )
+
+    def strips_unsupported(self) -> str | None:
+        return None
+
+    def install_strips(
+        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    ) -> ClearHandle:
+        if context.strip_input or not context.gather_output:
+            raise NotSupportedError(
+                "patch-parallel SD3 takes the full latents on every rank and returns the full output "
+                "(strip_input=False, gather_output=True): the transformer patchifies and unpatchifies the "
+                "whole image itself"
+            )
+        context.order = context.inverse = None
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        return self._install(transformer, config, context, handle)
+
+    def _install(
+        self, transformer: nn.Module, config: ClearConfig, geometry: ForwardGrid, handle
+    ) -> ClearHandle:
         modules = self.attention_modules(transformer)
         foreign = sorted({type(a.processor).__name__ for a in modules} - {"JointAttnProcessor2_0"})
         if foreign:
@@ -213,9 +262,7 @@ class SD3Adapter(ModelAdapter):
                 "(an IP-Adapter, fused QKV projections or another attention variant). Unload it "
                 "(unload_ip_adapter(), unfuse_qkv_projections()) before linearize"
             )
-        geometry = SD3Grid(config)
         geometry.adapter = self
-        handle = ClearHandle(transformer, config, self.trainable_pattern)
         for attn in modules:
             handle.originals.append((attn, attn.processor))
             attn.set_processor(ClearSD3AttnProcessor(geometry, config, attn.to_q.weight))
@@ -226,9 +273,6 @@ class SD3Adapter(ModelAdapter):
             *add_hooks(transformer.proj_out, post_hook=_to_raster_hook, state=geometry),
         )
         return handle
-
-    def strips_unsupported(self) -> str | None:
-        return "patch-parallel inference (--devices) is not supported for SD3 models yet"
 
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         """(heads, head_dim, attention layers); SD3.5's image-only attn2 layers count as layers (their

@@ -12,6 +12,10 @@ NCCL, rank i on ``cuda:i``; CPU processes with gloo otherwise). Every rank runs
   once after the last step; rank 0 decodes with the VAE (``vae_tiling`` for large images) and
   is the only rank that prints and writes files.
 
+Families whose latents are not packed token rows (``adapter.strip_latents`` False, e.g. SD3's
+[B, C, h, w]) run the pipeline unwrapped on every rank with the full latents; the transformer keeps
+its rows after embedding and gathers its output strips at every step (``gather_output=True``).
+
 The result equals one process up to float rounding (tests: max pixel difference <= 1/255).
 """
 
@@ -199,20 +203,27 @@ class PatchParallelRank:
         self.counter = CommCounter()
 
     def install(self, transformer, *, config):
+        from ..models import adapter_for
         from ..models.strips import parallelize
 
+        split = adapter_for(transformer).strip_latents
         return parallelize(
             transformer,
             config=config,
             group=self.group,
-            strip_input=True,
-            gather_output=False,
+            strip_input=split,
+            gather_output=not split,
             counter=self.counter,
             timeout_s=self.timeout_s,
         )
 
-    def wrap(self, pipe) -> StripPipeline:
-        return StripPipeline(pipe)
+    def wrap(self, pipe):
+        """The pipeline each rank calls: a ``StripPipeline`` where the family's latents split into
+        strips (``adapter.strip_latents``), else the pipeline itself (every rank runs the whole loop;
+        the transformer gathers its output strips every step)."""
+        from ..models import adapter_for
+
+        return StripPipeline(pipe) if adapter_for(pipe).strip_latents else pipe
 
 
 def _rank_main(
