@@ -201,6 +201,10 @@ def test_processors_it_cannot_replace_are_refused():
     model.fuse_qkv_projections()
     with pytest.raises(NotSupportedError, match="FusedJointAttnProcessor2_0.*unfuse_qkv_projections"):
         linearize(model, radius=3)
+    # a processor rebuilt as type(p)() and called on its own (outside a linearized forward)
+    attn = tiny_sd3_transformer().transformer_blocks[0].attn
+    with pytest.raises(RuntimeError, match="ran outside a linearized SD3 transformer's forward"):
+        ClearSD3AttnProcessor()(attn, torch.randn(1, 6, 16), torch.randn(1, 4, 16))
 
 
 def test_trainable_parameters_and_weights_round_trip(tmp_path):

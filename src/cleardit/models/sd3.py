@@ -91,7 +91,13 @@ class ClearSD3AttnProcessor(ClearProcessor):
     ):
         if attention_mask is not None:
             raise ValueError("CLEAR attention for SD3 takes no attention_mask; SD3 pipelines pass none")
-        layout = cleardit_layout if cleardit_layout is not None else self.geometry.require_layout()
+        if cleardit_layout is None:  # the transformer's pre-hook passes every forward's own layout
+            raise RuntimeError(
+                f"this {type(self).__name__} ran outside a linearized SD3 transformer's forward (or belongs "
+                "to none: diffusers' loaders rebuild processors as type(p)()), so the image grid is unknown; "
+                "call the transformer itself, linearized with cleardit.linearize"
+            )
+        layout = cleardit_layout
         joint = encoder_hidden_states is not None
         if not joint:  # attn2: image-only self-attention
             layout = dataclasses.replace(layout, text_len=0)
