@@ -295,12 +295,12 @@ def test_weights_round_trip_and_other_families_are_refused(tmp_path):
         load_weights(other, flux_path)
 
 
-def test_adapter_reports_geometry_and_refuses_strips():
+def test_adapter_reports_geometry():
     model = tiny_zimage_transformer()
     adapter = adapter_for(model)
     assert adapter.attention_geometry(model) == (2, 16, 3)
     assert [n for n, _ in adapter.consistency_modules(model)] == ["layers.0.attention", "layers.1.attention"]
-    assert "not supported for Z-Image" in adapter.strips_unsupported()
+    assert adapter.strips_unsupported() is None and not adapter.strip_latents
     assert "zimage (ZImageTransformer2DModel" in adapter.describe()
 
 
@@ -439,8 +439,55 @@ def test_distill_data_train_resume_and_eval_on_a_tiny_zimage_pipeline(zimage_fol
     assert report.results["r2"].to_dict()
 
 
-def test_devices_with_zimage_is_refused_before_any_rank_starts(zimage_folder):
+# ----------------------------------------------------------------------------- patch parallelism
+def _zimage_strips_worker(rank: int, world: int) -> list[float]:
+    """Each case: the parallel model's full output vs the single-process linearized model's, relative to
+    its size (the tiny model's outputs reach ~40, where fp32 steps by ~4e-6)."""
+    from cleardit.parallel import parallelize
+
+    errors = []
+    # (height, width, captions, radius, down_factor): 7 rows on 3 ranks (strips of 3, 2, 2 rows) with
+    # image pads and batch padding; the pooled branch; radius beyond the grid, no image pads (32 tokens)
+    cases = [(7, 5, [5, 40], 4, None), (9, 6, [7, 7], 3, 2), (8, 4, [12, 40], 30, None)]
+    for i, (height, width, captions, radius, down_factor) in enumerate(cases):
+        model = tiny_zimage_transformer(seed=i)
+        inputs = zimage_inputs(height, width, captions, seed=10 + i)
+        options = dict(radius=radius, down_factor=down_factor, backend="reference")
+        handle = linearize(model, tile=None, **options)
+        expected = run(model, inputs)
+        handle.restore()
+        handle = parallelize(model, timeout_s=30, **options)
+        errors.append(((run(model, inputs) - expected).abs().max() / expected.abs().max()).item())
+    with pytest.raises(NotSupportedError, match="ControlNet"):
+        model(**inputs, controlnet_block_samples={0: torch.zeros(1)})
+    handle.restore()
+    with pytest.raises(NotSupportedError, match="strip_input=False"):
+        parallelize(model, radius=2, strip_input=True)
+    return errors
+
+
+def test_patch_parallel_zimage_equals_one_process():
+    """Every rank keeps its rows at the first noise-refiner block (the image pads whole), exchanges the
+    band's keys and values in every noise-refiner and main layer, merges its batch-padding queries over
+    the ranks, and gathers the output before the transformer unpatchifies (3 ranks: a middle strip
+    with two neighbours; strips thinner than the band)."""
+    from cleardit.parallel import spawn
+
+    for rank_errors in spawn(
+        _zimage_strips_worker, 3, timeout_s=60, deadline_s=120, start_method="forkserver"
+    ):
+        assert max(rank_errors) <= 1e-5, rank_errors
+
+
+def test_generate_on_two_devices_equals_one(zimage_folder):
+    """Every rank runs the pipeline on the full latents (with CFG: the prompt and the negative prompt
+    batched); the transformer gathers its rows at every step."""
     from cleardit.parallel import generate_parallel
 
-    with pytest.raises(ValueError, match="not supported for Z-Image"):
-        generate_parallel("a red circle", devices=2, model=zimage_folder, radius=2, quiet=True)
+    common = dict(
+        model=zimage_folder, height=64, width=80, steps=2, radius=2, true_cfg=2.0, quiet=True, seed=3
+    )
+    one = generate("a red circle", **common)
+    two = generate_parallel("a red circle", devices=2, **common)
+    diff = np.abs(np.asarray(one.images[0], dtype=int) - np.asarray(two.images[0], dtype=int)).max()
+    assert diff <= 1 and two.devices == 2 and two.comm_bytes["halo"] > 0

@@ -19,6 +19,16 @@ patchify already yields the tokens tile-major (every op but attention is token-w
 rows, which diffusers builds in raster order, are permuted once per forward in the first processor
 that sees them, and a forward hook puts the output patches back. RoPE has three axes (frame,
 row, column); an image is one frame, and multi-frame inputs are refused.
+
+Patch-parallel (``install_strips``): every rank takes the full latents. diffusers pads the image
+tokens to a multiple of 32 from the grid's size, so the patches cannot be cut before its patchify;
+a pre-hook on the first noise-refiner block keeps ``[this rank's rows | image pads]`` of the embedded
+sequence instead (the first point where the image tokens exist), the pad tokens global and whole on
+every rank. From there diffusers builds the unified sequence from the kept rows; only the RoPE rows
+and the batch key mask it makes still describe the whole grid: the processors take the rank's RoPE
+rows, as they permute them for tile-major order, and count the missing rows in the mask's groups
+(batch-padding queries see every kept key: their partial softmaxes are merged over the ranks). A hook
+on the final layer gathers every rank's rows before diffusers unpatchifies the whole image.
 """
 
 from __future__ import annotations
@@ -34,13 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention
+from ..attention import TokenLayout
+from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
+from .strips import ParallelHandle, StripContext
 
 SEQ_MULTIPLE = 32  # diffusers pads every part of the sequence to a multiple of this (SEQ_MULTI_OF)
 
@@ -68,8 +80,12 @@ class ZImageTokens:
         noise_refiner: ``[grid | image pads]``.
         layers: ``[grid | image pads | caption with its pads]`` of the longest sample.
         kept: unified tokens of each sample (the rest of its row is batch padding, masked out).
-        order: tile-major order (sequence position -> raster cell of the grid), None for raster.
+        order: the grid's tokens in the sequence (sequence position -> raster cell): tile-major order,
+            or patch-parallel this rank's rows; None: the whole grid in raster order.
         patch_size: latent pixels per token side.
+
+    The layouts and ``kept`` always count the whole grid; patch-parallel, the sequences lack the other
+    ranks' rows (``missing``).
     """
 
     noise_refiner: TokenLayout
@@ -80,8 +96,13 @@ class ZImageTokens:
 
     @property
     def inverse(self) -> torch.Tensor:
-        """Raster cell -> sequence position (undoes ``order``)."""
+        """Raster cell -> sequence position (undoes a tile-major ``order``)."""
         return torch.argsort(self.order)
+
+    @property
+    def missing(self) -> int:
+        """Grid tokens the sequences lack (the other ranks' rows)."""
+        return 0 if self.order is None else self.layers.image_len - self.order.numel()
 
 
 class ZImageGrid(ForwardGrid):
@@ -99,6 +120,19 @@ class ZImageGrid(ForwardGrid):
                 "image grid is unknown; ControlNet is not supported with CLEAR: call handle.restore()"
             )
         return ForwardState(self.tokens.layers, self.tokens)
+
+
+class ZImageStripContext(StripContext):
+    """A patch-parallel model's ``StripContext`` plus what ``ZImageGrid`` adds for the processors."""
+
+    def __init__(self, context: StripContext):
+        super().__init__(
+            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
+            context.strip_input,
+        )  # fmt: skip
+        self.tokens: ZImageTokens | None = None
+
+    snapshot = ZImageGrid.snapshot
 
 
 def read_tokens(x, cap_feats, patch_size: int, f_patch_size: int, config: ClearConfig, raster: bool):
@@ -148,18 +182,23 @@ def permute_patches(latents: torch.Tensor, patch_size: int, index: torch.Tensor)
     return patches.permute(2, 3, 0, 4, 1, 5).reshape(c, f, h, w)
 
 
-def tile_major_rope(freqs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """RoPE rows [B, S, d/2] (grid first, raster order) in the tokens' tile-major order; computed
-    once per forward and kept on the tensor (the forward's other layers pass the same one)."""
-    cached = getattr(freqs, "_cleardit_tile_major", None)
+def grid_in_order(t: torch.Tensor, order: torch.Tensor, grid_len: int) -> torch.Tensor:
+    """Rows [B, S, ...] of a sequence whose first ``grid_len`` are the grid in raster order, with the
+    grid's rows taken in ``order`` (tile-major, or this rank's rows); the rows after the grid as they are."""
+    index = torch.cat([order.to(t.device), torch.arange(grid_len, t.shape[1], device=t.device)])
+    return t[:, index]
+
+
+def ordered_rope(freqs: torch.Tensor, order: torch.Tensor, grid_len: int) -> torch.Tensor:
+    """RoPE rows [B, S, d/2] (diffusers': the whole grid first, raster order) for the tokens' ``order``;
+    computed once per forward and kept on the tensor (the forward's other layers pass the same one)."""
+    cached = getattr(freqs, "_cleardit_ordered", None)
     if cached is not None:
         return cached
-    n = order.numel()
-    index = torch.cat([order.to(freqs.device), torch.arange(n, freqs.shape[1], device=freqs.device)])
-    permuted = freqs[:, index]
+    ordered = grid_in_order(freqs, order, grid_len)
     if not torch.compiler.is_compiling():
-        freqs._cleardit_tile_major = permuted
-    return permuted
+        freqs._cleardit_ordered = ordered
+    return ordered
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -196,22 +235,29 @@ class ClearZImageAttnProcessor(ClearProcessor):
             key = attn.norm_k(key)
         if freqs_cis is not None:
             if tokens.order is not None:
-                freqs_cis = tile_major_rope(freqs_cis, tokens.order)
+                freqs_cis = ordered_rope(freqs_cis, tokens.order, layout.image_len)
             query, key = apply_rope(query, freqs_cis), apply_rope(key, freqs_cis)
-        if query.shape[1] != layout.seq_len:
+        if query.shape[1] != layout.seq_len - tokens.missing:
             raise ValueError(
                 f"{self.stage} attention got {query.shape[1]} tokens but the inputs describe "
-                f"{layout.seq_len} ({layout.height}x{layout.width} grid + {layout.text_len} global tokens)"
+                f"{layout.seq_len - tokens.missing} ({layout.height}x{layout.width} grid"
+                + (f" less {tokens.missing} of other ranks" if tokens.missing else "")
+                + f" + {layout.text_len} global tokens)"
             )
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         kept = tokens.kept if self.stage == "layers" else (layout.seq_len,) * q.shape[0]
-        out = self.attend(q, k, v, layout, kept, attention_mask).transpose(1, 2).flatten(2, 3)
+        out = self.attend(q, k, v, layout, kept, attention_mask, tokens.missing)
+        out = out.transpose(1, 2).flatten(2, 3)
         out = attn.to_out[0](out.to(query.dtype))
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
-    def attend(self, q, k, v, layout: TokenLayout, kept: tuple[int, ...], attention_mask) -> torch.Tensor:
-        """CLEAR over [B, heads, S, d]; sample b keeps its first ``kept[b]`` keys (diffusers' mask)."""
-        seq_len = q.shape[2]
+    def attend(
+        self, q, k, v, layout: TokenLayout, kept: tuple[int, ...], attention_mask, missing: int = 0
+    ) -> torch.Tensor:
+        """CLEAR over [B, heads, S, d]; sample b keeps its first ``kept[b]`` keys (diffusers' mask).
+        Patch-parallel, the sequence lacks ``missing`` grid tokens (other ranks' rows) that ``kept``,
+        ``layout`` and the mask count."""
+        seq_len = q.shape[2] + missing  # the whole sequence's length
         padding = any(n != seq_len for n in kept)
         if padding != (attention_mask is not None) or (
             padding and tuple(attention_mask.shape) != (q.shape[0], seq_len)
@@ -221,20 +267,34 @@ class ClearZImageAttnProcessor(ClearProcessor):
                 f"the attention mask ({shape}) does not match the batch padding read from the inputs "
                 f"(kept tokens {kept} of {seq_len})"
             )
-        options = dict(pool_weight=self.pool_weight(), scale=self.config.scale, backend=self.config.backend)
         if not padding:
-            return clear_attention(q, k, v, layout, self.config.radius, **options)
+            return self.attention(q, k, v, layout)
         out = torch.empty_like(q)
-        for n in sorted(set(kept)):
+        for n in sorted(set(kept)):  # the same groups, in the same order, on every rank
             rows = torch.tensor([b for b, m in enumerate(kept) if m == n], device=q.device)
-            qs, ks, vs = q[rows], k[rows, :, :n], v[rows, :, :n]
+            local = n - missing
+            qs, ks, vs = q[rows], k[rows, :, :local], v[rows, :, :local]
             part = dataclasses.replace(layout, text_len=n - layout.image_len)
-            out[rows, :, :n] = clear_attention(qs[:, :, :n], ks, vs, part, self.config.radius, **options)
+            out[rows, :, :local] = self.attention(qs[:, :, :local], ks, vs, part)
             if n < seq_len:  # batch-padding queries see every kept key (the mask drops keys only)
-                out[rows, :, n:] = F.scaled_dot_product_attention(
-                    qs[:, :, n:], ks, vs, scale=self.config.scale
-                )
+                grid_tokens = layout.image_len - missing
+                out[rows, :, local:] = self.padding_attention(qs[:, :, local:], ks, vs, grid_tokens)
         return out
+
+    def padding_attention(self, q, k, v, grid_tokens: int) -> torch.Tensor:
+        """Batch-padding queries: full attention to the kept keys ``k``/``v`` (this sequence's
+        ``grid_tokens`` grid tokens, then the global ones). Patch-parallel, the other ranks hold the
+        rest of the grid: each rank's partial softmax, merged over the ranks as the strip attention
+        merges its global queries' (the global keys counted on rank 0 only)."""
+        comm = getattr(self.geometry, "comm", None)
+        if comm is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.config.scale)
+        merge = self.geometry.text_merge
+        if merge == "exact" and comm.rank != 0:
+            k, v = k[:, :, :grid_tokens], v[:, :, :grid_tokens]
+        scale = self.config.scale if self.config.scale is not None else q.shape[-1] ** -0.5
+        out, lse = dense_attention(q, k, v, scale)
+        return merge_text(out, lse, comm, merge)[0].to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- forward hooks
@@ -251,15 +311,30 @@ def _grid_pre_hook(module, args, kwargs):
             "omni mode (siglip_feats, image_noise_mask) is not supported with CLEAR; call handle.restore()"
         )
     x = arguments["x"]
+    controlnet = arguments["controlnet_block_samples"] is not None
+    comm = getattr(geometry, "comm", None)
+    if comm is not None and controlnet:
+        raise NotSupportedError(
+            "patch-parallel Z-Image does not support ControlNet residuals (controlnet_block_samples); "
+            "run them on one device"
+        )
     # raster order with controlnet residuals (they arrive in raster order) and for the original
     # attention swapped in on purpose (a distillation teacher): only CLEAR's processors permute RoPE
-    raster = arguments["controlnet_block_samples"] is not None or geometry.original_pass
+    raster = controlnet or geometry.original_pass
     tokens = read_tokens(
         x, arguments["cap_feats"], arguments["patch_size"], arguments["f_patch_size"], geometry.config, raster
     )
-    geometry.tokens, geometry.layout = tokens, tokens.layers
-    if tokens.order is not None:
+    if comm is not None:  # patch-parallel: this rank's rows, kept at the first noise-refiner block
+        config, grid = geometry.config, tokens.layers
+        geometry.plan = StripPlan(grid.height, grid.width, comm.world, config.radius, config.down_factor)
+        y0, y1 = geometry.plan.strip(comm.rank)
+        own_rows = torch.arange(y0 * grid.width, y1 * grid.width, device=x[0].device)
+        tokens = dataclasses.replace(tokens, order=own_rows)
+        if comm.counter is not None:
+            comm.counter.next_step()
+    elif tokens.order is not None:
         arguments["x"] = [permute_patches(t, tokens.patch_size, tokens.order) for t in x]
+    geometry.tokens, geometry.layout = tokens, tokens.layers
     arguments.pop("self", None)
     return (), dict(arguments)
 
@@ -271,10 +346,37 @@ def _grid_post_hook(module, args, kwargs, output):
     tokens, geometry.tokens, geometry.layout = geometry.tokens, None, None
     if output is None or tokens is None or tokens.order is None:  # output is None when forward raised
         return output
+    if getattr(geometry, "comm", None) is not None:  # patch-parallel: gathered at the final layer
+        return output
     inverse = tokens.inverse.to(tokens.order.device)
     return _replace_sample(
         output, lambda sample: [permute_patches(t, tokens.patch_size, inverse) for t in sample]
     )
+
+
+def _keep_own_rows_hook(module, args, kwargs):
+    """On the first noise-refiner block (patch-parallel): keep ``[this rank's rows | image pads]`` of the
+    embedded image sequence; diffusers builds the rest of the forward from it."""
+    tokens = module._cleardit_grid.tokens
+    if tokens is None:  # run outside the transformer's forward: its processors say why that fails
+        return None
+    bound = bind_forward_args(module, args, kwargs)
+    bound.arguments["x"] = grid_in_order(bound.arguments["x"], tokens.order, tokens.noise_refiner.image_len)
+    bound.arguments.pop("self", None)
+    return (), dict(bound.arguments)
+
+
+def _gather_rows_hook(module, args, kwargs, output):
+    """On the final layer (patch-parallel): every rank's rows, in raster order, in front of the rest of
+    the sequence, so diffusers unpatchifies the whole grid."""
+    geometry: ZImageStripContext = module._cleardit_grid
+    if output is None or geometry.tokens is None:
+        return output
+    plan, comm = geometry.plan, geometry.comm
+    counts = [plan.rows(r) * plan.width for r in range(comm.world)]
+    own = counts[comm.rank]
+    rows = comm.all_gather(output[:, :own], counts, 1, "output", "output gather", None)
+    return torch.cat([*rows, output[:, own:]], dim=1)
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -294,23 +396,47 @@ class ZImageAdapter(ModelAdapter):
         return [b.attention for b in transformer.noise_refiner] + [b.attention for b in transformer.layers]
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        geometry = ZImageGrid(config)
-        geometry.adapter = self
         handle = ClearHandle(transformer, config, self.trainable_pattern)
+        return self._install(transformer, config, ZImageGrid(config), handle)
+
+    def strips_unsupported(self) -> str | None:
+        return None
+
+    def install_strips(
+        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    ) -> ClearHandle:
+        if context.strip_input or not context.gather_output:
+            raise NotSupportedError(
+                "patch-parallel Z-Image takes the full latents on every rank and returns the full output "
+                "(strip_input=False, gather_output=True): diffusers pads the image tokens to a multiple of "
+                "32 from the whole grid and unpatchifies the whole image itself"
+            )
+        if not len(transformer.noise_refiner):
+            raise NotSupportedError(
+                "patch-parallel Z-Image keeps a rank's rows at the first noise-refiner block, and this "
+                "transformer has none"
+            )
+        context = ZImageStripContext(context)
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        self._install(transformer, config, context, handle)
+        hooks = add_hooks(transformer.noise_refiner[0], _keep_own_rows_hook, state=context)
+        for final_layer in transformer.all_final_layer.values():
+            hooks += add_hooks(final_layer, post_hook=_gather_rows_hook, state=context)
+        handle.hooks += hooks
+        return handle
+
+    def _install(
+        self, transformer: nn.Module, config: ClearConfig, geometry: ZImageGrid | ZImageStripContext, handle
+    ) -> ClearHandle:
+        geometry.adapter = self
         for stage in STAGES:
             for block in getattr(transformer, stage):
                 attn = block.attention
                 handle.originals.append((attn, attn.processor))
                 attn.set_processor(ClearZImageAttnProcessor(geometry, config, attn.to_q.weight, stage))
-        transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
-        handle.hooks = add_hooks(transformer, _grid_pre_hook, _grid_post_hook)
+        # the hooks' state: per model, carried by deepcopy
+        handle.hooks = add_hooks(transformer, _grid_pre_hook, _grid_post_hook, state=geometry)
         return handle
-
-    def strips_unsupported(self) -> str | None:
-        return (
-            "patch-parallel inference (--devices) is not supported for Z-Image models yet "
-            "(its noise refiner and padded unified sequence are not split into strips)"
-        )
 
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         cfg = transformer.config
