@@ -45,11 +45,13 @@ def make_inputs(layout: TokenLayout, batch=2, heads=3, dim=16, dtype=torch.float
     return q, k, v, pw
 
 
-def run_with_grads(q, k, v, pw, layout, radius, backend, return_lse=True):
+def run_with_grads(q, k, v, pw, layout, radius, backend, return_lse=True, temporal_radius=None):
     """Forward with return_lse, then backward of a random projection; returns (out, lse, grads)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     pw_leaf = pw.detach().clone().requires_grad_(True) if pw is not None else None
-    out, lse = clear_attention(*leaves, layout, radius, pool_weight=pw_leaf, return_lse=True, backend=backend)
+    out, lse = clear_attention(
+        *leaves, layout, radius, temporal_radius, pool_weight=pw_leaf, return_lse=True, backend=backend
+    )
     g = torch.Generator().manual_seed(123)
     w_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
     w_lse = torch.randn(lse.shape, generator=g).to(lse.device, lse.dtype)
@@ -80,6 +82,21 @@ def compare_backend(case, backend, dtype=torch.float32, atol=1e-5, device="cpu",
     for name, a, e in zip(names[: len(flat_ref)], flat_got, flat_ref, strict=True):
         scale = max(1.0, math.sqrt(e.float().abs().max().item())) if name == "dpool" else 1.0
         assert_close(a, e, atol * scale, what=f"{backend} {case_id(case)} {name}")
+
+
+def compare_layout(layout, radius, backend, temporal_radius=None, dtype=torch.float32, atol=1e-5, dim=16):
+    """``compare_backend`` for any TokenLayout (video included): out, lse and every gradient of
+    ``backend`` in ``dtype`` against the fp32 reference on the same inputs (batch 2, 3 heads)."""
+    q, k, v, pw = make_inputs(layout, dim=dim)
+    ref = run_with_grads(q, k, v, pw, layout, radius, "reference", temporal_radius=temporal_radius)
+    got = run_with_grads(
+        q.to(dtype), k.to(dtype), v.to(dtype), pw, layout, radius, backend, temporal_radius=temporal_radius
+    )
+    names = ["out", "lse", "dq", "dk", "dv", "dpool"]
+    for name, a, e in zip(names, [got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]], strict=False):
+        scale = max(1.0, math.sqrt(e.float().abs().max().item())) if name == "dpool" else 1.0
+        what = f"{backend} {layout.describe_grid()} r={radius} rt={temporal_radius} {name}"
+        assert_close(a, e, atol * scale, what=what)
 
 
 class DenseMaskProcessor:

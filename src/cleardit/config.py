@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .attention.dispatch import BACKENDS
-from .attention.layout import check_radius
+from .attention.layout import check_radius, check_temporal_radius
 
 # Tile shape of the tile-major token order: 8 rows x 16 columns = 128 tokens, one GPU key block.
 DEFAULT_TILE = (8, 16)
@@ -24,6 +24,9 @@ class ClearConfig:
         tile: image tokens are permuted into tile-major order with this tile shape once per forward
             (None keeps raster order). Results are identical; GPU kernels see contiguous tiles.
         scale: softmax scale; None = 1/sqrt(head_dim).
+        temporal_radius: video models only: latent frames of the spatio-temporal window (a query
+            sees the key at (dt, dy, dx) iff dt^2 r^2 + (dy^2 + dx^2) rt^2 < r^2 rt^2); None = every
+            frame (a disc in space, a cylinder in time).
     """
 
     radius: int = DEFAULT_RADIUS
@@ -31,9 +34,11 @@ class ClearConfig:
     backend: str = "auto"
     tile: tuple[int, int] | None = DEFAULT_TILE
     scale: float | None = None
+    temporal_radius: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", check_radius(self.radius))
+        object.__setattr__(self, "temporal_radius", check_temporal_radius(self.temporal_radius))
         if self.down_factor is not None and (
             isinstance(self.down_factor, bool)
             or not isinstance(self.down_factor, int)

@@ -15,29 +15,33 @@ import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from .dispatch import BackendResult
-from .layout import TokenLayout
+from .layout import TokenLayout, frame_thresholds
 from .pooling import with_pooled_keys
 
 _TEXT, _IMAGE, _POOLED = 0, 1, 2
 
 
 def _token_tables(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per key index (text, image, then pooled): kind, row, col. Queries use the first N entries."""
+    """Per key index (text, image, then pooled): kind, frame, row, col. Queries use the first N entries."""
     n, p = layout.seq_len, layout.pooled_len
     kind = torch.full((n + p,), _IMAGE, dtype=torch.int32, device=device)
     kind[layout.text_slice] = _TEXT
     kind[n:] = _POOLED
-    row = torch.zeros(n + p, dtype=torch.int32, device=device)
-    col = torch.zeros(n + p, dtype=torch.int32, device=device)
-    r, c = layout.image_positions(device)
-    row[layout.image_slice], col[layout.image_slice] = r.int(), c.int()
-    return kind, row, col
+    frame, row, col = (torch.zeros(n + p, dtype=torch.int32, device=device) for _ in range(3))
+    f, r, c = layout.image_coordinates(device)
+    isl = layout.image_slice
+    frame[isl], row[isl], col[isl] = f.int(), r.int(), c.int()
+    return kind, frame, row, col
 
 
-def clear_mask_mod(layout: TokenLayout, radius: int, device: torch.device):
+def clear_mask_mod(
+    layout: TokenLayout, radius: int, device: torch.device, temporal_radius: int | None = None
+):
     """A FlexAttention mask_mod for the CLEAR rule on ``layout``."""
-    kind, row, col = _token_tables(layout, device)
+    kind, frame, row, col = _token_tables(layout, device)
     r2 = radius * radius
+    # video: the squared-distance bound of each frame offset |dt| (layout.frame_thresholds)
+    thresholds = torch.tensor(frame_thresholds(radius, temporal_radius, layout.frames), device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_kind, k_kind = kind[q_idx], kind[kv_idx]
@@ -46,7 +50,11 @@ def clear_mask_mod(layout: TokenLayout, radius: int, device: torch.device):
         q_text = q_kind == _TEXT
         k_text = k_kind == _TEXT
         k_pooled = k_kind == _POOLED
-        near = (q_kind == _IMAGE) & (k_kind == _IMAGE) & (dy * dy + dx * dx < r2)
+        if layout.is_video:
+            bound = thresholds[(frame[q_idx] - frame[kv_idx]).abs()]
+        else:
+            bound = r2
+        near = (q_kind == _IMAGE) & (k_kind == _IMAGE) & (dy * dy + dx * dx < bound)
         return (q_text & ~k_pooled) | k_text | (~q_text & k_pooled) | near
 
     return mask_mod
@@ -54,12 +62,16 @@ def clear_mask_mod(layout: TokenLayout, radius: int, device: torch.device):
 
 @functools.lru_cache(maxsize=32)
 def clear_block_mask(
-    layout: TokenLayout, radius: int, device: torch.device, block_size: int = 128
+    layout: TokenLayout,
+    radius: int,
+    device: torch.device,
+    block_size: int = 128,
+    temporal_radius: int | None = None,
 ) -> BlockMask:
-    """The block mask for (layout, radius, device), built once and cached."""
+    """The block mask for (layout, radius, temporal radius, device), built once and cached."""
     n = layout.seq_len
     return create_block_mask(
-        clear_mask_mod(layout, radius, device),
+        clear_mask_mod(layout, radius, device, temporal_radius),
         None,
         None,
         n,
@@ -86,7 +98,17 @@ def _use_compiled(device: torch.device) -> bool:
 
 
 def flex_clear_attention(
-    q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse, compile: bool | None = None
+    q,
+    k,
+    v,
+    layout,
+    radius,
+    pooled_k,
+    pooled_v,
+    scale,
+    return_lse,
+    temporal_radius=None,
+    compile: bool | None = None,
 ) -> BackendResult:
     """CLEAR attention with FlexAttention and the cached block mask (``dispatch.AttentionBackend``);
     ``compile`` overrides the choice of compiled (CUDA) or eager (CPU) flex_attention."""
@@ -103,10 +125,9 @@ def flex_clear_attention(
     if torch.compiler.is_compiling():
         # inside a compiled model: flex_attention and the mask are compiled with it (no cache lookup,
         # no warning filter: both would break the graph)
-        return _flex(
-            flex_attention, q, k, v, clear_block_mask.__wrapped__(layout, radius, q.device), scale, return_lse
-        )
-    block_mask = clear_block_mask(layout, radius, q.device)
+        block_mask = clear_block_mask.__wrapped__(layout, radius, q.device, temporal_radius=temporal_radius)
+        return _flex(flex_attention, q, k, v, block_mask, scale, return_lse)
+    block_mask = clear_block_mask(layout, radius, q.device, temporal_radius=temporal_radius)
     use_compiled = _use_compiled(q.device) if compile is None else compile
     with warnings.catch_warnings():
         # eager flex is chosen on purpose here (CPU comparison / tests); its advice to compile is noise

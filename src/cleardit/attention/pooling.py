@@ -3,6 +3,8 @@
 One weight per block position, shape (df, df), shared over heads and channels; initialised to
 1/df^2 (a plain average). Grids not divisible by df are zero-padded on the bottom/right, so an
 edge block sums only the tokens it has (identical to the reference release when df divides).
+A video is pooled frame by frame in space (never across frames: the released weights are (df, df)),
+giving T x Hp x Wp pooled tokens in raster order; image queries see all of them, as in 2D.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def initial_pool_weight(down_factor: int, dtype: torch.dtype = torch.float32) ->
 
 
 def pool_image_tokens(x: torch.Tensor, layout: TokenLayout, weight: torch.Tensor) -> torch.Tensor:
-    """Pool the image tokens of ``x`` [B, h, N, d] into [B, h, Hp*Wp, d] (pooled raster order)."""
+    """Pool the image tokens of ``x`` [B, h, N, d] into [B, h, T*Hp*Wp, d] (pooled raster order)."""
     df = layout.down_factor
     if df is None:
         raise ValueError("pool_image_tokens needs a layout with a down_factor")
@@ -31,15 +33,16 @@ def pool_image_tokens(x: torch.Tensor, layout: TokenLayout, weight: torch.Tensor
     img = x[:, :, layout.image_slice]
     if layout.tile is not None:
         img = img.index_select(2, layout.raster_to_sequence(x.device))
-    grid = img.reshape(b, h, layout.height, layout.width, d)
+    # frames folded into the head dimension: every frame is pooled on its own
+    grid = img.reshape(b, h * layout.frames, layout.height, layout.width, d)
     hp, wp = layout.pooled_height, layout.pooled_width
     pad_h, pad_w = hp * df - layout.height, wp * df - layout.width
     if pad_h or pad_w:
         grid = F.pad(grid, (0, 0, 0, pad_w, 0, pad_h))
-    blocks = grid.reshape(b, h, hp, df, wp, df, d)
+    blocks = grid.reshape(b, h * layout.frames, hp, df, wp, df, d)
     w = weight.reshape(df, df).to(x.dtype)
     pooled = torch.einsum("bhpiqjd,ij->bhpqd", blocks, w)
-    return pooled.reshape(b, h, hp * wp, d)
+    return pooled.reshape(b, h, layout.pooled_len, d)
 
 
 def with_pooled_keys(

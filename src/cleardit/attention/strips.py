@@ -527,6 +527,11 @@ def strip_clear_attention(
         raise TypeError(f"layout must be a cleardit TokenLayout, got {type(layout).__name__}")
     if layout.tile is not None:
         raise ValueError("strip parallelism needs raster token order; use layout.with_tile(None)")
+    if layout.is_video:
+        raise NotImplementedError(
+            f"strip parallelism splits one image's rows; this layout is a video ({layout.describe_grid()}); "
+            "run clear_attention on one device"
+        )
     if text_merge not in TEXT_MERGES:
         raise ValueError(f"text_merge must be one of {TEXT_MERGES}, got {text_merge!r}")
     if return_lse and text_merge == "average" and layout.text_len:

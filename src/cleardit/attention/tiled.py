@@ -18,6 +18,12 @@ border (or are cut by it) are grouped into a few more regions, each with one bro
 Heads are processed in groups (as many as fit a scratch budget) folded into the kernel's batch
 dimension, so a call covers all tiles of a region for all heads of the group: few, large calls.
 
+Video (``layout.frames > 1``): the image part of query frame f is one such 2D problem per key
+frame f + dt the rule reaches, each on the same tiles and windows (sized for r) with the disc
+``dy^2 + dx^2 < frame_thresholds[|dt|]``; every frame's strip buffer is built once per head
+group, and the parts of a query merge exactly through their log-sum-exps (in fp32 for fp16/bf16).
+An image is the one part dt = 0, exactly the 2D path.
+
 The kernel is PyTorch's fused CPU flash-attention op (``aten::_scaled_dot_product_flash_attention
 _for_cpu``): it returns the log-sum-exp the merge needs and its backward recomputes probabilities
 from it. On other devices, for other dtypes, or if that private op is missing, a plain
@@ -42,6 +48,7 @@ several copies (20% of the forward at r=16). ``release_workspace()`` frees it.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -49,7 +56,7 @@ from collections import OrderedDict
 import torch
 
 from .dispatch import BackendResult
-from .layout import TokenLayout
+from .layout import TokenLayout, frame_thresholds
 
 __all__ = ["tiled_attention", "tile_shape", "release_workspace"]
 
@@ -225,7 +232,13 @@ class _Call:
 
 
 class _Plan:
-    def __init__(self, layout: TokenLayout, radius: int, tile: tuple[int, int], device):
+    """One frame's tiles and key windows (sized for ``radius``) with the masks of ``dy^2 + dx^2 <
+    r2`` (default r^2; a video's other frame offsets use smaller r2 on the same windows)."""
+
+    def __init__(
+        self, layout: TokenLayout, radius: int, tile: tuple[int, int], device, r2: int | None = None
+    ):
+        r2 = radius * radius if r2 is None else r2
         hh, ww = layout.height, layout.width
         th, tw = min(tile[0], hh), min(tile[1], ww)
         ry, rx = min(radius - 1, hh - 1), min(radius - 1, ww - 1)
@@ -247,18 +260,14 @@ class _Plan:
         hi = (ww - self.wx + rx) // tw + 1
         self.inner = (lo, max(lo, min(hi, ns)))
         self.phases = -(-self.wx // tw)  # strips this far apart have disjoint windows
-        if layout.tile is None:
-            self.r2s = self.s2r = None
-        else:
-            self.r2s = layout.raster_to_sequence(device)
-            self.s2r = layout.sequence_to_raster(device)
+        self.r2s, self.s2r = _token_order(layout.frames, hh, ww, layout.tile, torch.device(device))
 
         # masks: disc pattern x key validity x query validity, grouped into regions
         ii = torch.arange(th).view(th, 1, 1, 1)
         jj = torch.arange(tw).view(1, tw, 1, 1)
         aa = torch.arange(self.wh).view(1, 1, self.wh, 1)
         cc = torch.arange(self.wx).view(1, 1, 1, self.wx)
-        disc = (ii + ry - aa) ** 2 + (jj + rx - cc) ** 2 < radius * radius  # [th, tw, wh, wx]
+        disc = (ii + ry - aa) ** 2 + (jj + rx - cc) ** 2 < r2  # [th, tw, wh, wx]
 
         def key_rows(t):
             rows = t * th - ry + torch.arange(self.wh)
@@ -312,8 +321,8 @@ class _Plan:
         return torch.index_select(x_seq, 1, self.r2s, out=out)
 
     def unraster(self, x_rast: torch.Tensor, x_seq: torch.Tensor) -> None:
-        if self.r2s is not None:
-            x_seq.copy_(x_rast.index_select(1, self.s2r))
+        """x_seq (sequence order) = x_rast (raster order, any dtype)."""
+        x_seq.copy_(x_rast if self.r2s is None else x_rast.index_select(1, self.s2r))
 
     # ---- strided views --------------------------------------------------------------------------
     def rview(self, x: torch.Tensor, c) -> torch.Tensor:
@@ -329,19 +338,27 @@ class _Plan:
         x = x_t.unflatten(0, (c.s1 - c.s0, -1)).unflatten(3, (self.th, self.tw))
         return x[:, :, :, : c.hq, : c.wq]
 
+    def frame(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        """Raster [g, T*HW, e] -> view [g, HW, e] of frame f."""
+        hw = self.H * self.W
+        return x[:, f * hw : (f + 1) * hw]
+
     def to_tiles(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Raster [g, HW, e] -> scratch [ns, g, nty, tq, e] in tile order; padded slots are zero."""
+        """Raster [g, T*HW, e] -> scratch [T, ns, g, nty, tq, e] in tile order; padded slots are zero."""
         g, e = x.shape[0], x.shape[2]
-        out = _scratch(name, (self.ns, g, self.nty, self.th, self.tw, e), x.dtype, x.device)
+        frames = x.shape[1] // (self.H * self.W)
+        out = _scratch(name, (frames, self.ns, g, self.nty, self.th, self.tw, e), x.dtype, x.device)
         if self.H % self.th:
-            out[:, :, -1].zero_()
+            out[:, :, :, -1].zero_()
         if self.W % self.tw:
-            out[-1].zero_()
-        for s0, s1, wq in self.s_blocks:
-            for t0, t1, hq in self.t_blocks:
-                blk = _Call(_Region(s0, s1, t0, t1, hq, wq, None), s0, s1, t0, t1)
-                out[s0:s1, :, t0:t1, :hq, :wq] = self.rview(x, blk)
-        return out.view(self.ns, g, self.nty, self.tq, e)
+            out[:, -1].zero_()
+        for f in range(frames):
+            x_f = self.frame(x, f)
+            for s0, s1, wq in self.s_blocks:
+                for t0, t1, hq in self.t_blocks:
+                    blk = _Call(_Region(s0, s1, t0, t1, hq, wq, None), s0, s1, t0, t1)
+                    out[f, s0:s1, :, t0:t1, :hq, :wq] = self.rview(x_f, blk)
+        return out.view(frames, self.ns, g, self.nty, self.tq, e)
 
     def tiles_of(self, x_t: torch.Tensor, c: _Call) -> torch.Tensor:
         """Tile-ordered scratch [ns, g, nty, tq, e] -> [S*g, T, tq, e] view for one call."""
@@ -362,9 +379,17 @@ class _Plan:
         return x.as_strided(shape, (step * self.tw * sr, sg, self.W * sr, sr, se), off)
 
     def to_ext(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Raster keys [g, HW, d] -> zero-padded strip buffer [ns, g, hx, wx, d] (scratch)."""
-        g, d, ry, hh = x.shape[0], x.shape[2], self.ry, self.H
-        ext = _scratch(name, (self.ns, g, self.hx, self.wx, d), x.dtype, x.device)
+        """Raster keys [g, T*HW, d] -> zero-padded strip buffers [T, ns, g, hx, wx, d] (scratch)."""
+        g, d = x.shape[0], x.shape[2]
+        frames = x.shape[1] // (self.H * self.W)
+        ext = _scratch(name, (frames, self.ns, g, self.hx, self.wx, d), x.dtype, x.device)
+        for f in range(frames):
+            self._fill_ext(self.frame(x, f), ext[f])
+        return ext
+
+    def _fill_ext(self, x: torch.Tensor, ext: torch.Tensor) -> None:
+        """One frame: raster keys [g, HW, d] -> its strip buffer [ns, g, hx, wx, d]."""
+        ry, hh = self.ry, self.H
         ext[:, :, :ry].zero_()
         ext[:, :, ry + hh :].zero_()
         lo, hi = self.inner
@@ -377,10 +402,13 @@ class _Plan:
             band[:, :, :b0].zero_()
             band[:, :, b0 + n :].zero_()
             band[:, :, b0 : b0 + n] = img[:, :, g0 : g0 + n]
-        return ext
 
     def fold_ext(self, ext: torch.Tensor, x: torch.Tensor) -> None:
-        """x (raster [g, HW, d]) += the in-grid part of strip buffer ext (overlapping strips summed)."""
+        """x (raster [g, T*HW, d]) += the in-grid part of strip buffers ext [T, ...] (overlaps summed)."""
+        for f in range(ext.shape[0]):
+            self._fold_frame(ext[f], self.frame(x, f))
+
+    def _fold_frame(self, ext: torch.Tensor, x: torch.Tensor) -> None:
         ry, hh = self.ry, self.H
         lo, hi = self.inner
         for p in range(self.phases):
@@ -421,27 +449,67 @@ _BACKWARD_CALL_ROWS = 16384
 _GROUP_BYTES = 256 * 2**20
 
 
-def _group_size(plan: _Plan, heads: int, d: int, itemsize: int, backward: bool) -> int:
+def _group_size(plan: _Plan, heads: int, d: int, itemsize: int, backward: bool, frames: int = 1) -> int:
     rows = (4 * plan.n_slots + 4 * plan.n_ext) if backward else (plan.n_slots + 2 * plan.n_ext)
-    return max(1, min(heads, _GROUP_BYTES // (rows * d * itemsize)))
+    return max(1, min(heads, _GROUP_BYTES // (frames * rows * d * itemsize)))
+
+
+@functools.lru_cache(maxsize=16)
+def _token_order(frames: int, height: int, width: int, tile: tuple | None, device: torch.device):
+    """(raster -> sequence, sequence -> raster) permutations of the image tokens (None, None: raster)."""
+    if tile is None:
+        return None, None
+    layout = TokenLayout(0, height, width, tile=tile, frames=frames)
+    return layout.raster_to_sequence(device), layout.sequence_to_raster(device)
 
 
 _PLANS: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 16
 
 
-def _get_plan(layout: TokenLayout, radius: int, device, backward: bool = False) -> _Plan:
+def _get_plan(
+    layout: TokenLayout, radius: int, device, backward: bool = False, r2: int | None = None
+) -> _Plan:
     tile = tile_shape(radius, layout.height, layout.width, backward)
-    key = (layout.height, layout.width, layout.tile, radius, tile, str(device))
+    key = (layout.frames, layout.height, layout.width, layout.tile, radius, r2, tile, str(device))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _Plan(layout, radius, tile, device)
+        plan = _Plan(layout, radius, tile, device, r2)
         _PLANS[key] = plan
         while len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
     return plan
+
+
+class _Offsets:
+    """The frame offsets of the rule: which key frames each query frame sees, and their plans.
+
+    A video's image part is one 2D tiles-plus-halo problem per (query frame f, key frame f + dt):
+    the disc ``dy^2 + dx^2 < frame_thresholds[|dt|]`` on the same tiles and windows (sized for r);
+    the parts of one query merge exactly through their log-sum-exps. An image has dt = 0 only.
+    """
+
+    def __init__(self, layout: TokenLayout, radius: int, temporal_radius, device, backward: bool):
+        self.frames = layout.frames
+        self.thresholds = frame_thresholds(radius, temporal_radius, layout.frames)
+        r2 = radius * radius
+        self.plans = {
+            m: _get_plan(layout, radius, device, backward, None if m == r2 else m)
+            for m in set(self.thresholds)
+            if m > 0
+        }
+        self.plan = self.plans[r2]  # dt = 0: the geometry every part shares
+
+    def of_frame(self, f: int) -> list[tuple[int, _Plan]]:
+        """[(key frame, plan)] for query frame f, its own frame first."""
+        keys = [f] + [f + dt for a in range(1, self.frames) for dt in (-a, a)]
+        return [
+            (k, self.plans[self.thresholds[abs(k - f)]])
+            for k in keys
+            if 0 <= k < self.frames and self.thresholds[abs(k - f)] > 0
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,66 +535,77 @@ def _head_groups(nh: int, g: int):
     return [slice(h0, min(nh, h0 + g)) for h0 in range(0, nh, g)]
 
 
-def _forward(q, k, v, pooled_k, pooled_v, layout, plan, scale):
+def _forward(q, k, v, pooled_k, pooled_v, layout, offsets, scale):
     bsz, nh, n, d = q.shape
     dtype, device = q.dtype, q.device
+    plan = offsets.plan
     out = torch.empty((bsz, nh, n, d), dtype=dtype, device=device)
     lse = torch.empty((bsz, nh, n), dtype=torch.float32, device=device)
     ts, isl = layout.text_slice, layout.image_slice
+    # a video query merges several parts: accumulate low-precision outputs in fp32
+    acc = torch.float32 if layout.is_video else dtype
 
     if layout.text_len:
         o_t, l_t = _attn_fwd(q[:, :, ts], k, v, None, scale)
         out[:, :, ts] = o_t
         lse[:, :, ts] = l_t
 
-    hw = plan.H * plan.W
-    group = _group_size(plan, nh, d, q.element_size(), backward=False)
+    img = layout.image_len
+    group = _group_size(plan, nh, d, q.element_size(), backward=False, frames=layout.frames)
     for bi in range(bsz):
         for heads in _head_groups(nh, group):
             g = heads.stop - heads.start
             q_r = plan.raster(q[bi, heads, isl], "q_r")
             k_r = plan.raster(k[bi, heads, isl], "k_r")
             v_r = plan.raster(v[bi, heads, isl], "v_r")
-            if plan.r2s is None:
+            in_place = plan.r2s is None and acc == dtype
+            if in_place:
                 o_r, l_r = out[bi, heads, isl], lse[bi, heads, isl]
             else:
-                o_r = _scratch("o_r", (g, hw, d), dtype, device)
-                l_r = _scratch("l_r", (g, hw), torch.float32, device)
+                o_r = _scratch("o_r", (g, img, d), acc, device)
+                l_r = _scratch("l_r", (g, img), torch.float32, device)
             q_t = plan.to_tiles(q_r, "q_t")
             k_x = plan.to_ext(k_r, "k_x")
             v_x = plan.to_ext(v_r, "v_x")
             kg, vg = _global_kv(k, v, pooled_k, pooled_v, layout, bi, heads)
             if kg is not None:
                 o_g, l_g = _attn_fwd(q_r[None], kg, vg, None, scale)
-                o_g, l_g = o_g[0], l_g[0].unsqueeze(-1)
-            for c in plan.calls(g, None):
-                o_l, l_l = _attn_fwd(
-                    plan.tiles_of(q_t, c),
-                    plan.windows(k_x, c),
-                    plan.windows(v_x, c),
-                    c.mask(dtype, device, g),
-                    scale,
-                )
-                o_l = plan.tview(o_l, c)
-                l_l = plan.tview(l_l.unsqueeze(-1), c)
-                o_dst = plan.rview(o_r, c)
-                l_dst = plan.rview(l_r.unsqueeze(-1), c)
-                if kg is None:
-                    o_dst.copy_(o_l)
-                    l_dst.copy_(l_l)
-                    continue
-                l_gr = plan.rview(l_g, c)
-                torch.logaddexp(l_l, l_gr, out=l_dst)
-                w_g = (l_gr - l_dst).exp_()
-                torch.lerp(o_l, plan.rview(o_g, c), w_g.to(dtype), out=o_dst)
-            plan.unraster(o_r, out[bi, heads, isl])
-            plan.unraster(l_r, lse[bi, heads, isl])
+                o_g, l_g = o_g[0].to(acc), l_g[0].unsqueeze(-1)
+            for f in range(layout.frames):
+                o_f, l_f = plan.frame(o_r, f), plan.frame(l_r.unsqueeze(-1), f)
+                for part, (kf, kplan) in enumerate(offsets.of_frame(f)):
+                    for c in kplan.calls(g, None):
+                        o_l, l_l = _attn_fwd(
+                            kplan.tiles_of(q_t[f], c),
+                            kplan.windows(k_x[kf], c),
+                            kplan.windows(v_x[kf], c),
+                            c.mask(dtype, device, g),
+                            scale,
+                        )
+                        o_l = kplan.tview(o_l, c).to(acc)
+                        l_l = kplan.tview(l_l.unsqueeze(-1), c)
+                        o_dst, l_dst = kplan.rview(o_f, c), kplan.rview(l_f, c)
+                        if part:  # merge into the parts so far (global keys included)
+                            torch.logaddexp(l_dst, l_l, out=l_dst)
+                            torch.lerp(o_dst, o_l, (l_l - l_dst).exp_().to(acc), out=o_dst)
+                        elif kg is None:
+                            o_dst.copy_(o_l)
+                            l_dst.copy_(l_l)
+                        else:
+                            l_gr = kplan.rview(plan.frame(l_g, f), c)
+                            torch.logaddexp(l_l, l_gr, out=l_dst)
+                            w_g = (l_gr - l_dst).exp_()
+                            torch.lerp(o_l, kplan.rview(plan.frame(o_g, f), c), w_g.to(acc), out=o_dst)
+            if not in_place:
+                plan.unraster(o_r, out[bi, heads, isl])
+                plan.unraster(l_r, lse[bi, heads, isl])
     return out, lse
 
 
-def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, scale):
+def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, offsets, scale):
     bsz, nh, n, d = q.shape
     dtype, device = q.dtype, q.device
+    plan = offsets.plan
     ts, isl, t_len = layout.text_slice, layout.image_slice, layout.text_len
     if dout is None:
         dout = torch.zeros_like(out)
@@ -550,8 +629,8 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, s
         dpk = torch.empty_like(pooled_k)
         dpv = torch.empty_like(pooled_v)
 
-    hw = plan.H * plan.W
-    group = _group_size(plan, nh, d, q.element_size(), backward=True)
+    img = layout.image_len
+    group = _group_size(plan, nh, d, q.element_size(), backward=True, frames=layout.frames)
     for bi in range(bsz):
         for heads in _head_groups(nh, group):
             g = heads.stop - heads.start
@@ -586,26 +665,30 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, s
                     dpk[bi, heads] = dkg[:, t_len:]
                     dpv[bi, heads] = dvg[:, t_len:]
             else:
-                dq_r = _scratch("dq_r", (g, hw, d), dtype, device).zero_()
+                dq_r = _scratch("dq_r", (g, img, d), dtype, device).zero_()
 
             dk_x = _scratch("dk_x", k_x.shape, dtype, device).zero_()
             dv_x = _scratch("dv_x", v_x.shape, dtype, device).zero_()
             zero_x = None
             if dl_t is not None:  # values for the log-sum-exp gradient calls (see _lse_grad_parts)
-                zero_x = _scratch("zero_x", v_x.shape, dtype, device).zero_()
-            for c in plan.calls(g, _BACKWARD_CALL_ROWS):
-                mask = c.mask(dtype, device, g)
-                qw, gw, ow, lw = (plan.tiles_of(x, c) for x in (q_t, g_t, o_t, l_t))
-                kw, vw = plan.windows(k_x, c), plan.windows(v_x, c)
-                dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
-                if dl_t is not None:
-                    zw = plan.windows(zero_x, c)
-                    dq_x, dk_x2 = _lse_grad_parts(plan.tiles_of(dl_t, c), qw, kw, lw, mask, scale, zw)
-                    dq_w = dq_w + dq_x
-                    dk_w = dk_w + dk_x2
-                plan.rview(dq_r, c).add_(plan.tview(dq_w, c))
-                plan.fold_windows(dk_x, c, dk_w)
-                plan.fold_windows(dv_x, c, dv_w)
+                zero_x = _scratch("zero_x", v_x.shape[1:], dtype, device).zero_()
+            for f in range(layout.frames):
+                dq_f = plan.frame(dq_r, f)
+                for kf, kplan in offsets.of_frame(f):
+                    for c in kplan.calls(g, _BACKWARD_CALL_ROWS):
+                        mask = c.mask(dtype, device, g)
+                        qw, gw, ow, lw = (kplan.tiles_of(x[f], c) for x in (q_t, g_t, o_t, l_t))
+                        kw, vw = kplan.windows(k_x[kf], c), kplan.windows(v_x[kf], c)
+                        dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
+                        if dl_t is not None:
+                            zw = kplan.windows(zero_x, c)
+                            dlw = kplan.tiles_of(dl_t[f], c)
+                            dq_x, dk_x2 = _lse_grad_parts(dlw, qw, kw, lw, mask, scale, zw)
+                            dq_w = dq_w + dq_x
+                            dk_w = dk_w + dk_x2
+                        kplan.rview(dq_f, c).add_(kplan.tview(dq_w, c))
+                        kplan.fold_windows(dk_x[kf], c, dk_w)
+                        kplan.fold_windows(dv_x[kf], c, dv_w)
             if plan.r2s is None:
                 dq[bi, heads, isl] = dq_r
                 plan.fold_ext(dk_x, dk[bi, heads, isl])
@@ -613,7 +696,7 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, s
             else:
                 plan.unraster(dq_r, dq[bi, heads, isl])
                 for ext, grad in ((dk_x, dk), (dv_x, dv)):
-                    acc = _scratch("acc_r", (g, hw, d), dtype, device).zero_()
+                    acc = _scratch("acc_r", (g, img, d), dtype, device).zero_()
                     plan.fold_ext(ext, acc)
                     grad[bi, heads, isl] += acc.index_select(1, plan.s2r)
     return dq, dk, dv, dpk, dpv
@@ -625,11 +708,13 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, s
 # The layout travels as plain ints, which operators can take.
 def _layout_args(layout: TokenLayout) -> tuple:
     return (layout.text_len, layout.height, layout.width, layout.text_first, layout.down_factor,
-            list(layout.tile) if layout.tile is not None else None)  # fmt: skip
+            list(layout.tile) if layout.tile is not None else None, layout.frames)  # fmt: skip
 
 
-def _layout_of(text_len, height, width, text_first, down_factor, tile) -> TokenLayout:
-    return TokenLayout(text_len, height, width, text_first, down_factor, tuple(tile) if tile else None)
+def _layout_of(text_len, height, width, text_first, down_factor, tile, frames) -> TokenLayout:
+    return TokenLayout(
+        text_len, height, width, text_first, down_factor, tuple(tile) if tile else None, frames
+    )
 
 
 @torch.library.custom_op("cleardit::tiled_clear", mutates_args=())
@@ -637,14 +722,15 @@ def _tiled_clear(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None,
     text_len: int, height: int, width: int, text_first: bool, down_factor: int | None,
-    tile: list[int] | None, radius: int, scale: float,
+    tile: list[int] | None, frames: int, radius: int, temporal_radius: int | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    layout = _layout_of(text_len, height, width, text_first, down_factor, tile)
-    return _forward(q, k, v, pooled_k, pooled_v, layout, _get_plan(layout, radius, q.device), scale)
+    layout = _layout_of(text_len, height, width, text_first, down_factor, tile, frames)
+    offsets = _Offsets(layout, radius, temporal_radius, q.device, backward=False)
+    return _forward(q, k, v, pooled_k, pooled_v, layout, offsets, scale)
 
 
 @_tiled_clear.register_fake
-def _(q, k, v, pooled_k, pooled_v, text_len, height, width, text_first, down_factor, tile, radius, scale):
+def _(q, k, v, pooled_k, pooled_v, *layout_and_radius):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, as _forward
 
 
@@ -653,12 +739,13 @@ def _tiled_clear_backward(
     dout: torch.Tensor | None, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
     v: torch.Tensor, pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, text_len: int, height: int, width: int, text_first: bool,
-    down_factor: int | None, tile: list[int] | None, radius: int, scale: float,
+    down_factor: int | None, tile: list[int] | None, frames: int, radius: int, temporal_radius: int | None,
+    scale: float,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dq, dk, dv] (plus [d pooled_k, d pooled_v] when there are pooled keys)."""
-    layout = _layout_of(text_len, height, width, text_first, down_factor, tile)
-    plan = _get_plan(layout, radius, q.device, backward=True)
-    grads = _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, plan, scale)
+    layout = _layout_of(text_len, height, width, text_first, down_factor, tile, frames)
+    offsets = _Offsets(layout, radius, temporal_radius, q.device, backward=True)
+    grads = _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, offsets, scale)
     return [g.contiguous() for g in grads if g is not None]  # the strides the fake version promises
 
 
@@ -669,29 +756,31 @@ def _(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, *layout_and_radius):
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, pooled_k, pooled_v, *layout_args, radius, scale = inputs
+    q, k, v, pooled_k, pooled_v, *rule = inputs  # the layout's ints, radius, temporal radius, scale
     ctx.save_for_backward(q, k, v, pooled_k, pooled_v, *output)
-    ctx.layout_args, ctx.radius, ctx.scale = layout_args, radius, scale
+    ctx.rule = rule
     ctx.set_materialize_grads(False)  # no gradient for the log-sum-exp: skip its extra kernel calls
 
 
 def _tiled_clear_grad(ctx, dout, dlse):
     q, k, v, pooled_k, pooled_v, out, lse = ctx.saved_tensors
+    no_grads = (None,) * len(ctx.rule)
     if dout is None and dlse is None:
-        return (None,) * 13
-    grads = _tiled_clear_backward(
-        dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, *ctx.layout_args, ctx.radius, ctx.scale
-    )
+        return (None,) * 5 + no_grads
+    grads = _tiled_clear_backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, *ctx.rule)
     pooled = grads[3:] if pooled_k is not None else [None, None]
-    return (*grads[:3], *pooled) + (None,) * 8
+    return (*grads[:3], *pooled) + no_grads
 
 
 _tiled_clear.register_autograd(_tiled_clear_grad, setup_context=_save_for_backward)
 
 
-def tiled_attention(q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse) -> BackendResult:
+def tiled_attention(
+    q, k, v, layout, radius, pooled_k, pooled_v, scale, return_lse, temporal_radius=None
+) -> BackendResult:
     """CLEAR attention with tiles plus halo (``dispatch.AttentionBackend``). Memory is linear in N:
     no N x N (or image x image) tensor is ever formed."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _tiled_clear(q, k, v, pooled_k, pooled_v, *_layout_args(layout), int(radius), float(scale))
+    rt = None if temporal_radius is None else int(temporal_radius)
+    out, lse = _tiled_clear(q, k, v, pooled_k, pooled_v, *_layout_args(layout), int(radius), rt, float(scale))
     return out, (lse if return_lse else None)

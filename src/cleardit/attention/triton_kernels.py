@@ -700,6 +700,7 @@ def triton_clear_attention(
     pooled_v,
     scale,
     return_lse,
+    temporal_radius=None,
     *,
     tile_tokens: int | None = None,
     fwd_n: int | None = None,
@@ -724,6 +725,13 @@ def triton_clear_attention(
         )
     radius = check_radius(radius)
     layout.check_qkv(q, k, v)
+    if layout.is_video:
+        from .dispatch import VIDEO_BACKENDS
+
+        raise NotImplementedError(
+            f"the triton backend has no video (frames > 1) kernels yet ({layout.describe_grid()} grid); "
+            f"use one of {VIDEO_BACKENDS}"
+        )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton backend supports float16, bfloat16 and float32, got {q.dtype}")
     if q.shape[-1] > 256:
