@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -137,6 +137,14 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def student_config(adapter, radius: int, down_factor: int | None, backend: str) -> ClearConfig:
+    """The ClearConfig the student is linearized with: raster token order where the family's teacher
+    cannot follow the tile-major order (``adapter.teacher_keeps_tile_order``), so that the attention
+    outputs the consistency loss compares belong to the same tokens."""
+    config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend)
+    return config if adapter.teacher_keeps_tile_order else replace(config, tile=None)
+
+
 def load_transformer(model, dtype: torch.dtype) -> tuple[nn.Module, dict, str]:
     """(transformer, scheduler config, name) from a folder / cached id / None / pipeline / transformer."""
     if isinstance(model, nn.Module):
@@ -224,8 +232,7 @@ class Distiller:
             transformer.to(frozen_dtype)
         self.teacher = TeacherView(transformer)
         self.handle = linearize(
-            transformer,
-            config=ClearConfig(radius=cfg.radius, down_factor=cfg.down_factor, backend=cfg.backend),
+            transformer, config=student_config(self.adapter, cfg.radius, cfg.down_factor, cfg.backend)
         )
         self.teacher.freeze_initial(self.handle)  # in the frozen dtype: the original values exactly
         self.named_trainable = list(self.handle.named_clear_parameters())

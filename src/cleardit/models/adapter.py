@@ -35,6 +35,11 @@ class ModelAdapter:
         strip_latents: patch-parallel generation keeps only each rank's strip of the packed latents
             through the denoising loop (``StripPipeline``); False: every rank runs the whole loop on
             the full latents and the transformer gathers its output strips at every step.
+        teacher_keeps_tile_order: the distillation teacher (the original processors swapped in,
+            ``original_attention``) runs in the student's tile-major token order. False where the
+            family's RoPE is built inside the forward and only CLEAR's processors reorder it: the
+            student is then trained in raster order, so the attention-consistency loss compares
+            the same tokens.
         default_steps, default_guidance, default_true_cfg: generation defaults when the model folder's
             ``cleardit.json`` gives none (``default_guidance`` None: the family has no distilled
             guidance, and ``--guidance`` is refused).
@@ -47,6 +52,7 @@ class ModelAdapter:
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
     strip_latents: bool = False
+    teacher_keeps_tile_order: bool = True
     default_steps: int = 28
     default_guidance: float | None = 3.5
     default_true_cfg: float = 1.0

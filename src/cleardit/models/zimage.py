@@ -389,6 +389,9 @@ class ZImageAdapter(ModelAdapter):
     img2img_class = "ZImageImg2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
+    # diffusers builds the RoPE from the (permuted) patches inside the forward; only CLEAR's processors
+    # put it in tile-major order, so the distillation teacher runs in raster order
+    teacher_keeps_tile_order = False
     default_steps = 9  # Z-Image-Turbo's recommended steps, guidance off
     default_guidance = None  # no distilled guidance input
 
