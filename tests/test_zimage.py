@@ -262,6 +262,8 @@ def test_inputs_that_are_not_one_grid_are_clear_errors():
         model(**dict(inputs, x=[torch.randn(CHANNELS, 2, 8, 10)] * 2))
     with pytest.raises(NotSupportedError, match="omni mode"):
         model(**dict(inputs, x=[[t] for t in inputs["x"]]))
+    with pytest.raises(ValueError, match=r"not one stacked tensor \(2, 4, 1, 8, 10\): pass list\(x\)"):
+        model(**dict(inputs, x=torch.stack(inputs["x"])))
     with pytest.raises(ValueError, match="one caption each"):
         model(**dict(inputs, cap_feats=inputs["cap_feats"][:1]))
     # the noise refiner run outside the transformer's forward (as ZImageControlNetModel does)

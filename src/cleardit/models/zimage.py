@@ -115,9 +115,12 @@ class ZImageGrid(ForwardGrid):
     def snapshot(self) -> ForwardState:
         if self.tokens is None:
             raise RuntimeError(
-                "a CLEAR attention processor of a Z-Image transformer ran outside the transformer's forward "
-                "(e.g. a ZImageControlNetModel, which runs the transformer's noise_refiner itself), so the "
-                "image grid is unknown; ControlNet is not supported with CLEAR: call handle.restore()"
+                "a CLEAR attention processor of a Z-Image transformer ran outside the transformer's forward, "
+                "so the image grid is unknown. Either a ZImageControlNetModel runs the transformer's "
+                "noise_refiner itself (ControlNet is not supported with CLEAR: call handle.restore()), or "
+                "reentrant gradient checkpointing (use_reentrant=True) re-ran a block with a detached copy "
+                "of the RoPE tensor that carries the forward's state: use the default, non-reentrant "
+                "checkpointing"
             )
         return ForwardState(self.tokens.layers, self.tokens)
 
@@ -137,6 +140,11 @@ class ZImageStripContext(StripContext):
 
 def read_tokens(x, cap_feats, patch_size: int, f_patch_size: int, config: ClearConfig, raster: bool):
     """``ZImageTokens`` of a forward's ``x`` (list of (C, F, H, W) latents) and ``cap_feats``."""
+    if torch.is_tensor(x) and x.dim() == 5:
+        raise ValueError(
+            "a linearized ZImageTransformer2DModel takes x as a list of (C, F, H, W) latents, one per "
+            f"sample (as ZImagePipeline passes it), not one stacked tensor {tuple(x.shape)}: pass list(x)"
+        )
     if not isinstance(x, (list, tuple)) or not x or not all(torch.is_tensor(t) and t.dim() == 4 for t in x):
         kinds = type(x[0]).__name__ if isinstance(x, (list, tuple)) and x else type(x).__name__
         raise NotSupportedError(
