@@ -20,7 +20,6 @@ from diffusers.models.transformers.transformer_flux2 import (
 from cleardit import generate, linearize, load_weights, save_weights
 from cleardit.models import adapter_for, get_handle
 from cleardit.models.flux2 import ClearFlux2AttnProcessor, ClearFlux2ParallelSelfAttnProcessor
-from cleardit.models.strips import parallelize
 from cleardit.models.tiny import tiny_flux_transformer
 
 TEXT_DIM = 24
@@ -344,7 +343,7 @@ def test_trainable_parameters_weights_round_trip_and_family_checks(tmp_path):
         load_weights(flux, path)
 
 
-def test_adapter_registry_and_no_strips():
+def test_adapter_registry_and_modules():
     model = tiny_flux2_transformer()
     adapter = adapter_for(model)
     assert adapter.family == "flux2"
@@ -353,13 +352,11 @@ def test_adapter_registry_and_no_strips():
         "single_transformer_blocks.0.attn",
         "single_transformer_blocks.1.attn",
     ]
-    assert "Flux2Transformer2DModel" in adapter.describe()
+    assert "Flux2Transformer2DModel" in adapter.describe() and "--devices N" in adapter.describe()
     handle = linearize(model, radius=3)
     assert isinstance(model.transformer_blocks[0].attn.processor, ClearFlux2AttnProcessor)
     assert isinstance(model.single_transformer_blocks[1].attn.processor, ClearFlux2ParallelSelfAttnProcessor)
     handle.restore()
-    with pytest.raises(ValueError, match="not supported for FLUX.2"):
-        parallelize(model, radius=2)
     with adapter.rope_theta_scaled(model, 10):  # NTK RoPE for --highres
         assert model.pos_embed.theta == 20_000
     assert model.pos_embed.theta == 2000
@@ -569,3 +566,64 @@ def test_distill_with_resume_and_eval_on_a_tiny_klein_pipeline(klein_folder, tmp
     )  # fmt: skip
     assert report.teacher.generated == 2 and report.clear[0].generated == 2
     assert report.results["r2"].to_dict()
+
+
+# ----------------------------------------------------------------------------- patch parallelism
+def _flux2_strips_worker(rank: int, world: int) -> list[float]:
+    """Each case: the parallel model's full output vs the single-process linearized model's."""
+    from cleardit.models import NotSupportedError
+    from cleardit.parallel import parallelize
+
+    def compare(model, radius, down_factor, outputs):  # outputs(model): the tensors to compare
+        handle = linearize(model, radius=radius, down_factor=down_factor, backend="reference", tile=None)
+        expected = outputs(model)
+        handle.restore()
+        parallelize(model, radius=radius, down_factor=down_factor, backend="reference", timeout_s=30)
+        got = outputs(model)
+        get_handle(model).restore()
+        return max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True))
+
+    errors = []
+    for i, (height, width, radius, down_factor, references) in enumerate(
+        [
+            (7, 5, 2, None, ((3, 4),)),  # odd sizes
+            (6, 5, 4, None, ((2, 3), (3, 1))),  # 2-row strips, thinner than the 3-row band
+            (9, 6, 3, 2, ((3, 4),)),  # pooled branch
+            (5, 4, 30, None, ()),  # radius beyond the grid, text the only global tokens
+        ]
+    ):
+        model, inputs = tiny_flux2_transformer(seed=i), flux2_inputs(height, width, references, seed=10 + i)
+        errors.append(compare(model, radius, down_factor, lambda m, inputs=inputs: [run(m, inputs)]))
+    # the KV cache: the references, extracted then cached, are global on every rank
+    errors.append(compare(flux2_kv_model(), 2, None, lambda m: kv_steps(m, 7, 6, ((3, 4),))))
+    try:
+        parallelize(tiny_flux2_transformer(), radius=2, strip_input=True)
+    except NotSupportedError as exc:
+        assert "strip_input=False" in str(exc)
+    else:
+        raise AssertionError("strip_input=True was not refused")
+    return errors
+
+
+def test_patch_parallel_flux2_equals_one_process():
+    """Every rank keeps [references | its target rows] of the image stream and img_ids, exchanges the
+    band's keys and values in every double and single block, and gathers the target rows into the
+    caller's order (3 ranks: a middle strip with two neighbours)."""
+    from cleardit.parallel import spawn
+
+    for rank_errors in spawn(
+        _flux2_strips_worker, 3, timeout_s=60, deadline_s=120, start_method="forkserver"
+    ):
+        assert max(rank_errors) <= 1e-5, rank_errors
+
+
+def test_generate_on_two_devices_equals_one(klein_folder):
+    """Every rank runs the Klein pipeline on the full latents; the transformer gathers its output rows
+    at every step."""
+    from cleardit.parallel import generate_parallel
+
+    common = dict(model=klein_folder, height=64, width=80, steps=2, radius=2, quiet=True, seed=3)
+    one = generate("a red circle", **common)
+    two = generate_parallel("a red circle", devices=2, **common)
+    diff = np.abs(np.asarray(one.images[0], dtype=int) - np.asarray(two.images[0], dtype=int)).max()
+    assert diff <= 1 and two.devices == 2 and two.comm_bytes["halo"] > 0

@@ -18,6 +18,14 @@ references prepended to the image stream attend only to themselves, and their po
 values are cached) and "cached" (the cached reference keys and values sit between text and target
 as global keys).
 
+Patch-parallel (``install_strips``): every rank takes the full image stream and the pre-hook keeps
+``[references | this rank's target rows, raster order]`` of it and of ``img_ids`` (so the RoPE the
+transformer computes from the ids matches); text and references stay whole on every rank as global
+tokens. The processors' attention takes the band's keys and values from the neighbouring ranks
+(``ClearProcessor.attention``), and the post-hook gathers every rank's target rows back into the
+caller's order, so every rank returns the whole output. The KV-cache modes run as on one device (the
+references, extracted or cached, are global on every rank).
+
 Pipelines: ``Flux2KleinPipeline`` (Qwen3 text encoder, classifier-free guidance with the empty
 negative prompt, no distilled guidance). diffusers has no FLUX.2 image-to-image pipeline, so
 ``--highres`` re-noises the start latents to the first sigma and denoises them with the text-to-image
@@ -40,13 +48,15 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention
+from ..attention import TokenLayout
+from ..attention.strips import StripPlan
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import FluxAdapter, _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
+from .strips import ParallelHandle, StripContext
 
 # What CLEAR fine-tunes and saves. Double-stream blocks: the image stream's to_q/k/v/to_out, as the
 # reference release trains on FLUX.1. Single blocks compute q, k, v and the MLP input with ONE Linear
@@ -83,6 +93,20 @@ class Flux2Grid(ForwardGrid):
 
     def snapshot(self) -> ForwardState:
         return ForwardState(self.require_layout(), self.tokens)
+
+
+class Flux2StripContext(StripContext):
+    """A patch-parallel model's ``StripContext`` plus what ``Flux2Grid`` adds for the processors."""
+
+    def __init__(self, context: StripContext):
+        super().__init__(
+            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
+            context.strip_input,
+        )  # fmt: skip
+        self.tokens: Flux2Tokens | None = None
+        self.output_order: torch.Tensor | None = None
+
+    snapshot = Flux2Grid.snapshot
 
 
 # ----------------------------------------------------------------------------- reading the grid
@@ -151,8 +175,9 @@ def split_image_stream(ids: torch.Tensor, mode: str | None, num_ref_tokens: int)
 
 def _flux2_pre_hook(module, args, kwargs):
     """Read the target grid and the references from the ids, publish the layout ``[text | references
-    | target]``, and reorder the image stream to ``[references | target, tile-major]``."""
-    geometry: Flux2Grid = module._cleardit_grid
+    | target]``, and reorder the image stream to ``[references | target, tile-major]`` (patch-parallel:
+    ``[references | this rank's target rows]``)."""
+    geometry: Flux2Grid | Flux2StripContext = module._cleardit_grid
     geometry.check_processors(module)
     bound = bind_forward_args(module, args, kwargs)
     arguments = bound.arguments
@@ -169,31 +194,59 @@ def _flux2_pre_hook(module, args, kwargs):
     references, target, (height, width) = split_image_stream(ids, mode, num_ref_tokens)
     global_refs = arguments["kv_cache"].num_ref_tokens if mode == "cached" else references.numel()
     config = geometry.config
+    comm = getattr(geometry, "comm", None)
     layout = TokenLayout(
-        text.shape[1] + global_refs, height, width, down_factor=config.down_factor, tile=config.tile
-    )
-    order = torch.cat([references, target[layout.sequence_to_raster(ids.device)]])
+        text.shape[1] + global_refs, height, width, down_factor=config.down_factor,
+        tile=config.tile if comm is None else None,
+    )  # fmt: skip
+    # order: the image stream the blocks run on; stream: the output's (after the gather in parallel)
+    if comm is None:
+        order = stream = torch.cat([references, target[layout.sequence_to_raster(ids.device)]])
+    else:  # patch-parallel: this rank's rows, every rank's gathered again by the post-hook
+        geometry.plan = StripPlan(height, width, comm.world, config.radius, config.down_factor)
+        y0, y1 = geometry.plan.strip(comm.rank)
+        order = torch.cat([references, target[y0 * width : y1 * width]])
+        stream = torch.cat([references, target])
+        if comm.counter is not None:
+            comm.counter.next_step()
     geometry.layout = layout
     geometry.tokens = Flux2Tokens(text.shape[1], global_refs, mode)
     geometry.output_order = None
-    if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+    if comm is not None or not torch.equal(order, torch.arange(order.numel(), device=order.device)):
         arguments["hidden_states"] = hidden[:, order]
         arguments["img_ids"] = ids[order]
         # the output holds the whole image stream, or only the target in extract mode
-        kept = order[references.numel() :] - references.numel() if mode == "extract" else order
+        kept = stream[references.numel() :] - references.numel() if mode == "extract" else stream
         geometry.output_order = torch.argsort(kept)
     bound.arguments.pop("self", None)
     return (), dict(bound.arguments)
 
 
 def _flux2_post_hook(module, args, kwargs, output):
-    """Put the output's tokens back in the caller's order."""
-    geometry: Flux2Grid = module._cleardit_grid
+    """Put the output's tokens back in the caller's order (patch-parallel: every rank's target rows
+    gathered first)."""
+    geometry: Flux2Grid | Flux2StripContext = module._cleardit_grid
     order, geometry.output_order = geometry.output_order, None
     # the layout stays set: gradient checkpointing re-runs the blocks during backward
     if order is None or output is None:  # output is None when forward raised
         return output
-    return _replace_sample(output, lambda sample: sample[:, order])
+    comm = getattr(geometry, "comm", None)
+
+    def caller_order(sample: torch.Tensor) -> torch.Tensor:
+        if comm is not None:
+            sample = _gather_target_rows(sample, geometry.plan, comm)
+        return sample[:, order]
+
+    return _replace_sample(output, caller_order)
+
+
+def _gather_target_rows(sample: torch.Tensor, plan: StripPlan, comm) -> torch.Tensor:
+    """[B, references + own rows, C] -> [B, references + every rank's rows, C] (no references in
+    extract mode: the model drops them)."""
+    counts = [plan.rows(r) * plan.width for r in range(comm.world)]
+    references = sample.shape[1] - counts[comm.rank]
+    rows = comm.all_gather(sample[:, references:], counts, 1, "output", "output gather", None)
+    return torch.cat([sample[:, :references], *rows], dim=1)
 
 
 # ----------------------------------------------------------------------------- processors
@@ -225,17 +278,15 @@ class ClearFlux2Processor(ClearProcessor):
             query = torch.cat([query[:, :t], zeros, query[:, t:]], dim=1)
             key = torch.cat([key[:, :t], k_ref.to(key.dtype), key[:, t:]], dim=1)
             value = torch.cat([value[:, :t], v_ref.to(value.dtype), value[:, t:]], dim=1)
-        if query.shape[1] != layout.seq_len:
+        strip = getattr(self.geometry, "comm", None) is not None  # this rank's rows only (install_strips)
+        if not strip and query.shape[1] != layout.seq_len:
             raise ValueError(
                 f"attention got {query.shape[1]} tokens but the forward's inputs describe "
                 f"{layout.seq_len} ({t} text + {tokens.references} reference + "
                 f"{layout.height}x{layout.width} target)"
             )
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out = clear_attention(
-            q, k, v, layout, self.config.radius, pool_weight=self.pool_weight(),
-            scale=self.config.scale, backend=self.config.backend,
-        ).transpose(1, 2)  # fmt: skip
+        out = self.attention(q, k, v, layout).transpose(1, 2)
         if tokens.kv_mode == "extract":  # while extracting, references attend only to themselves
             own = F.scaled_dot_product_attention(*(x[:, :, refs] for x in (q, k, v)), scale=self.config.scale)
             out = torch.cat([out[:, :t], own.transpose(1, 2), out[:, refs.stop :]], dim=1)
@@ -297,7 +348,7 @@ class Flux2Adapter(ModelAdapter):
         jobs = "linearize (reference images global, KV cache), weights, generate, --compare"
         return (
             f"{self.family} ({classes}): {jobs}, --highres (latent re-noise), distill, eval model, "
-            f"--devices: not yet"
+            "--devices N"
         )
 
     # -- CLEAR attention ---------------------------------------------------------------------------
@@ -311,9 +362,29 @@ class Flux2Adapter(ModelAdapter):
     query_norms = FluxAdapter.query_norms
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        geometry = Flux2Grid(config)
-        geometry.adapter = self
         handle = ClearHandle(transformer, config, self.trainable_pattern)
+        return self._install(transformer, config, Flux2Grid(config), handle)
+
+    def strips_unsupported(self) -> str | None:
+        return None
+
+    def install_strips(
+        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    ) -> ClearHandle:
+        if context.strip_input or not context.gather_output:
+            raise NotSupportedError(
+                "patch-parallel FLUX.2 takes the full image stream on every rank and returns the full "
+                "output (strip_input=False, gather_output=True): its references are global tokens that "
+                "every rank keeps whole, and its pipelines hand the transformer the whole latents"
+            )
+        context = Flux2StripContext(context)
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        return self._install(transformer, config, context, handle)
+
+    def _install(
+        self, transformer: nn.Module, config: ClearConfig, geometry: Flux2Grid | Flux2StripContext, handle
+    ) -> ClearHandle:
+        geometry.adapter = self
         for attn in self.attention_modules(transformer):
             handle.originals.append((attn, attn.processor))
             single = hasattr(attn, "to_qkv_mlp_proj")
@@ -323,12 +394,6 @@ class Flux2Adapter(ModelAdapter):
         # the hooks' state lives on the model: carried over by deepcopy
         handle.hooks = add_hooks(transformer, _flux2_pre_hook, _flux2_post_hook, state=geometry)
         return handle
-
-    def strips_unsupported(self) -> str | None:
-        return (
-            "patch-parallel inference (--devices) is not supported for FLUX.2 yet (its reference-image "
-            "tokens are global and are not split into strips)"
-        )
 
     # -- high-resolution hooks ---------------------------------------------------------------------
     # -- pipelines ---------------------------------------------------------------------------------
