@@ -7,13 +7,13 @@ PYTEST_ARGS ?=
 DEMO_PROMPT ?= a large red circle at the top left and a small blue square at the bottom right on a yellow and white vertical striped background
 DEMO_OUTPUT ?= out/demo
 
-.PHONY: install demo test test-slow bench bench-quick bench-parallel lint format clean
+.PHONY: install demo serve test test-slow bench bench-quick bench-parallel lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ui]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +25,10 @@ demo: install
 		--highres --compare --warmup --output $(DEMO_OUTPUT)
 	@echo "demo images in $(DEMO_OUTPUT)/: the 512 px CLEAR image, *-base.png (the 128 px image it started from)," \
 		"*-full.png (the same with full attention), *-compare.png (all three side by side)"
+
+# The web page (docs/serve.md) with the shipped mini model on http://127.0.0.1:7860; Ctrl+C stops it.
+serve: install
+	$(VENV)/bin/cleardit serve
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The ``cleardit`` command line: info, flops, check, generate, eval, distill."""
+"""The ``cleardit`` command line: info, flops, check, generate, eval, distill, serve."""
 
 from __future__ import annotations
 
@@ -252,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.generate import add_generate_parser
     from .distill.cli import add_distill_parser
     from .eval.cli import add_eval_parser
+    from .serve.cli import add_serve_parser
 
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_distill_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,9 @@ class GenerateConfig:
             than the VAE's ``sample_size`` (colours hold, less memory at very high resolution).
         output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
         quiet: no progress bars or log lines.
+        on_step: called after every denoising step as ``on_step(steps_done, steps_total)``, counting
+            every run of the call (high-res stage 1, compare runs; not the warm-up): a progress bar
+            outside the terminal, such as ``cleardit serve``'s. Not with ``generate_parallel``.
     """
 
     height: int | None = None
@@ -89,6 +93,7 @@ class GenerateConfig:
     vae_tiling: bool | None = None
     output: str | os.PathLike | None = None
     quiet: bool = False
+    on_step: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         _positive("batch", self.batch)

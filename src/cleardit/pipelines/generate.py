@@ -93,6 +93,8 @@ class GenerationResult:
         peak_memory: bytes (CUDA: torch.cuda.max_memory_allocated; CPU: the process's max RSS).
         memory_source: "cuda max allocated" or "cpu max rss".
         load_seconds: model loading time.
+        attention_flops: attention FLOPs of one transformer forward of the main images at the
+            target size (all attention layers, one image).
         full_images, full_paths: the full-attention images of ``compare``.
         base_images, base_paths: ``highres``'s stage-1 images (base size, full attention).
         compare: CompareStats of ``compare``.
@@ -108,6 +110,7 @@ class GenerationResult:
     peak_memory: int
     memory_source: str
     load_seconds: float = 0.0
+    attention_flops: int = 0
     full_images: list | None = None
     full_paths: list[Path] = field(default_factory=list)
     base_images: list | None = None
@@ -300,6 +303,7 @@ def generate(
         peak_memory=peak,
         memory_source=memory_source,
         load_seconds=plan.load_seconds,
+        attention_flops=_attention_flops(plan, clear=plan.use_clear),
         full_images=runs.full if config.compare else None,
         full_paths=full_paths,
         base_images=runs.base if config.highres else None,
@@ -358,6 +362,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
         if p is not None:
             p.set_progress_bar_config(disable=c.quiet, leave=False)
     common = plan.adapter.call_options(plan.guidance, plan.true_cfg, c.negative_prompt, plan.text_len)
+    step_options = {} if c.on_step is None else {"callback_on_step_end": _step_counter(plan, c.on_step)}
     runs = Runs()
     # every run takes the plan's sigmas, the inputs the family's fixes ask for; the VAE tiles (if at
     # all) only past its size
@@ -396,7 +401,7 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
             for p in (pipe, img2img):
                 if p is not None:
                     p.set_progress_bar_config(disable=c.quiet, leave=False, desc=desc)
-            call = dict(num_images_per_prompt=batch, **common)
+            call = dict(num_images_per_prompt=batch, **common, **step_options)
             if not c.highres:
 
                 def run(clear, seeds=seeds, text=text, call=call):
@@ -467,6 +472,22 @@ def denoise(plan: RunPlan, modes: AttentionModes) -> Runs:
     return runs
 
 
+def _step_counter(plan: RunPlan, on_step):
+    """A diffusers ``callback_on_step_end`` that reports (steps done, steps in every run of the plan)."""
+    per_prompt = len(plan.sigmas) * (2 if plan.config.compare else 1)  # target-size runs
+    if plan.config.highres:
+        per_prompt += len(plan.stage1_sigmas)  # stage 1, shared by both attention modes
+    total, done = per_prompt * len(plan.prompts), 0
+
+    def callback(_pipe, _step, _timestep, _tensors) -> dict:
+        nonlocal done
+        done += 1
+        on_step(done, total)
+        return {}  # no tensor replaced
+
+    return callback
+
+
 def _save_images(plan: RunPlan, runs: Runs) -> tuple[list[Path], list[Path], list[Path]]:
     """Write the PNGs (main, ``*-full``, ``*-base``), each with its metadata; their paths."""
     c = plan.config
@@ -484,16 +505,21 @@ def _save_images(plan: RunPlan, runs: Runs) -> tuple[list[Path], list[Path], lis
     return paths, full_paths, base_paths
 
 
-def _compare(plan: RunPlan, runs: Runs, paths: list[Path], log) -> CompareStats:
-    """Full attention vs CLEAR: FLOPs, times, PSNR / MS-SSIM per image, and the side-by-side boards."""
+def _attention_flops(plan: RunPlan, clear: bool) -> int:
+    """Attention FLOPs of one transformer forward at the target size (all layers, one image)."""
     from ..attention import TokenLayout, attention_flops
 
     (gh, gw), t = plan.grid, plan.text_len
-    per_layer = attention_flops(
-        TokenLayout(t, gh, gw, down_factor=plan.down_factor), plan.radius, plan.heads, plan.head_dim
-    )
-    full_per_layer = attention_flops(TokenLayout(t, gh, gw), None, plan.heads, plan.head_dim)
-    flops_clear, flops_full = per_layer * plan.layers, full_per_layer * plan.layers
+    if clear:
+        layout, radius = TokenLayout(t, gh, gw, down_factor=plan.down_factor), plan.radius
+    else:
+        layout, radius = TokenLayout(t, gh, gw), None
+    return attention_flops(layout, radius, plan.heads, plan.head_dim) * plan.layers
+
+
+def _compare(plan: RunPlan, runs: Runs, paths: list[Path], log) -> CompareStats:
+    """Full attention vs CLEAR: FLOPs, times, PSNR / MS-SSIM per image, and the side-by-side boards."""
+    flops_clear, flops_full = _attention_flops(plan, clear=True), _attention_flops(plan, clear=False)
     main_s, full_s, stage1_s = runs.main_seconds, runs.full_seconds, runs.stage1_seconds
     stats = CompareStats(
         clear_seconds=main_s,
