@@ -314,13 +314,9 @@ def test_single_tuple_img_shapes_read_as_diffusers_reads_them():
     torch.testing.assert_close(run(model, inputs), original, atol=1e-5, rtol=1e-5)
 
 
-def test_layered_models_and_strips_are_refused():
+def test_layered_models_are_refused():
     with pytest.raises(NotSupportedError, match="Qwen-Image-Layered"):
         linearize(tiny_qwenimage_transformer(use_layer3d_rope=True), radius=2)
-    from cleardit.models.strips import parallelize
-
-    with pytest.raises(NotSupportedError, match="not supported for Qwen-Image"):
-        parallelize(tiny_qwenimage_transformer(), radius=2)
 
 
 def test_trainable_parameters_are_the_image_stream_projections():
@@ -526,3 +522,56 @@ def test_qwenimage_pipeline_hooks(qwen_folder):
     np.testing.assert_allclose(adapter.decode_latents(pipe, packed, (64, 80), "np"), images, atol=1e-5)
     with pytest.raises(ValueError, match="--true-cfg"):
         generate("a red circle", model=qwen_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
+
+
+# ----------------------------------------------------------------------------- patch parallelism
+def _qwen_strips_worker(rank: int, world: int) -> list[float]:
+    """Each case: the parallel model's full output and text-stream attention outputs (padded text
+    queries included, which no image token sees) vs the single-process linearized model's."""
+    from cleardit.parallel import parallelize
+
+    errors = []
+    cases = [
+        (7, 5, (2, 3), [3, 7], 4, None, {}),  # condition image, padded text; strips thinner than the band
+        (9, 6, None, [0, 6], 2, 2, {}),  # pooled branch; a sample with no text at all
+        (5, 4, (2, 2), [2, 5], 30, None, dict(zero_cond_t=True)),  # beyond the grid; Edit-2511 modulation
+    ]
+    for i, (height, width, condition, kept, radius, down_factor, overrides) in enumerate(cases):
+        model = tiny_qwenimage_transformer(seed=i, **overrides)
+        inputs = qwen_inputs(height, width, kept, condition, seed=10 + i)
+        handle = linearize(model, radius=radius, down_factor=down_factor, backend="reference", tile=None)
+        expected, expected_text = run_recording_text(model, inputs)
+        handle.restore()
+        parallelize(model, radius=radius, down_factor=down_factor, backend="reference", timeout_s=30)
+        got, got_text = run_recording_text(model, inputs)
+        pairs = [(got, expected), *zip(got_text, expected_text, strict=True)]
+        errors.append(max((g - e).abs().max().item() for g, e in pairs))
+    with pytest.raises(ValueError, match="does not support ControlNet"):
+        run(model, {**inputs, "controlnet_block_samples": [torch.zeros_like(expected)]})
+    get_handle(model).restore()
+    with pytest.raises(NotSupportedError, match="takes the full latents on every rank"):
+        parallelize(model, radius=2, strip_input=True)
+    return errors
+
+
+def test_patch_parallel_qwenimage_equals_one_process():
+    """Every rank keeps its target rows and the condition tokens, exchanges the band's keys and values
+    in every attention (each text-mask group too), merges the padded text queries across ranks and
+    gathers the output (3 ranks: a middle strip with two neighbours)."""
+    from cleardit.parallel import spawn
+
+    for rank_errors in spawn(_qwen_strips_worker, 3, timeout_s=60, deadline_s=120, start_method="forkserver"):
+        assert max(rank_errors) <= 1e-5, rank_errors
+
+
+def test_generate_on_two_devices_equals_one(qwen_folder):
+    """Every rank runs the pipeline on the full latents and the transformer gathers its output strips
+    at every step; two prompts of different lengths: the pipeline passes a text mask."""
+    from cleardit.parallel import generate_parallel
+
+    common = dict(model=qwen_folder, height=64, width=80, steps=2, radius=2, true_cfg=2.0, quiet=True, seed=3)
+    one = generate(PROMPTS, **common)
+    two = generate_parallel(PROMPTS, devices=2, **common)
+    for a, b in zip(one.images, two.images, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert two.devices == 2 and two.comm_bytes["halo"] > 0

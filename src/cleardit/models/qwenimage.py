@@ -14,26 +14,36 @@ kept keys. The processor joins the sequence as ``[text | conditions | target]`` 
 tokens are one block before the image (``TokenLayout(text_first=True)``) and splits the output back;
 the tile-major order of the target is applied once per forward in the hooks (RoPE is permuted alike
 in each processor, since the forward computes it from ``img_shapes`` in raster order).
+
+Patch-parallel (``install_strips``): every rank takes the full latents and keeps, where the tile-major
+order would be applied, its rows of the target (raster order) and every condition token (global, whole
+on every rank); the processors select the same RoPE rows and run their attention (each text-mask group
+too) with the band's keys and values from the neighbouring ranks (``ClearProcessor.attention``), and
+padded text queries, which attend to every key, merge the ranks' partial softmaxes. The output hook
+gathers every rank's target rows, so the transformer returns the whole image stream on every rank.
+Zero-cond-t models (Qwen-Image-Edit-2511) get their per-token modulation index cut alike per block.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from math import prod
+from math import prod, sqrt
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import nn
 
-from ..attention import TokenLayout, clear_attention
+from ..attention import TokenLayout
+from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
+from .strips import ParallelHandle, StripContext
 
 # The image-stream attention projections (as the reference release trains for FLUX's double-stream
 # blocks), plus the pooling weights of the down-sampled variant.
@@ -131,12 +141,16 @@ class QwenForward:
 
     Attributes:
         text_len: text tokens T (the layout's global block is T + condition tokens).
+        target_len: target tokens in the image stream: the whole grid, or this rank's rows of it in
+            a patch-parallel model.
         image_order: image-stream index [target + conditions]: the token at position i came from
-            position ``image_order[i]`` of the input (tile-major target); None for the input order.
+            position ``image_order[i]`` of the input (tile-major target, or this rank's rows of it);
+            None for the input order.
         groups: ``key_groups`` of the text mask; None when every text token is kept.
     """
 
     text_len: int
+    target_len: int
     image_order: torch.Tensor | None = None
     groups: list[KeyGroup] | None = None
 
@@ -148,6 +162,23 @@ class QwenGrid(ForwardGrid):
         super().__init__(config)
         self.forward: QwenForward | None = None
         self.inverse: torch.Tensor | None = None  # the tile-major permutation to undo on the output
+
+    def snapshot(self) -> ForwardState:
+        return ForwardState(self.require_layout(), self.forward)
+
+
+class QwenStripContext(StripContext):
+    """StripContext plus the ``QwenForward`` of the forward in flight (as ``QwenGrid``)."""
+
+    forward: QwenForward | None = None
+    inverse = None  # the strips keep raster order: nothing to undo
+
+    @classmethod
+    def of(cls, context: StripContext) -> QwenStripContext:
+        return cls(
+            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
+            context.strip_input,
+        )  # fmt: skip
 
     def snapshot(self) -> ForwardState:
         return ForwardState(self.require_layout(), self.forward)
@@ -180,10 +211,11 @@ class ClearQwenAttnProcessor(ClearProcessor):
         state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
         layout, fwd = state.layout, state.extra
         text_len, image_len = encoder_hidden_states.shape[1], hidden_states.shape[1]
-        if text_len != fwd.text_len or text_len + image_len != layout.seq_len:
+        described = fwd.target_len + layout.text_len - fwd.text_len  # target (own rows) + conditions
+        if text_len != fwd.text_len or image_len != described:
             raise ValueError(
                 f"attention got {text_len} text + {image_len} image tokens but the forward's inputs describe "
-                f"{fwd.text_len} text + {layout.seq_len - fwd.text_len} image tokens"
+                f"{fwd.text_len} text + {described} image tokens"
             )
         groups = fwd.groups
         if encoder_hidden_states_mask is not None:  # the hook takes it out of a linearized forward
@@ -215,7 +247,7 @@ class ClearQwenAttnProcessor(ClearProcessor):
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
 
         # [text | conditions | target]: the global tokens in one block before the target grid
-        target_len = layout.image_len
+        target_len = fwd.target_len
 
         def joint(txt, img):
             return torch.cat([txt, img[:, target_len:], img[:, :target_len]], dim=1).transpose(1, 2)
@@ -233,28 +265,36 @@ class ClearQwenAttnProcessor(ClearProcessor):
     def attend(self, q, k, v, layout: TokenLayout, groups: list[KeyGroup] | None) -> torch.Tensor:
         """CLEAR over [B, heads, N, d] in the order [text | conditions | target]. Padded text keys are
         dropped for every query; padded text queries (global) attend densely to the kept keys."""
-        cfg = self.config
         if groups is None:
-            return clear_attention(
-                q, k, v, layout, cfg.radius, pool_weight=self.pool_weight(), scale=cfg.scale,
-                backend=cfg.backend,
-            )  # fmt: skip
-        seq_len = layout.seq_len
+            return self.attention(q, k, v, layout)
+        seq_len = q.shape[2]  # a patch-parallel model holds this rank's target rows only
         out = torch.zeros_like(q)
         for rows, kept, padded in groups:
             text_len = kept.numel() + padded.numel()
             keys = torch.cat([kept, torch.arange(text_len, seq_len, device=q.device)])
             qg, kg, vg = q[rows], k[rows][:, :, keys], v[rows][:, :, keys]
             kept_layout = dataclasses.replace(layout, text_len=layout.text_len - padded.numel())
-            part = clear_attention(
-                qg[:, :, keys], kg, vg, kept_layout, cfg.radius, pool_weight=self.pool_weight(),
-                scale=cfg.scale, backend=cfg.backend,
-            )  # fmt: skip
+            part = self.attention(qg[:, :, keys], kg, vg, kept_layout)
             out[rows[:, None], :, keys[None, :]] = part.transpose(1, 2).to(out.dtype)
             if padded.numel():
-                padded_out = F.scaled_dot_product_attention(qg[:, :, padded], kg, vg, scale=cfg.scale)
+                padded_out = self.attend_everything(qg[:, :, padded], kg, vg, kept_layout.text_len)
                 out[rows[:, None], :, padded[None, :]] = padded_out.transpose(1, 2).to(out.dtype)
         return out
+
+    def attend_everything(self, q, k, v, global_len: int) -> torch.Tensor:
+        """Dense attention of queries that see every key (padded text); the first ``global_len`` keys
+        are the global tokens. In a patch-parallel model k/v hold this rank's target rows only: the
+        ranks' partial softmaxes are merged as strip attention merges its text queries (the global
+        keys counted once, on rank 0, with the exact merge)."""
+        scale = self.config.scale
+        comm = getattr(self.geometry, "comm", None)
+        if comm is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        text_merge = self.geometry.text_merge
+        if text_merge == "exact" and comm.rank != 0:
+            k, v = k[:, :, global_len:], v[:, :, global_len:]
+        out, lse = dense_attention(q, k, v, scale if scale is not None else 1.0 / sqrt(q.shape[-1]))
+        return merge_text(out, lse, comm, text_merge)[0].to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- forward hooks
@@ -269,17 +309,30 @@ def _pre_hook(module, args, kwargs):
         raise ValueError("a linearized QwenImageTransformer2DModel needs encoder_hidden_states")
     height, width, cond_len = read_img_shapes(bound.arguments.get("img_shapes"), hidden.shape[1])
     config = geometry.config
-    # the original processors (a distillation teacher pass) apply RoPE in input order: no permutation;
-    # controlnet residuals arrive in raster order: no permutation either
-    tile = config.tile
-    if geometry.original_pass or bound.arguments.get("controlnet_block_samples") is not None:
-        tile = None
+    controlnet = bound.arguments.get("controlnet_block_samples") is not None
+    comm = getattr(geometry, "comm", None)
+    if comm is not None and controlnet:
+        raise ValueError(
+            "patch-parallel Qwen-Image does not support ControlNet residuals; run them on one device"
+        )
+    # the original processors (a distillation teacher pass) apply RoPE in input order, controlnet
+    # residuals arrive in raster order and strips are cut in raster order: no tile-major permutation
+    tile = None if geometry.original_pass or controlnet or comm is not None else config.tile
     layout = TokenLayout(text.shape[1] + cond_len, height, width, down_factor=config.down_factor, tile=tile)
+    conditions = torch.arange(layout.image_len, hidden.shape[1], device=hidden.device)
     order = inverse = None
-    if tile is not None and (height > tile[0] or width > tile[1]):
-        rest = torch.arange(layout.image_len, hidden.shape[1], device=hidden.device)
-        order = torch.cat([layout.sequence_to_raster(hidden.device), rest])
-        inverse = torch.cat([layout.raster_to_sequence(hidden.device), rest])
+    target_len = layout.image_len
+    if comm is not None:  # patch-parallel: this rank's target rows (gathered again in _post_hook)
+        geometry.plan = StripPlan(height, width, comm.world, config.radius, config.down_factor)
+        y0, y1 = geometry.plan.strip(comm.rank)
+        order = torch.cat([torch.arange(y0 * width, y1 * width, device=hidden.device), conditions])
+        target_len = (y1 - y0) * width
+        if comm.counter is not None:
+            comm.counter.next_step()
+    elif tile is not None and (height > tile[0] or width > tile[1]):
+        order = torch.cat([layout.sequence_to_raster(hidden.device), conditions])
+        inverse = torch.cat([layout.raster_to_sequence(hidden.device), conditions])
+    if order is not None:
         bound.arguments["hidden_states"] = hidden[:, order]
     groups = None
     mask = bound.arguments.get("encoder_hidden_states_mask")
@@ -287,20 +340,46 @@ def _pre_hook(module, args, kwargs):
         groups = key_groups(text_keep(mask.to(text.device), *text.shape[:2]))
         bound.arguments["encoder_hidden_states_mask"] = None  # read once; the blocks build no mask
     geometry.layout = layout
-    geometry.forward = QwenForward(text.shape[1], order, groups)
+    geometry.forward = QwenForward(text.shape[1], target_len, order, groups)
     geometry.inverse = inverse
     bound.arguments.pop("self", None)
     return (), dict(bound.arguments)
 
 
 def _post_hook(module, args, kwargs, output):
-    """Undo the tile-major permutation on the output (target and condition tokens, as it came in)."""
+    """Undo the tile-major permutation on the output (target and condition tokens, as it came in);
+    patch-parallel: gather every rank's target rows."""
     geometry: QwenGrid = module._cleardit_grid
     inverse, geometry.inverse = geometry.inverse, None
     # layout and forward stay set: gradient checkpointing re-runs the blocks during backward
-    if inverse is None or output is None:  # output is None when forward raised
+    if output is None:  # the forward raised
+        return output
+    if getattr(geometry, "comm", None) is not None:
+        return _replace_sample(output, lambda sample: _gather_target(sample, geometry))
+    if inverse is None:
         return output
     return _replace_sample(output, lambda sample: sample[:, inverse])
+
+
+def _gather_target(sample: torch.Tensor, geometry: QwenStripContext) -> torch.Tensor:
+    """[every rank's target rows in raster order | the condition tokens, whole on every rank]."""
+    plan, comm, own = geometry.plan, geometry.comm, geometry.forward.target_len
+    counts = [plan.rows(r) * plan.width for r in range(comm.world)]
+    rows = comm.all_gather(sample[:, :own], counts, 1, "output", "output gather", None)
+    return torch.cat([*rows, sample[:, own:]], dim=1)
+
+
+def _modulate_index_hook(module, args, kwargs):
+    """On each block of a zero-cond-t model in a patch-parallel forward: the per-token modulation
+    index (target 0, conditions 1), which the forward builds for the whole image stream, for this
+    rank's tokens."""
+    bound = bind_forward_args(module, args, kwargs)
+    index = bound.arguments.get("modulate_index")
+    if index is None:
+        return None
+    bound.arguments["modulate_index"] = index[:, module._cleardit_grid.forward.image_order]
+    bound.arguments.pop("self", None)
+    return (), dict(bound.arguments)
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -322,26 +401,42 @@ class QwenImageAdapter(ModelAdapter):
         return [block.attn for block in transformer.transformer_blocks]
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
+        handle = ClearHandle(transformer, config, self.trainable_pattern)
+        return self._install(transformer, config, QwenGrid(config), handle)
+
+    def strips_unsupported(self) -> str | None:
+        return None
+
+    def install_strips(
+        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    ) -> ClearHandle:
+        if context.strip_input or not context.gather_output:
+            raise NotSupportedError(
+                "patch-parallel Qwen-Image takes the full latents on every rank and returns the full output "
+                "(strip_input=False, gather_output=True): the transformer cuts and gathers its rows itself"
+            )
+        strips = QwenStripContext.of(context)
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=strips)
+        self._install(transformer, config, strips, handle)
+        if getattr(transformer.config, "zero_cond_t", False):  # its blocks index tokens themselves
+            for block in transformer.transformer_blocks:
+                add_hooks(block, _modulate_index_hook, state=strips)
+            handle.hooks = (*handle.hooks, _modulate_index_hook)
+        return handle
+
+    def _install(self, transformer: nn.Module, config: ClearConfig, geometry: ForwardGrid, handle):
         if getattr(transformer.config, "use_layer3d_rope", False):
             raise NotSupportedError(
                 "Qwen-Image-Layered (use_layer3d_rope) generates several layers of one image at once; CLEAR "
                 "supports one target grid (Qwen-Image, Qwen-Image-Edit)"
             )
-        geometry = QwenGrid(config)
         geometry.adapter = self
-        handle = ClearHandle(transformer, config, self.trainable_pattern)
         for attn in self.attention_modules(transformer):
             handle.originals.append((attn, attn.processor))
             attn.set_processor(ClearQwenAttnProcessor(geometry, config, attn.to_q.weight))
         transformer._cleardit_grid = geometry  # the hooks' state: per model, carried by deepcopy
         handle.hooks = add_hooks(transformer, _pre_hook, _post_hook)
         return handle
-
-    def strips_unsupported(self) -> str | None:
-        return (
-            "patch-parallel inference (--devices) is not supported for Qwen-Image yet (its condition images "
-            "and text-padding mask are not split into strips)"
-        )
 
     def attention_geometry(self, transformer: nn.Module) -> tuple[int, int, int]:
         cfg = transformer.config
