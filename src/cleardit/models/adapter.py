@@ -35,6 +35,8 @@ class ModelAdapter:
         strip_latents: patch-parallel generation keeps only each rank's strip of the packed latents
             through the denoising loop (``StripPipeline``); False: every rank runs the whole loop on
             the full latents and the transformer gathers its output strips at every step.
+        strip_context_class: the ``StripContext`` subclass ``parallelize`` builds for this family
+            (its per-forward fields beside the strip plan); None: ``StripContext`` itself.
         teacher_keeps_tile_order: the distillation teacher (the original processors swapped in,
             ``original_attention``) runs in the student's tile-major token order. False where the
             family's RoPE is built inside the forward and only CLEAR's processors reorder it: the
@@ -52,6 +54,7 @@ class ModelAdapter:
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
     strip_latents: bool = False
+    strip_context_class: type | None = None  # a StripContext subclass with the family's forward state
     teacher_keeps_tile_order: bool = True
     default_steps: int = 28
     default_guidance: float | None = 3.5

@@ -98,11 +98,8 @@ class Flux2Grid(ForwardGrid):
 class Flux2StripContext(StripContext):
     """A patch-parallel model's ``StripContext`` plus what ``Flux2Grid`` adds for the processors."""
 
-    def __init__(self, context: StripContext):
-        super().__init__(
-            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
-            context.strip_input,
-        )  # fmt: skip
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.tokens: Flux2Tokens | None = None
         self.output_order: torch.Tensor | None = None
 
@@ -337,6 +334,7 @@ class Flux2Adapter(ModelAdapter):
     family = "flux2"
     transformer_classes = ("Flux2Transformer2DModel",)
     pipeline_classes = ("Flux2KleinPipeline",)
+    strip_context_class = Flux2StripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds",)
     default_steps = 50  # Flux2KleinPipeline's defaults
@@ -377,7 +375,6 @@ class Flux2Adapter(ModelAdapter):
                 "output (strip_input=False, gather_output=True): its references are global tokens that "
                 "every rank keeps whole, and its pipelines hand the transformer the whole latents"
             )
-        context = Flux2StripContext(context)
         handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
         return self._install(transformer, config, context, handle)
 

@@ -173,13 +173,6 @@ class QwenStripContext(StripContext):
     forward: QwenForward | None = None
     inverse = None  # the strips keep raster order: nothing to undo
 
-    @classmethod
-    def of(cls, context: StripContext) -> QwenStripContext:
-        return cls(
-            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
-            context.strip_input,
-        )  # fmt: skip
-
     def snapshot(self) -> ForwardState:
         return ForwardState(self.require_layout(), self.forward)
 
@@ -390,8 +383,11 @@ class QwenImageAdapter(ModelAdapter):
     transformer_classes = ("QwenImageTransformer2DModel",)
     pipeline_classes = ("QwenImagePipeline",)
     img2img_class = "QwenImageImg2ImgPipeline"
+    strip_context_class = QwenStripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "prompt_embeds_mask")
+    # RoPE is built inside the forward and only CLEAR's processors reorder it: the teacher runs raster
+    teacher_keeps_tile_order = False
     default_steps = 50  # QwenImagePipeline's defaults
     default_guidance = None  # no distilled guidance: classifier-free guidance is true_cfg_scale
     default_true_cfg = 4.0
@@ -415,12 +411,11 @@ class QwenImageAdapter(ModelAdapter):
                 "patch-parallel Qwen-Image takes the full latents on every rank and returns the full output "
                 "(strip_input=False, gather_output=True): the transformer cuts and gathers its rows itself"
             )
-        strips = QwenStripContext.of(context)
-        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=strips)
-        self._install(transformer, config, strips, handle)
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        self._install(transformer, config, context, handle)
         if getattr(transformer.config, "zero_cond_t", False):  # its blocks index tokens themselves
             for block in transformer.transformer_blocks:
-                add_hooks(block, _modulate_index_hook, state=strips)
+                add_hooks(block, _modulate_index_hook, state=context)
             handle.hooks = (*handle.hooks, _modulate_index_hook)
         return handle
 

@@ -115,7 +115,8 @@ def parallelize(
         config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend, tile=None)
     config = replace(config, tile=None)
     comm = Comm(group, counter if counter is not None else CommCounter(), timeout_s)
-    context = StripContext(config, comm, text_merge, exchange, gather_output, strip_input)
+    context_class = adapter.strip_context_class or StripContext  # a family may add per-forward fields
+    context = context_class(config, comm, text_merge, exchange, gather_output, strip_input)
     handle = adapter.install_strips(model, config, context)
     model._cleardit_handle = handle
     return handle

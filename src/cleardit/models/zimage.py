@@ -128,11 +128,8 @@ class ZImageGrid(ForwardGrid):
 class ZImageStripContext(StripContext):
     """A patch-parallel model's ``StripContext`` plus what ``ZImageGrid`` adds for the processors."""
 
-    def __init__(self, context: StripContext):
-        super().__init__(
-            context.config, context.comm, context.text_merge, context.exchange, context.gather_output,
-            context.strip_input,
-        )  # fmt: skip
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.tokens: ZImageTokens | None = None
 
     snapshot = ZImageGrid.snapshot
@@ -395,6 +392,7 @@ class ZImageAdapter(ModelAdapter):
     transformer_classes = ("ZImageTransformer2DModel",)
     pipeline_classes = ("ZImagePipeline",)
     img2img_class = "ZImageImg2ImgPipeline"
+    strip_context_class = ZImageStripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
     # diffusers builds the RoPE from the (permuted) patches inside the forward; only CLEAR's processors
@@ -427,7 +425,6 @@ class ZImageAdapter(ModelAdapter):
                 "patch-parallel Z-Image keeps a rank's rows at the first noise-refiner block, and this "
                 "transformer has none"
             )
-        context = ZImageStripContext(context)
         handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
         self._install(transformer, config, context, handle)
         hooks = add_hooks(transformer.noise_refiner[0], _keep_own_rows_hook, state=context)
