@@ -84,10 +84,12 @@ def compare_backend(case, backend, dtype=torch.float32, atol=1e-5, device="cpu",
         assert_close(a, e, atol * scale, what=f"{backend} {case_id(case)} {name}")
 
 
-def compare_layout(layout, radius, backend, temporal_radius=None, dtype=torch.float32, atol=1e-5, dim=16):
+def compare_layout(
+    layout, radius, backend, temporal_radius=None, dtype=torch.float32, atol=1e-5, dim=16, batch=2, heads=3
+):
     """``compare_backend`` for any TokenLayout (video included): out, lse and every gradient of
-    ``backend`` in ``dtype`` against the fp32 reference on the same inputs (batch 2, 3 heads)."""
-    q, k, v, pw = make_inputs(layout, dim=dim)
+    ``backend`` in ``dtype`` against the fp32 reference on the same inputs."""
+    q, k, v, pw = make_inputs(layout, batch=batch, heads=heads, dim=dim)
     ref = run_with_grads(q, k, v, pw, layout, radius, "reference", temporal_radius=temporal_radius)
     got = run_with_grads(
         q.to(dtype), k.to(dtype), v.to(dtype), pw, layout, radius, backend, temporal_radius=temporal_radius

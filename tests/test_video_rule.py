@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import cleardit.attention.tiled as tiled
 from cleardit import ClearConfig
 from cleardit.attention import (
-    VIDEO_BACKENDS,
     TokenLayout,
     attention_flops,
     choose_backend,
@@ -281,23 +280,56 @@ def test_flex_tile_major_video_matches_reference():
     assert_close(got, ref, 1e-5, what="flex tile-major video")
 
 
-def test_triton_refuses_video_and_auto_avoids_it(monkeypatch):
+# Triton runs in its interpreter here (tests/conftest.py): tiny shapes, every kernel path in 3D.
+TRITON_CASES = [
+    ((2, 3, 4, 5, True, None, 3, 2), (2, 4, 4)),  # 3D tiles cut into one-frame blocks
+    ((3, 4, 3, 5, False, 2, 3, None), None),  # raster, pooled per frame, text after the video
+    ((0, 3, 4, 7, True, None, 4, 1), (4, 4)),  # 2D tiles on a video, rt = 1
+]
+
+
+@pytest.mark.parametrize("case,tile", TRITON_CASES, ids=[video_case_id(c) for c, _ in TRITON_CASES])
+def test_triton_matches_reference(case, tile):
+    # one head (the interpreter runs every program in Python), batch 2
+    compare_layout(layout_of(case, tile), case[6], "triton", temporal_radius=case[7], atol=2e-5, heads=1)
+
+
+def test_triton_video_blocks_follow_the_sequence_and_classify_exactly():
+    from cleardit.attention import triton_kernels as tk
+
+    layout = TokenLayout(0, 5, 7, tile=(2, 3, 4), frames=5)
+    frames, rows, cols = layout.image_coordinates()
+    seen = torch.zeros(layout.image_len, dtype=torch.long)
+    blocks = tk.video_blocks(layout, 8)
+    for start, y0, x0, bw, size, frame in blocks:
+        offs = torch.arange(size)
+        assert torch.equal(rows[start : start + size], y0 + offs // bw)
+        assert torch.equal(cols[start : start + size], x0 + offs % bw)
+        assert (frames[start : start + size] == frame).all()
+        seen[start : start + size] += 1
+    assert (seen == 1).all()
+    table = torch.tensor(blocks)
+    for radius, rt in [(3, 2), (2, None), (4, 3)]:
+        cls = tk.classify_block_pairs(table, radius, frame_thresholds(radius, rt, layout.frames))
+        mask = allowed_mask(layout, radius, temporal_radius=rt)
+        for (i, bi), (j, bj) in itertools.product(enumerate(blocks), repeat=2):
+            sub = mask[bi[0] : bi[0] + bi[4], bj[0] : bj[0] + bj[4]]
+            assert cls[i, j].item() == (2 if sub.all() else 1 if sub.any() else 0), (radius, rt, i, j)
+
+
+def test_auto_backend_for_video(monkeypatch):
     import cleardit.attention.dispatch as dispatch
 
-    layout = TokenLayout(2, 40, 40, frames=3)
-    if "triton" not in VIDEO_BACKENDS:
-        q = k = v = torch.randn(1, 1, layout.seq_len, 16)
-        with pytest.raises(NotImplementedError, match="reference.*tiled.*flex"):
-            clear_attention(q, k, v, layout, 4, 2, backend="triton")
-        # a GPU with triton: auto takes flex for video, triton for images
-        monkeypatch.setattr(
-            dispatch, "available_backends", lambda device: ["reference", "tiled", "flex", "triton"]
-        )
-        cuda = torch.device("cuda")
-        assert choose_backend(layout, cuda, 4, 2) == "flex"
-        assert choose_backend(TokenLayout(2, 70, 70), cuda, 4) == "triton"
-    assert choose_backend(layout, torch.device("cpu"), 4, 2) == "tiled"
-    assert choose_backend(TokenLayout(2, 8, 8, frames=3), torch.device("cpu"), 4, 2) == "reference"
+    cpu = torch.device("cpu")
+    assert choose_backend(TokenLayout(2, 40, 40, frames=3), cpu, 4, 2) == "tiled"
+    assert choose_backend(TokenLayout(2, 8, 8, frames=3), cpu, 4, 2) == "reference"  # short sequence
+    # dense while the window covers most pairs: rt = None sees 4x more frames than rt = 1 here
+    assert choose_backend(TokenLayout(0, 12, 12, frames=20), cpu, 12, None) == "reference"
+    assert choose_backend(TokenLayout(0, 12, 12, frames=20), cpu, 12, 1) == "tiled"
+    monkeypatch.setattr(
+        dispatch, "available_backends", lambda device: ["reference", "tiled", "flex", "triton"]
+    )
+    assert choose_backend(TokenLayout(2, 40, 40, frames=3), torch.device("cuda"), 4, 2) == "triton"
 
 
 def test_strips_refuse_video():

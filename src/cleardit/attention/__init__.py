@@ -1,6 +1,6 @@
 """The CLEAR attention rule: layouts, pair counts, and interchangeable backends."""
 
-from .dispatch import BACKENDS, VIDEO_BACKENDS, available_backends, choose_backend, clear_attention
+from .dispatch import BACKENDS, available_backends, choose_backend, clear_attention
 from .flops import attention_flops, count_pairs
 from .layout import TokenLayout, frame_thresholds
 from .pooling import initial_pool_weight, pool_image_tokens
@@ -8,7 +8,6 @@ from .pooling import initial_pool_weight, pool_image_tokens
 __all__ = [
     "BACKENDS",
     "TokenLayout",
-    "VIDEO_BACKENDS",
     "attention_flops",
     "available_backends",
     "choose_backend",

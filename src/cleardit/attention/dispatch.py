@@ -59,9 +59,7 @@ def _load_backend(name: str) -> AttentionBackend:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + ('auto',)}")
 
 
-BACKENDS = ("reference", "tiled", "flex", "triton")
-# Backends that run the rule on a video grid (layout.frames > 1).
-VIDEO_BACKENDS = ("reference", "tiled", "flex")
+BACKENDS = ("reference", "tiled", "flex", "triton")  # each runs images and videos alike
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -100,12 +98,8 @@ def choose_backend(
     if radius is not None and n <= _DENSE_CAP_TOKENS:
         if count_pairs(layout, radius, temporal_radius) > _DENSE_PAIR_FRACTION * layout.seq_len * n:
             return "reference"
-    if device.type == "cuda":
-        available = available_backends(device)
-        if "triton" in available and (not layout.is_video or "triton" in VIDEO_BACKENDS):
-            return "triton"
-        if layout.is_video and "flex" in available:
-            return "flex"
+    if device.type == "cuda" and "triton" in available_backends(device):
+        return "triton"
     return "tiled"
 
 
@@ -151,11 +145,6 @@ def clear_attention(
     if backend == "auto":
         backend = choose_backend(layout, q.device, radius, temporal_radius)
     impl = _load_backend(backend)
-    if layout.is_video and backend not in VIDEO_BACKENDS:
-        raise NotImplementedError(
-            f"backend {backend!r} has no video (frames > 1) support yet; "
-            f"use one of {VIDEO_BACKENDS} or 'auto'"
-        )
 
     pooled_k = pooled_v = None
     if layout.down_factor is not None:

@@ -12,6 +12,11 @@ Every token of the joint sequence belongs to one *block* of at most ``TILE`` tok
     cut into row bands, bottom/right edge tiles are smaller blocks;
   * pooled blocks: TILE consecutive pooled keys (their own tensors).
 
+Video (``layout.frames > 1``): every block lies in one frame (a (tt, th, tw) tile is tt one-frame
+rectangles), its frame is a column of the block table, and the bound between two image blocks is
+``frame_thresholds[|dt|]`` of their frame offset instead of r^2 (``VIDEO`` constexpr: the image
+kernels compile exactly as without it).
+
 The host classifies every (query block, key block) pair once per layout/radius/device (cached):
 *full* (every token pair allowed: no mask), *partial* (the disc boundary crosses it: the mask is
 computed arithmetically from the block rectangles, never loaded) or absent. Text rows and columns
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .dispatch import BackendResult
-from .layout import TokenLayout, check_radius
+from .layout import TokenLayout, check_radius, frame_thresholds
 
 try:  # triton is optional: the CPU backends never need it
     import triton
@@ -97,40 +102,70 @@ def _regions(height: int, width: int, tile: tuple[int, int] | None) -> list[tupl
     return out
 
 
+def _region_blocks(start: int, y0: int, x0: int, h: int, w: int, tile_tokens: int) -> list[tuple]:
+    """Blocks (start, y0, x0, bw, size) of one contiguous row-major h x w rectangle."""
+    if w > tile_tokens:  # row segments
+        return [
+            (start + ry * w + cx, y0 + ry, x0 + cx, min(tile_tokens, w - cx), min(tile_tokens, w - cx))
+            for ry in range(h)
+            for cx in range(0, w, tile_tokens)
+        ]
+    rows = tile_tokens // w
+    return [(start + ry * w, y0 + ry, x0, w, min(rows, h - ry) * w) for ry in range(0, h, rows)]
+
+
 def image_blocks(
     height: int, width: int, tile: tuple[int, int] | None, tile_tokens: int
 ) -> list[tuple[int, int, int, int, int]]:
     """The kernel's image blocks: (start inside the image segment, y0, x0, bw, size), each a full
     (size // bw) x bw rectangle stored contiguously row-major, size <= tile_tokens."""
-    blocks = []
-    for start, y0, x0, h, w in _regions(height, width, tile):
-        if w <= tile_tokens:
-            rows = tile_tokens // w
-            for ry in range(0, h, rows):
-                bh = min(rows, h - ry)
-                blocks.append((start + ry * w, y0 + ry, x0, w, bh * w))
-        else:
-            for ry in range(h):
-                for cx in range(0, w, tile_tokens):
-                    bw = min(tile_tokens, w - cx)
-                    blocks.append((start + ry * w + cx, y0 + ry, x0 + cx, bw, bw))
+    return [b for region in _regions(height, width, tile) for b in _region_blocks(*region, tile_tokens)]
+
+
+def video_blocks(layout: TokenLayout, tile_tokens: int) -> list[tuple[int, int, int, int, int, int]]:
+    """``image_blocks`` of every frame of ``layout``'s grid in its token order: (start inside the image
+    segment, y0, x0, bw, size, frame). A block never spans frames: a (tt, th, tw) tile holds tt
+    contiguous one-frame rectangles (raster order inside the tile)."""
+    if layout.tile is None:
+        frame_tiles, tile2d = [(t, 1) for t in range(layout.frames)], None
+    else:
+        tt, th, tw = layout.tile_3d
+        frame_tiles, tile2d = (
+            [(t0, min(tt, layout.frames - t0)) for t0 in range(0, layout.frames, tt)],
+            (th, tw),
+        )
+    blocks, base = [], 0
+    for t0, depth in frame_tiles:  # frames t0 .. t0 + depth - 1, tile by tile
+        for start, y0, x0, h, w in _regions(layout.height, layout.width, tile2d):
+            for t in range(t0, t0 + depth):
+                first = base + start * depth + (t - t0) * h * w
+                blocks += [(*b, t) for b in _region_blocks(first, y0, x0, h, w, tile_tokens)]
+        base += depth * layout.frame_len
     return blocks
 
 
-def classify_block_pairs(blocks: torch.Tensor, radius: int) -> torch.Tensor:
+def classify_block_pairs(
+    blocks: torch.Tensor, radius: int, thresholds: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Int8 [nb, nb] for image blocks (rows of ``image_blocks``): 2 if every token pair of (query block
-    i, key block j) has squared distance < r^2, 1 if some do, 0 if none."""
+    i, key block j) has squared distance < r^2, 1 if some do, 0 if none. Video: ``blocks`` rows of
+    ``video_blocks`` (frame in column 5) and the bound ``thresholds[|dt|]`` (``frame_thresholds``)."""
     blocks = blocks.to(torch.int64)
     y0, x0, bw, size = blocks[:, 1], blocks[:, 2], blocks[:, 3], blocks[:, 4]
     y1 = y0 + size // bw - 1
     x1 = x0 + bw - 1
     r2 = radius * radius
+    if thresholds is not None:
+        bound = torch.tensor(thresholds, dtype=torch.int64, device=blocks.device)
+        frame = blocks[:, 5]
     nb = blocks.shape[0]
     out = torch.empty(nb, nb, dtype=torch.int8, device=blocks.device)
     step = max(1, (1 << 22) // max(nb, 1))
     for i0 in range(0, nb, step):
         sl = slice(i0, min(nb, i0 + step))
         qy0, qy1, qx0, qx1 = y0[sl, None], y1[sl, None], x0[sl, None], x1[sl, None]
+        if thresholds is not None:  # one frame per block: one bound per block pair
+            r2 = bound[(frame[sl, None] - frame[None]).abs()]
         dy_min = torch.clamp(torch.maximum(y0[None] - qy1, qy0 - y1[None]), min=0)
         dx_min = torch.clamp(torch.maximum(x0[None] - qx1, qx0 - x1[None]), min=0)
         dy_max = torch.maximum(qy1 - y0[None], y1[None] - qy0)
@@ -152,8 +187,9 @@ def _csr(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class _Plan:
     # int32 [n_text + n_img + n_pool, 8]: start (absolute, in the sequence or the pooled keys), y0, x0,
-    # bw, size, pooled flag, 2 x padding; ids: text blocks, image blocks, pooled blocks
+    # bw, size, pooled flag, frame, padding; ids: text blocks, image blocks, pooled blocks
     table: torch.Tensor
+    thresholds: torch.Tensor  # int32 [frames]: the squared-distance bound of each |dt| (frame_thresholds)
     n_text: int
     n_img: int
     n_pool: int
@@ -164,13 +200,15 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(layout: TokenLayout, radius: int, tile_tokens: int, device: str) -> _Plan:
+def _plan(
+    layout: TokenLayout, radius: int, tile_tokens: int, device: str, temporal_radius: int | None = None
+) -> _Plan:
     t, p = layout.text_len, layout.pooled_len
-    img = image_blocks(layout.height, layout.width, layout.tile, tile_tokens)
+    img = video_blocks(layout, tile_tokens)
     rows = [
         (layout.text_start + s, 0, 0, 1, min(tile_tokens, t - s), 0, 0, 0) for s in range(0, t, tile_tokens)
     ]
-    rows += [(layout.image_start + s, y0, x0, bw, n, 0, 0, 0) for s, y0, x0, bw, n in img]
+    rows += [(layout.image_start + s, y0, x0, bw, n, 0, f, 0) for s, y0, x0, bw, n, f in img]
     rows += [(s, 0, 0, 1, min(tile_tokens, p - s), 1, 0, 0) for s in range(0, p, tile_tokens)]
     nt, ni = math.ceil(t / tile_tokens), len(img)
     npool = math.ceil(p / tile_tokens)
@@ -179,10 +217,14 @@ def _plan(layout: TokenLayout, radius: int, tile_tokens: int, device: str) -> _P
     cls[:nt, : nt + ni] = 2  # text queries: every text and image key
     cls[nt:, :nt] = 2  # image queries: every text key ...
     cls[nt:, nt + ni :] = 2  # ... every pooled key ...
-    cls[nt:, nt : nt + ni] = classify_block_pairs(table[nt : nt + ni, :5], radius)  # ... and the disc
+    thresholds = frame_thresholds(radius, temporal_radius, layout.frames)
+    image = table[nt : nt + ni][:, [0, 1, 2, 3, 4, 6]]  # the rows of video_blocks
+    # ... and the disc (of each frame offset)
+    cls[nt:, nt : nt + ni] = classify_block_pairs(image, radius, thresholds if layout.is_video else None)
     full, part = cls == 2, cls == 1
     return _Plan(
         table.to(torch.int32).contiguous(),
+        torch.tensor(thresholds, dtype=torch.int32, device=device),
         nt,
         ni,
         npool,
@@ -292,6 +334,15 @@ if triton is not None:
         return first, pooled, offs < size, rows, cols
 
     @_device_fn
+    def _pair_r2(BLK, THR, qid, kid, r2, VIDEO: tl.constexpr):
+        """The squared-distance bound between image blocks qid and kid: r2, or on a video the bound
+        of their frame offset, ``THR[|dt|]`` (each block lies in one frame)."""
+        if VIDEO:
+            dt = tl.load(BLK + qid * 8 + 6) - tl.load(BLK + kid * 8 + 6)
+            r2 = tl.load(THR + tl.abs(dt)).to(tl.float32)
+        return r2
+
+    @_device_fn
     def _disc_mask(ar, ac, offs, valid, y0, x0, bw, r2):
         """The rule between image tokens: [len(ar), len(offs)], True where token (ar, ac) and token
         ``offs`` of the block rectangle (y0, x0, width bw) have dy^2 + dx^2 < r2.
@@ -356,10 +407,10 @@ if triton is not None:
 
     @_device_fn
     def _walk_key_blocks(
-        acc, l_i, m_i, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX, k_bh, v_bh, pk_bh, pv_bh,
-        skn, svn, r2, qk_scale, offs_d, TILE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST: tl.constexpr,
+        acc, l_i, m_i, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX, THR, k_bh, v_bh, pk_bh,
+        pv_bh, skn, svn, r2, qk_scale, offs_d, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, BACKWARD: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, VIDEO: tl.constexpr,
     ):
         """The forward's and dq's walk over the key blocks of query block ``qid``, in chunks of BLOCK_N
         keys: first the full ones (text, image blocks inside the disc, pooled: no mask), then the
@@ -374,11 +425,13 @@ if triton is not None:
                     0, 0, 1, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, False, BACKWARD, DOT_PREC, UPCAST,
                 )
         for j in range(tl.load(POFF + qid), tl.load(POFF + qid + 1)):
-            k0, ky0, kx0, kbw, ksize, _ = _block(BLK, tl.load(PIDX + j))
+            kid = tl.load(PIDX + j)
+            k0, ky0, kx0, kbw, ksize, _ = _block(BLK, kid)
+            kr2 = _pair_r2(BLK, THR, qid, kid, r2, VIDEO)
             for c in tl.static_range(TILE // BLOCK_N):
                 acc, l_i, m_i = _key_chunk(
                     acc, l_i, m_i, q, do, lse2, delta, qr, qc, k_bh + k0 * skn, v_bh + k0 * svn, skn, svn,
-                    offs_n + c * BLOCK_N, ksize, ky0, kx0, kbw, r2, qk_scale, offs_d, HEAD_DIM, EVEN_D, True,
+                    offs_n + c * BLOCK_N, ksize, ky0, kx0, kbw, kr2, qk_scale, offs_d, HEAD_DIM, EVEN_D, True,
                     BACKWARD, DOT_PREC, UPCAST,
                 )
         return acc, l_i, m_i
@@ -397,11 +450,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["BH", "H", "N", "n_text", "n_img", "r2"])
     def _clear_fwd_kernel(
-        Q, K, V, PK, PV, Out, LSE, BLK, FOFF, FIDX, POFF, PIDX,
+        Q, K, V, PK, PV, Out, LSE, BLK, FOFF, FIDX, POFF, PIDX, THR,
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spkb, spkh, spvb, spvh, sob, soh, son,
         BH, H, N, n_text, n_img, r2, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        VIDEO: tl.constexpr,
     ):
         bh, b, h, qid = _query_program(tl.program_id(0), BH, H, n_text, n_img)
         offs_m = tl.arange(0, TILE)
@@ -414,10 +468,10 @@ if triton is not None:
         l_i = tl.zeros([TILE], dtype=tl.float32)
         acc = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
         acc, l_i, m_i = _walk_key_blocks(  # do, lse2, delta: unused in the forward
-            acc, l_i, m_i, q, q, l_i, l_i, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX,
+            acc, l_i, m_i, q, q, l_i, l_i, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX, THR,
             K + b * skb + h * skh, V + b * svb + h * svh, PK + b * spkb + h * spkh, PV + b * spvb + h * spvh,
             skn, svn, r2, qk_scale, offs_d, TILE, BLOCK_N, HEAD_DIM, EVEN_D, HAS_POOL, False, DOT_PREC,
-            UPCAST,
+            UPCAST, VIDEO,
         )
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past the end of an edge block have l = 0
         out = acc / l_i[:, None]
@@ -449,11 +503,12 @@ if triton is not None:
     # ---- backward: dq -------------------------------------------------------------------------------
     @triton.jit(do_not_specialize=["BH", "H", "N", "n_text", "n_img", "r2"])
     def _clear_dq_kernel(
-        Q, K, V, PK, PV, DO, LSE, DELTA, DQ, BLK, FOFF, FIDX, POFF, PIDX,
+        Q, K, V, PK, PV, DO, LSE, DELTA, DQ, BLK, FOFF, FIDX, POFF, PIDX, THR,
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spkb, spkh, spvb, spvh, sdob, sdoh, sdon, sgb, sgh, sgn,
         BH, H, N, n_text, n_img, r2, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        VIDEO: tl.constexpr,
     ):
         bh, b, h, qid = _query_program(tl.program_id(0), BH, H, n_text, n_img)
         offs_m = tl.arange(0, TILE)
@@ -470,9 +525,10 @@ if triton is not None:
         delta = tl.load(DELTA + row, mask=qvalid, other=0.0)
         dq = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
         dq, _, _ = _walk_key_blocks(
-            dq, lse2, delta, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX,
+            dq, lse2, delta, q, do, lse2, delta, qr, qc, qid, BLK, FOFF, FIDX, POFF, PIDX, THR,
             K + b * skb + h * skh, V + b * svb + h * svh, PK + b * spkb + h * spkh, PV + b * spvb + h * spvh,
             skn, svn, r2, qk_scale, offs_d, TILE, BLOCK_N, HEAD_DIM, EVEN_D, HAS_POOL, True, DOT_PREC, UPCAST,
+            VIDEO,
         )
         _store_rows(DQ + b * sgb + h * sgh + q_first * sgn, offs_m, sgn, qvalid, offs_d,
                     (dq * sm_scale).to(DQ.dtype.element_ty), HEAD_DIM, EVEN_D)
@@ -505,12 +561,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["BH", "H", "N", "n_text", "n_img", "n_pool", "r2"])
     def _clear_dkdv_kernel(
-        Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, BLK, FOFF, FIDX, POFF, PIDX,
+        Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, BLK, FOFF, FIDX, POFF, PIDX, THR,
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, spkb, spkh, spvb, spvh, sdob, sdoh, sdon,
         sgb, sgh, sgn, spgb, spgh,
         BH, H, N, n_text, n_img, n_pool, r2, qk_scale, sm_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_POOL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        VIDEO: tl.constexpr,
     ):
         # key block ids: text [0, n_text), image [n_text, n_text + n_img), pooled after; the long
         # ones (text keys: every query; pooled keys: every image query) get the first programs
@@ -552,11 +609,13 @@ if triton is not None:
                 )
         # image query blocks across the disc boundary
         for j in range(tl.load(POFF + kid), tl.load(POFF + kid + 1)):
-            q0, qy0, qx0, qbw, qsize, _ = _block(BLK, tl.load(PIDX + j))
+            qid = tl.load(PIDX + j)
+            q0, qy0, qx0, qbw, qsize, _ = _block(BLK, qid)
+            qr2 = _pair_r2(BLK, THR, qid, kid, r2, VIDEO)
             for c in tl.static_range(TILE // BLOCK_M):
                 dk, dv = _dkdv_chunk(
                     dk, dv, k, v, kr, kc, q_bh + q0 * sqn, do_bh + q0 * sdon, LSE + row_bh + q0,
-                    DELTA + row_bh + q0, sqn, sdon, offs_m + c * BLOCK_M, qsize, qy0, qx0, qbw, r2, qk_scale,
+                    DELTA + row_bh + q0, sqn, sdon, offs_m + c * BLOCK_M, qsize, qy0, qx0, qbw, qr2, qk_scale,
                     offs_d, HEAD_DIM, EVEN_D, True, DOT_PREC, UPCAST,
                 )
         dk = (dk * sm_scale).to(DK.dtype.element_ty)
@@ -580,7 +639,7 @@ if triton is not None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _meta(q: torch.Tensor, cfg: _Config) -> dict:
+def _meta(q: torch.Tensor, cfg: _Config, layout: TokenLayout) -> dict:
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _interpreting() and q.dtype == torch.bfloat16
@@ -591,6 +650,7 @@ def _meta(q: torch.Tensor, cfg: _Config) -> dict:
         "EVEN_D": block_d == d,
         "DOT_PREC": "ieee" if q.dtype == torch.float32 or upcast else "tf32",
         "UPCAST": upcast,
+        "VIDEO": layout.is_video,  # 2D compiles exactly the image kernels (no per-pair bound loads)
     }
 
 
@@ -598,8 +658,9 @@ def _hb(x: torch.Tensor) -> tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
-def _forward(q, k, v, pk, pv, layout, radius, scale, cfg):
-    plan = _plan(layout, radius, cfg.tile, str(q.device))
+def _forward(q, k, v, pk, pv, layout, rule, scale, cfg):
+    radius, temporal_radius = rule
+    plan = _plan(layout, radius, cfg.tile, str(q.device), temporal_radius)
     b, h, n, d = q.shape
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -607,18 +668,19 @@ def _forward(q, k, v, pk, pv, layout, radius, scale, cfg):
     pk_, pv_ = (pk, pv) if has_pool else (k, v)
     grid = (b * h * (plan.n_text + plan.n_img),)
     _clear_fwd_kernel[grid](
-        q, k, v, pk_, pv_, out, lse, plan.table, *plan.q_full, *plan.q_part,
+        q, k, v, pk_, pv_, out, lse, plan.table, *plan.q_full, *plan.q_part, plan.thresholds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_hb(pk_), *_hb(pv_), *out.stride()[:3],
         b * h, h, n, plan.n_text, plan.n_img, float(radius * radius), scale * _LOG2E,
         BLOCK_N=cfg.fwd_n, HAS_POOL=has_pool, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-        **_meta(q, cfg),
+        **_meta(q, cfg, layout),
     )  # fmt: skip
     return out, lse
 
 
-def _backward(q, k, v, pk, pv, out, lse, dout, dlse, layout, radius, scale, cfg):
-    plan = _plan(layout, radius, cfg.tile, str(q.device))
-    meta = _meta(q, cfg)
+def _backward(q, k, v, pk, pv, out, lse, dout, dlse, layout, rule, scale, cfg):
+    radius, temporal_radius = rule
+    plan = _plan(layout, radius, cfg.tile, str(q.device), temporal_radius)
+    meta = _meta(q, cfg, layout)
     b, h, n, d = q.shape
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -643,7 +705,7 @@ def _backward(q, k, v, pk, pv, out, lse, dout, dlse, layout, radius, scale, cfg)
         dpk = dpv = dk  # never written
     grid = (b * h * (plan.n_text + plan.n_img),)
     _clear_dq_kernel[grid](
-        q, k, v, pk_, pv_, dout, lse, delta, dq, plan.table, *plan.q_full, *plan.q_part,
+        q, k, v, pk_, pv_, dout, lse, delta, dq, plan.table, *plan.q_full, *plan.q_part, plan.thresholds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_hb(pk_), *_hb(pv_), *dout.stride()[:3],
         *dq.stride()[:3],
         b * h, h, n, plan.n_text, plan.n_img, float(radius * radius), scale * _LOG2E, scale,
@@ -652,6 +714,7 @@ def _backward(q, k, v, pk, pv, out, lse, dout, dlse, layout, radius, scale, cfg)
     grid = (b * h * (plan.n_text + plan.n_img + plan.n_pool),)
     _clear_dkdv_kernel[grid](
         q, k, v, pk_, pv_, dout, lse, delta, dk, dv, dpk, dpv, plan.table, *plan.k_full, *plan.k_part,
+        plan.thresholds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_hb(pk_), *_hb(pv_), *dout.stride()[:3],
         *dk.stride()[:3], *_hb(dpk),
         b * h, h, n, plan.n_text, plan.n_img, plan.n_pool, float(radius * radius), scale * _LOG2E, scale,
@@ -662,10 +725,10 @@ def _backward(q, k, v, pk, pv, out, lse, dout, dlse, layout, radius, scale, cfg)
 
 class _ClearAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, layout, radius, scale, cfg):
-        out, lse = _forward(q, k, v, pk, pv, layout, radius, scale, cfg)
+    def forward(ctx, q, k, v, pk, pv, layout, rule, scale, cfg):
+        out, lse = _forward(q, k, v, pk, pv, layout, rule, scale, cfg)
         ctx.save_for_backward(q, k, v, pk, pv, out, lse)
-        ctx.layout, ctx.radius, ctx.scale, ctx.cfg = layout, radius, scale, cfg
+        ctx.layout, ctx.rule, ctx.scale, ctx.cfg = layout, rule, scale, cfg
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -674,7 +737,7 @@ class _ClearAttentionFn(torch.autograd.Function):
         q, k, v, pk, pv, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = _backward(q, k, v, pk, pv, out, lse, dout, dlse, ctx.layout, ctx.radius, ctx.scale, ctx.cfg)
+        grads = _backward(q, k, v, pk, pv, out, lse, dout, dlse, ctx.layout, ctx.rule, ctx.scale, ctx.cfg)
         return (*grads, None, None, None, None)
 
 
@@ -725,13 +788,6 @@ def triton_clear_attention(
         )
     radius = check_radius(radius)
     layout.check_qkv(q, k, v)
-    if layout.is_video:
-        from .dispatch import VIDEO_BACKENDS
-
-        raise NotImplementedError(
-            f"the triton backend has no video (frames > 1) kernels yet ({layout.describe_grid()} grid); "
-            f"use one of {VIDEO_BACKENDS}"
-        )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton backend supports float16, bfloat16 and float32, got {q.dtype}")
     if q.shape[-1] > 256:
@@ -754,7 +810,8 @@ def triton_clear_attention(
         pooled_k, pooled_v = pk, pv
     blocks = {"tile_tokens": tile_tokens, "fwd_n": fwd_n, "dq_n": dq_n, "dkv_m": dkv_m}
     cfg = _config(q.shape[-1], q.dtype, blocks)
-    out, lse = _ClearAttentionFn.apply(q, k, v, pooled_k, pooled_v, layout, radius, float(scale), cfg)
+    rule = (radius, None if temporal_radius is None or not layout.is_video else int(temporal_radius))
+    out, lse = _ClearAttentionFn.apply(q, k, v, pooled_k, pooled_v, layout, rule, float(scale), cfg)
     return out, (lse if return_lse else None)
 
 
@@ -764,14 +821,18 @@ def triton_clear_attention(
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _FP32_PTRS = ("LSE", "DELTA", "DLSE")
-_INT_PTRS = ("BLK", "FOFF", "FIDX", "POFF", "PIDX")
+_INT_PTRS = ("BLK", "FOFF", "FIDX", "POFF", "PIDX", "THR")
 _INT_SCALARS = ("BH", "H", "N")
 # largest dynamic shared memory per block, by compute capability major.minor * 10
 _SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 def compile_for_gpu(
-    arch: int = 90, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, has_pool: bool = True
+    arch: int = 90,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    has_pool: bool = True,
+    video: bool = False,
 ) -> dict[str, int]:
     """Compile every kernel for an NVIDIA GPU of compute capability ``arch`` (90 = H100) without a
     GPU, with the block sizes the wrapper would launch; returns {kernel: shared memory bytes}.
@@ -802,6 +863,7 @@ def compile_for_gpu(
         "EVEN_D": block_d == head_dim,
         "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST": False,
+        "VIDEO": video,
     }
     even = block_d == head_dim
     delta_consts = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK": 64, "EVEN_D": even, "HAS_DLSE": True}
