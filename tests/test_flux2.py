@@ -301,10 +301,15 @@ def test_inputs_that_are_not_one_grid_are_refused():
     no_target[:, 0] += 1
     with pytest.raises(ValueError, match="no target-image token"):
         run(model, dict(inputs, img_ids=no_target))
-    with pytest.raises(ValueError, match="first num_ref_tokens=4"):  # the references are not prepended
-        run(model, dict(inputs, kv_cache_mode="extract", num_ref_tokens=4))
     with pytest.raises(ValueError, match="kv_cache_mode must be one of"):
         run(model, dict(inputs, kv_cache_mode="prefill"))
+    # diffusers' plain processors ignore the KV cache: a KV mode there is refused, not run differently
+    with pytest.raises(ValueError, match="plain FLUX.2 processors.*Flux2KleinKVPipeline"):
+        run(model, dict(inputs, kv_cache_mode="extract", num_ref_tokens=4))
+    kv_model = flux2_kv_model()
+    linearize(kv_model, radius=2)
+    with pytest.raises(ValueError, match="first num_ref_tokens=4"):  # the references are not prepended
+        run(kv_model, dict(inputs, kv_cache_mode="extract", num_ref_tokens=4))
 
 
 def test_trainable_parameters_weights_round_trip_and_family_checks(tmp_path):

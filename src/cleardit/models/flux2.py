@@ -187,6 +187,12 @@ def _flux2_pre_hook(module, args, kwargs):
             f"img_ids describe {ids.shape[0]} image tokens but hidden_states has {hidden.shape[1]}"
         )
     mode = kv_mode(arguments)
+    if mode is not None and not geometry.kv_processors:
+        raise ValueError(
+            f"kv_cache_mode={mode!r} on a model linearized from diffusers' plain FLUX.2 processors, which "
+            "ignore the KV cache (it is never filled); build the pipeline as Flux2KleinKVPipeline (its KV "
+            "processors) before linearize, or call the model without kv_cache_mode"
+        )
     num_ref_tokens = int(arguments.get("num_ref_tokens", 0))
     references, target, (height, width) = split_image_stream(ids, mode, num_ref_tokens)
     global_refs = arguments["kv_cache"].num_ref_tokens if mode == "cached" else references.numel()
@@ -382,7 +388,10 @@ class Flux2Adapter(ModelAdapter):
         self, transformer: nn.Module, config: ClearConfig, geometry: Flux2Grid | Flux2StripContext, handle
     ) -> ClearHandle:
         geometry.adapter = self
-        for attn in self.attention_modules(transformer):
+        modules = self.attention_modules(transformer)
+        # diffusers runs the KV-cache modes only with its KV processors (Flux2KleinKVPipeline sets them)
+        geometry.kv_processors = all(type(a.processor).__name__.startswith("Flux2KV") for a in modules)
+        for attn in modules:
             handle.originals.append((attn, attn.processor))
             single = hasattr(attn, "to_qkv_mlp_proj")
             cls = ClearFlux2ParallelSelfAttnProcessor if single else ClearFlux2AttnProcessor
