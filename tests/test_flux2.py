@@ -622,6 +622,7 @@ def test_patch_parallel_flux2_equals_one_process():
         assert max(rank_errors) <= 1e-5, rank_errors
 
 
+@pytest.mark.slow  # the job path of --devices with full latents runs by default in tests/test_sd3.py
 def test_generate_on_two_devices_equals_one(klein_folder):
     """Every rank runs the Klein pipeline on the full latents; the transformer gathers its output rows
     at every step."""

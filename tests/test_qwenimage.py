@@ -564,6 +564,7 @@ def test_patch_parallel_qwenimage_equals_one_process():
         assert max(rank_errors) <= 1e-5, rank_errors
 
 
+@pytest.mark.slow  # the job path of --devices with full latents runs by default in tests/test_sd3.py
 def test_generate_on_two_devices_equals_one(qwen_folder):
     """Every rank runs the pipeline on the full latents and the transformer gathers its output strips
     at every step; two prompts of different lengths: the pipeline passes a text mask."""

@@ -481,6 +481,7 @@ def test_patch_parallel_zimage_equals_one_process():
         assert max(rank_errors) <= 1e-5, rank_errors
 
 
+@pytest.mark.slow  # the job path of --devices with full latents runs by default in tests/test_sd3.py
 def test_generate_on_two_devices_equals_one(zimage_folder):
     """Every rank runs the pipeline on the full latents (with CFG: the prompt and the negative prompt
     batched); the transformer gathers its rows at every step."""
