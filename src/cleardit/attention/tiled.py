@@ -18,11 +18,12 @@ border (or are cut by it) are grouped into a few more regions, each with one bro
 Heads are processed in groups (as many as fit a scratch budget) folded into the kernel's batch
 dimension, so a call covers all tiles of a region for all heads of the group: few, large calls.
 
-Video (``layout.frames > 1``): the image part of query frame f is one such 2D problem per key
-frame f + dt the rule reaches, each on the same tiles and windows (sized for r) with the disc
-``dy^2 + dx^2 < frame_thresholds[|dt|]``; every frame's strip buffer is built once per head
-group, and the parts of a query merge exactly through their log-sum-exps (in fp32 for fp16/bf16).
-An image is the one part dt = 0, exactly the 2D path.
+Video (``layout.frames > 1``): one part per frame offset dt the rule reaches: every query frame f
+against key frame f + dt, on the same tiles and windows (sized for r) with the disc
+``dy^2 + dx^2 < frame_thresholds[|dt|]``. Every frame has its strip buffer (built once per head
+group); a call covers one tile row of a region in all its frames (the kernel's second dimension
+runs over frames instead of tile rows), and the parts of a query merge exactly through their
+log-sum-exps (in fp32 for fp16/bf16). An image is the one part dt = 0, exactly the 2D path.
 
 The kernel is PyTorch's fused CPU flash-attention op (``aten::_scaled_dot_product_flash_attention
 _for_cpu``): it returns the log-sum-exp the merge needs and its backward recomputes probabilities
@@ -218,17 +219,22 @@ class _Region:
 
 
 class _Call:
-    """One kernel call: tiles (s0:s1, t0:t1) of a region, for a group of heads."""
+    """One kernel call: tiles (s0:s1, t0:t1) of frames f0:f1 of a region, for a group of heads, with
+    the keys of frames f0+dt:f1+dt. The kernel's second dimension runs over tile rows (one frame)
+    or over frames (one tile row of a video), whichever has several."""
 
-    def __init__(self, reg: _Region, s0, s1, t0, t1):
+    def __init__(self, reg: _Region, s0, s1, t0, t1, f0=0, f1=1, dt=0):
         self.reg, self.s0, self.s1, self.t0, self.t1 = reg, s0, s1, t0, t1
+        self.f0, self.f1, self.dt = f0, f1, dt
         self.hq, self.wq = reg.hq, reg.wq
+        self.over_frames = f1 - f0 > 1
+        self.n_h = (t1 - t0) * (f1 - f0)  # one of the two is 1
 
     def mask(self, dtype, device, heads):
         m = self.reg.mask(dtype, device)
         if m.shape[1] > 1:
             m = m[:, self.t0 - self.reg.t0 : self.t1 - self.reg.t0]
-        return m.expand((self.s1 - self.s0) * heads, self.t1 - self.t0, *m.shape[2:])
+        return m.expand((self.s1 - self.s0) * heads, self.n_h, *m.shape[2:])
 
 
 class _Plan:
@@ -298,6 +304,22 @@ class _Plan:
                     allowed = allowed.reshape(1, len(t_idx), self.tq, self.win)
                     self.regions.append(_Region(a, b, t0, t1, hq, wq, allowed))
 
+    def video_calls(self, heads: int, max_rows: int | None, f0: int, f1: int, dt: int) -> list[_Call]:
+        """Kernel calls of query frames f0:f1 against key frames f0+dt:f1+dt: per region and tile
+        row, all those frames in one call (at most ``max_rows`` window rows; None: any)."""
+        out = []
+        for reg in self.regions:
+            n_s, n_f = reg.s1 - reg.s0, f1 - f0
+            cf, cs = n_f, n_s
+            if max_rows is not None:
+                cf = min(n_f, max(1, max_rows // (heads * self.win)))
+                cs = max(1, max_rows // (heads * cf * self.win))
+            for t in range(reg.t0, reg.t1):
+                for a in range(f0, f1, cf):
+                    for c in range(reg.s0, reg.s1, cs):
+                        out.append(_Call(reg, c, min(reg.s1, c + cs), t, t + 1, a, min(f1, a + cf), dt))
+        return out
+
     def calls(self, heads: int, max_rows: int | None) -> list[_Call]:
         """Kernel calls for a group of heads, each with at most ``max_rows`` window rows (None: any)."""
         out = []
@@ -325,16 +347,18 @@ class _Plan:
         x_seq.copy_(x_rast if self.r2s is None else x_rast.index_select(1, self.s2r))
 
     # ---- strided views --------------------------------------------------------------------------
-    def rview(self, x: torch.Tensor, c) -> torch.Tensor:
-        """Raster [g, HW, e] -> view [S, g, T, hq, wq, e] of the tiles of call/region ``c``."""
+    def rview(self, x: torch.Tensor, c: _Call) -> torch.Tensor:
+        """Raster [g, T*HW, e] -> view [S, g, n_h, hq, wq, e] of the tiles of call ``c``."""
         sg, sr, se = x.stride()
-        off = x.storage_offset() + (c.s0 * self.tw + c.t0 * self.th * self.W) * sr
-        shape = (c.s1 - c.s0, x.shape[0], c.t1 - c.t0, c.hq, c.wq, x.shape[2])
-        strides = (self.tw * sr, sg, self.th * self.W * sr, self.W * sr, sr, se)
+        hw = self.H * self.W
+        off = x.storage_offset() + (c.s0 * self.tw + c.f0 * hw + c.t0 * self.th * self.W) * sr
+        shape = (c.s1 - c.s0, x.shape[0], c.n_h, c.hq, c.wq, x.shape[2])
+        h_stride = hw * sr if c.over_frames else self.th * self.W * sr
+        strides = (self.tw * sr, sg, h_stride, self.W * sr, sr, se)
         return x.as_strided(shape, strides, off)
 
     def tview(self, x_t: torch.Tensor, c: _Call) -> torch.Tensor:
-        """Kernel output [S*g, T, tq, e] -> [S, g, T, hq, wq, e] valid part."""
+        """Kernel output [S*g, n_h, tq, e] -> [S, g, n_h, hq, wq, e] valid part."""
         x = x_t.unflatten(0, (c.s1 - c.s0, -1)).unflatten(3, (self.th, self.tw))
         return x[:, :, :, : c.hq, : c.wq]
 
@@ -344,25 +368,24 @@ class _Plan:
         return x[:, f * hw : (f + 1) * hw]
 
     def to_tiles(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Raster [g, T*HW, e] -> scratch [T, ns, g, nty, tq, e] in tile order; padded slots are zero."""
+        """Raster [g, T*HW, e] -> scratch [ns, g, T, nty, tq, e] in tile order; padded slots are zero."""
         g, e = x.shape[0], x.shape[2]
         frames = x.shape[1] // (self.H * self.W)
-        out = _scratch(name, (frames, self.ns, g, self.nty, self.th, self.tw, e), x.dtype, x.device)
+        out = _scratch(name, (self.ns, g, frames, self.nty, self.th, self.tw, e), x.dtype, x.device)
         if self.H % self.th:
             out[:, :, :, -1].zero_()
         if self.W % self.tw:
-            out[:, -1].zero_()
+            out[-1].zero_()
         for f in range(frames):
-            x_f = self.frame(x, f)
             for s0, s1, wq in self.s_blocks:
                 for t0, t1, hq in self.t_blocks:
-                    blk = _Call(_Region(s0, s1, t0, t1, hq, wq, None), s0, s1, t0, t1)
-                    out[f, s0:s1, :, t0:t1, :hq, :wq] = self.rview(x_f, blk)
-        return out.view(frames, self.ns, g, self.nty, self.tq, e)
+                    blk = _Call(_Region(s0, s1, t0, t1, hq, wq, None), s0, s1, t0, t1, f, f + 1)
+                    out[s0:s1, :, f, t0:t1, :hq, :wq] = self.rview(x, blk)
+        return out.view(self.ns, g, frames, self.nty, self.tq, e)
 
     def tiles_of(self, x_t: torch.Tensor, c: _Call) -> torch.Tensor:
-        """Tile-ordered scratch [ns, g, nty, tq, e] -> [S*g, T, tq, e] view for one call."""
-        return x_t[c.s0 : c.s1, :, c.t0 : c.t1].flatten(0, 1)
+        """Tile-ordered scratch [ns, g, T, nty, tq, e] -> [S*g, n_h, tq, e] view for one call."""
+        return x_t[c.s0 : c.s1, :, c.f0 : c.f1, c.t0 : c.t1].flatten(2, 3).flatten(0, 1)
 
     def _strip_cols(self, s):
         """(first grid column, first buffer column, width) of strip s inside the grid."""
@@ -379,12 +402,12 @@ class _Plan:
         return x.as_strided(shape, (step * self.tw * sr, sg, self.W * sr, sr, se), off)
 
     def to_ext(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Raster keys [g, T*HW, d] -> zero-padded strip buffers [T, ns, g, hx, wx, d] (scratch)."""
+        """Raster keys [g, T*HW, d] -> zero-padded strip buffers [ns, g, T, hx, wx, d] (scratch)."""
         g, d = x.shape[0], x.shape[2]
         frames = x.shape[1] // (self.H * self.W)
-        ext = _scratch(name, (frames, self.ns, g, self.hx, self.wx, d), x.dtype, x.device)
+        ext = _scratch(name, (self.ns, g, frames, self.hx, self.wx, d), x.dtype, x.device)
         for f in range(frames):
-            self._fill_ext(self.frame(x, f), ext[f])
+            self._fill_ext(self.frame(x, f), ext[:, :, f])
         return ext
 
     def _fill_ext(self, x: torch.Tensor, ext: torch.Tensor) -> None:
@@ -404,9 +427,9 @@ class _Plan:
             band[:, :, b0 : b0 + n] = img[:, :, g0 : g0 + n]
 
     def fold_ext(self, ext: torch.Tensor, x: torch.Tensor) -> None:
-        """x (raster [g, T*HW, d]) += the in-grid part of strip buffers ext [T, ...] (overlaps summed)."""
-        for f in range(ext.shape[0]):
-            self._fold_frame(ext[f], self.frame(x, f))
+        """x (raster [g, T*HW, d]) += the in-grid part of strip buffers ext (overlapping strips summed)."""
+        for f in range(ext.shape[2]):
+            self._fold_frame(ext[:, :, f], self.frame(x, f))
 
     def _fold_frame(self, ext: torch.Tensor, x: torch.Tensor) -> None:
         ry, hh = self.ry, self.H
@@ -421,24 +444,30 @@ class _Plan:
             g0, b0, n = self._strip_cols(s)
             img[:, :, g0 : g0 + n] += ext[s, :, ry : ry + hh, b0 : b0 + n]
 
+    def _window_geometry(self, ext: torch.Tensor, c: _Call, row: int = 0) -> tuple[int, int, int]:
+        """(storage offset of call c's first window from its row ``row``, stride of the merged
+        (strip, head) dimension, stride of the tile-row or frame dimension) in strip buffers ext."""
+        g, frames, d = ext.shape[1], ext.shape[2], ext.shape[-1]
+        frame = self.hx * self.wx * d
+        first = c.s0 * g * frames + c.f0 + c.dt
+        off = ext.storage_offset() + first * frame + (c.t0 * self.th + row) * self.wx * d
+        return off, frames * frame, frame if c.over_frames else self.th * self.wx * d
+
     def windows(self, ext: torch.Tensor, c: _Call) -> torch.Tensor:
-        """Strip buffer [ns, g, hx, wx, d] -> overlapping view [S*g, T, win, d] of the key windows."""
-        g, d = ext.shape[1], ext.shape[-1]
-        hx, wx, th = self.hx, self.wx, self.th
-        off = ext.storage_offset() + (c.s0 * g * hx * wx + c.t0 * th * wx) * d
-        shape = ((c.s1 - c.s0) * g, c.t1 - c.t0, self.win, d)
-        return ext.as_strided(shape, (hx * wx * d, th * wx * d, d, 1), off)
+        """Strip buffers [ns, g, T, hx, wx, d] -> overlapping view [S*g, n_h, win, d] of the key windows."""
+        off, b_stride, h_stride = self._window_geometry(ext, c)
+        shape = ((c.s1 - c.s0) * ext.shape[1], c.n_h, self.win, ext.shape[-1])
+        return ext.as_strided(shape, (b_stride, h_stride, ext.shape[-1], 1), off)
 
     def fold_windows(self, ext: torch.Tensor, c: _Call, win: torch.Tensor) -> None:
-        """ext += window gradients [S*g, T, win, d] (overlapping windows summed)."""
-        g, d = ext.shape[1], ext.shape[-1]
-        hx, wx, th = self.hx, self.wx, self.th
+        """ext += window gradients [S*g, n_h, win, d] (overlapping windows summed)."""
+        d, wx, th = ext.shape[-1], self.wx, self.th
         win = win.unflatten(2, (self.wh, wx))
-        n_b, n_t = (c.s1 - c.s0) * g, c.t1 - c.t0
-        for a0 in range(0, self.wh, th):
+        n_b = (c.s1 - c.s0) * ext.shape[1]
+        for a0 in range(0, self.wh, th):  # row bands of th rows: no two windows of a call overlap in one
             a1 = min(self.wh, a0 + th)
-            off = ext.storage_offset() + (c.s0 * g * hx * wx + (c.t0 * th + a0) * wx) * d
-            dst = ext.as_strided((n_b, n_t, a1 - a0, wx, d), (hx * wx * d, th * wx * d, wx * d, d, 1), off)
+            off, b_stride, h_stride = self._window_geometry(ext, c, a0)
+            dst = ext.as_strided((n_b, c.n_h, a1 - a0, wx, d), (b_stride, h_stride, wx * d, d, 1), off)
             dst.add_(win[:, :, a0:a1])
 
 
@@ -484,12 +513,9 @@ def _get_plan(
 
 
 class _Offsets:
-    """The frame offsets of the rule: which key frames each query frame sees, and their plans.
-
-    A video's image part is one 2D tiles-plus-halo problem per (query frame f, key frame f + dt):
-    the disc ``dy^2 + dx^2 < frame_thresholds[|dt|]`` on the same tiles and windows (sized for r);
-    the parts of one query merge exactly through their log-sum-exps. An image has dt = 0 only.
-    """
+    """The frame offsets dt the rule reaches, each a part with its plan (the masks of the disc
+    ``dy^2 + dx^2 < frame_thresholds[|dt|]`` on the tiles and windows every part shares); the
+    parts of one query merge exactly through their log-sum-exps. An image has dt = 0 only."""
 
     def __init__(self, layout: TokenLayout, radius: int, temporal_radius, device, backward: bool):
         self.frames = layout.frames
@@ -502,13 +528,17 @@ class _Offsets:
         }
         self.plan = self.plans[r2]  # dt = 0: the geometry every part shares
 
-    def of_frame(self, f: int) -> list[tuple[int, _Plan]]:
-        """[(key frame, plan)] for query frame f, its own frame first."""
-        keys = [f] + [f + dt for a in range(1, self.frames) for dt in (-a, a)]
+    def parts(self, heads: int, max_rows: int | None) -> list[list[_Call]]:
+        """The kernel calls of each frame offset dt (dt = 0 first: it covers every query)."""
+        if self.frames == 1:
+            return [self.plan.calls(heads, max_rows)]
+        offsets = [0] + [dt for a in range(1, self.frames) for dt in (-a, a)]
         return [
-            (k, self.plans[self.thresholds[abs(k - f)]])
-            for k in keys
-            if 0 <= k < self.frames and self.thresholds[abs(k - f)] > 0
+            self.plans[self.thresholds[abs(dt)]].video_calls(
+                heads, max_rows, max(0, -dt), min(self.frames, self.frames - dt), dt
+            )
+            for dt in offsets
+            if self.thresholds[abs(dt)] > 0
         ]
 
 
@@ -571,31 +601,30 @@ def _forward(q, k, v, pooled_k, pooled_v, layout, offsets, scale):
             if kg is not None:
                 o_g, l_g = _attn_fwd(q_r[None], kg, vg, None, scale)
                 o_g, l_g = o_g[0].to(acc), l_g[0].unsqueeze(-1)
-            for f in range(layout.frames):
-                o_f, l_f = plan.frame(o_r, f), plan.frame(l_r.unsqueeze(-1), f)
-                for part, (kf, kplan) in enumerate(offsets.of_frame(f)):
-                    for c in kplan.calls(g, None):
-                        o_l, l_l = _attn_fwd(
-                            kplan.tiles_of(q_t[f], c),
-                            kplan.windows(k_x[kf], c),
-                            kplan.windows(v_x[kf], c),
-                            c.mask(dtype, device, g),
-                            scale,
-                        )
-                        o_l = kplan.tview(o_l, c).to(acc)
-                        l_l = kplan.tview(l_l.unsqueeze(-1), c)
-                        o_dst, l_dst = kplan.rview(o_f, c), kplan.rview(l_f, c)
-                        if part:  # merge into the parts so far (global keys included)
-                            torch.logaddexp(l_dst, l_l, out=l_dst)
-                            torch.lerp(o_dst, o_l, (l_l - l_dst).exp_().to(acc), out=o_dst)
-                        elif kg is None:
-                            o_dst.copy_(o_l)
-                            l_dst.copy_(l_l)
-                        else:
-                            l_gr = kplan.rview(plan.frame(l_g, f), c)
-                            torch.logaddexp(l_l, l_gr, out=l_dst)
-                            w_g = (l_gr - l_dst).exp_()
-                            torch.lerp(o_l, kplan.rview(plan.frame(o_g, f), c), w_g.to(acc), out=o_dst)
+            for part, calls in enumerate(offsets.parts(g, None)):
+                for c in calls:
+                    o_l, l_l = _attn_fwd(
+                        plan.tiles_of(q_t, c),
+                        plan.windows(k_x, c),
+                        plan.windows(v_x, c),
+                        c.mask(dtype, device, g),
+                        scale,
+                    )
+                    o_l = plan.tview(o_l, c).to(acc)
+                    l_l = plan.tview(l_l.unsqueeze(-1), c)
+                    o_dst = plan.rview(o_r, c)
+                    l_dst = plan.rview(l_r.unsqueeze(-1), c)
+                    if part:  # merge into the parts so far (global keys included)
+                        torch.logaddexp(l_dst, l_l, out=l_dst)
+                        torch.lerp(o_dst, o_l, (l_l - l_dst).exp_().to(acc), out=o_dst)
+                    elif kg is None:
+                        o_dst.copy_(o_l)
+                        l_dst.copy_(l_l)
+                    else:
+                        l_gr = plan.rview(l_g, c)
+                        torch.logaddexp(l_l, l_gr, out=l_dst)
+                        w_g = (l_gr - l_dst).exp_()
+                        torch.lerp(o_l, plan.rview(o_g, c), w_g.to(acc), out=o_dst)
             if not in_place:
                 plan.unraster(o_r, out[bi, heads, isl])
                 plan.unraster(l_r, lse[bi, heads, isl])
@@ -671,24 +700,21 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, offsets
             dv_x = _scratch("dv_x", v_x.shape, dtype, device).zero_()
             zero_x = None
             if dl_t is not None:  # values for the log-sum-exp gradient calls (see _lse_grad_parts)
-                zero_x = _scratch("zero_x", v_x.shape[1:], dtype, device).zero_()
-            for f in range(layout.frames):
-                dq_f = plan.frame(dq_r, f)
-                for kf, kplan in offsets.of_frame(f):
-                    for c in kplan.calls(g, _BACKWARD_CALL_ROWS):
-                        mask = c.mask(dtype, device, g)
-                        qw, gw, ow, lw = (kplan.tiles_of(x[f], c) for x in (q_t, g_t, o_t, l_t))
-                        kw, vw = kplan.windows(k_x[kf], c), kplan.windows(v_x[kf], c)
-                        dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
-                        if dl_t is not None:
-                            zw = kplan.windows(zero_x, c)
-                            dlw = kplan.tiles_of(dl_t[f], c)
-                            dq_x, dk_x2 = _lse_grad_parts(dlw, qw, kw, lw, mask, scale, zw)
-                            dq_w = dq_w + dq_x
-                            dk_w = dk_w + dk_x2
-                        kplan.rview(dq_f, c).add_(kplan.tview(dq_w, c))
-                        kplan.fold_windows(dk_x[kf], c, dk_w)
-                        kplan.fold_windows(dv_x[kf], c, dv_w)
+                zero_x = _scratch("zero_x", v_x.shape, dtype, device).zero_()
+            for calls in offsets.parts(g, _BACKWARD_CALL_ROWS):
+                for c in calls:
+                    mask = c.mask(dtype, device, g)
+                    qw, gw, ow, lw = (plan.tiles_of(x, c) for x in (q_t, g_t, o_t, l_t))
+                    kw, vw = plan.windows(k_x, c), plan.windows(v_x, c)
+                    dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
+                    if dl_t is not None:
+                        zw = plan.windows(zero_x, c)
+                        dq_x, dk_x2 = _lse_grad_parts(plan.tiles_of(dl_t, c), qw, kw, lw, mask, scale, zw)
+                        dq_w = dq_w + dq_x
+                        dk_w = dk_w + dk_x2
+                    plan.rview(dq_r, c).add_(plan.tview(dq_w, c))
+                    plan.fold_windows(dk_x, c, dk_w)
+                    plan.fold_windows(dv_x, c, dv_w)
             if plan.r2s is None:
                 dq[bi, heads, isl] = dq_r
                 plan.fold_ext(dk_x, dk[bi, heads, isl])
