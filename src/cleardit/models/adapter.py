@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ClearConfig
 from .errors import NotSupportedError
-from .handle import ClearHandle
+from .handle import ClearHandle, ForwardGrid
 
 
 class ModelAdapter:
@@ -53,6 +53,7 @@ class ModelAdapter:
     img2img_class: str | None = None
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
+    grid_class: type = ForwardGrid  # the per-forward state ``install`` shares between hooks and processors
     strip_latents: bool = False
     strip_context_class: type | None = None  # a StripContext subclass with the family's forward state
     teacher_keeps_tile_order: bool = True
@@ -85,6 +86,13 @@ class ModelAdapter:
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
         """Put CLEAR processors and the grid hooks into ``transformer``; the handle undoes it."""
+        return self.install_into(
+            transformer, self.grid_class(config), ClearHandle(transformer, config, self.trainable_pattern)
+        )
+
+    def install_into(self, transformer: nn.Module, geometry: ForwardGrid, handle: ClearHandle) -> ClearHandle:
+        """The family's CLEAR processors (sharing ``geometry``, the per-forward state: a ``grid_class``
+        or, patch-parallel, a ``StripContext``) and hooks put into ``transformer``, recorded in ``handle``."""
         raise NotImplementedError
 
     def strips_unsupported(self) -> str | None:
@@ -92,8 +100,21 @@ class ModelAdapter:
         return f"patch-parallel inference (--devices) is not supported for {self.family} models yet"
 
     def install_strips(self, transformer: nn.Module, config: ClearConfig, context) -> ClearHandle:
-        """Patch-parallel CLEAR (``cleardit.models.strips.parallelize``): one strip of rows per rank."""
-        raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
+        """Patch-parallel CLEAR (``cleardit.models.strips.parallelize``): one strip of rows per rank. A
+        family without ``strip_latents`` takes the full inputs on every rank and returns the full output:
+        its hooks keep a rank's rows after embedding and gather them before the output."""
+        from .strips import ParallelHandle  # strips builds on this module
+
+        if self.strips_unsupported():
+            raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
+        if not self.strip_latents and (context.strip_input or not context.gather_output):
+            raise NotSupportedError(
+                f"patch-parallel {self.family} takes the full latents on every rank and returns the full "
+                "output (strip_input=False, gather_output=True): its transformer keeps a rank's rows after "
+                "embedding and gathers them itself"
+            )
+        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
+        return self.install_into(transformer, context, handle)
 
     def sync_fused_projections(self, transformer: nn.Module) -> None:
         """After CLEAR weights were loaded into the separate projections, bring fused copies of them

@@ -434,7 +434,6 @@ class FluxAdapter(ModelAdapter):
     strip_latents = True  # packed latents [B, H*W, C]: a rank's rows are a slice
     processor_class = ClearFluxAttnProcessor
     ip_processor_class = ClearFluxIPAdapterAttnProcessor
-    grid_class = ForwardGrid
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:

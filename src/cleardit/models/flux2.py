@@ -56,7 +56,7 @@ from .errors import NotSupportedError
 from .flux import FluxAdapter, _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
-from .strips import ParallelHandle, StripContext
+from .strips import StripContext
 
 # What CLEAR fine-tunes and saves. Double-stream blocks: the image stream's to_q/k/v/to_out, as the
 # reference release trains on FLUX.1. Single blocks compute q, k, v and the MLP input with ONE Linear
@@ -340,6 +340,7 @@ class Flux2Adapter(ModelAdapter):
     family = "flux2"
     transformer_classes = ("Flux2Transformer2DModel",)
     pipeline_classes = ("Flux2KleinPipeline",)
+    grid_class = Flux2Grid
     strip_context_class = Flux2StripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds",)
@@ -365,28 +366,13 @@ class Flux2Adapter(ModelAdapter):
     rope_theta_scaled = FluxAdapter.rope_theta_scaled
     query_norms = FluxAdapter.query_norms
 
-    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        handle = ClearHandle(transformer, config, self.trainable_pattern)
-        return self._install(transformer, config, Flux2Grid(config), handle)
-
     def strips_unsupported(self) -> str | None:
         return None
 
-    def install_strips(
-        self, transformer: nn.Module, config: ClearConfig, context: StripContext
+    def install_into(
+        self, transformer: nn.Module, geometry: Flux2Grid | Flux2StripContext, handle
     ) -> ClearHandle:
-        if context.strip_input or not context.gather_output:
-            raise NotSupportedError(
-                "patch-parallel FLUX.2 takes the full image stream on every rank and returns the full "
-                "output (strip_input=False, gather_output=True): its references are global tokens that "
-                "every rank keeps whole, and its pipelines hand the transformer the whole latents"
-            )
-        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
-        return self._install(transformer, config, context, handle)
-
-    def _install(
-        self, transformer: nn.Module, config: ClearConfig, geometry: Flux2Grid | Flux2StripContext, handle
-    ) -> ClearHandle:
+        config = geometry.config
         geometry.adapter = self
         modules = self.attention_modules(transformer)
         # diffusers runs the KV-cache modes only with its KV processors (Flux2KleinKVPipeline sets them)

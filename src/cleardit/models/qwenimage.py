@@ -43,7 +43,7 @@ from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
-from .strips import ParallelHandle, StripContext
+from .strips import StripContext
 
 # The image-stream attention projections (as the reference release trains for FLUX's double-stream
 # blocks), plus the pooling weights of the down-sampled variant.
@@ -383,6 +383,7 @@ class QwenImageAdapter(ModelAdapter):
     transformer_classes = ("QwenImageTransformer2DModel",)
     pipeline_classes = ("QwenImagePipeline",)
     img2img_class = "QwenImageImg2ImgPipeline"
+    grid_class = QwenGrid
     strip_context_class = QwenStripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "prompt_embeds_mask")
@@ -396,30 +397,21 @@ class QwenImageAdapter(ModelAdapter):
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         return [block.attn for block in transformer.transformer_blocks]
 
-    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        handle = ClearHandle(transformer, config, self.trainable_pattern)
-        return self._install(transformer, config, QwenGrid(config), handle)
-
     def strips_unsupported(self) -> str | None:
         return None
 
     def install_strips(
         self, transformer: nn.Module, config: ClearConfig, context: StripContext
     ) -> ClearHandle:
-        if context.strip_input or not context.gather_output:
-            raise NotSupportedError(
-                "patch-parallel Qwen-Image takes the full latents on every rank and returns the full output "
-                "(strip_input=False, gather_output=True): the transformer cuts and gathers its rows itself"
-            )
-        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
-        self._install(transformer, config, context, handle)
+        handle = super().install_strips(transformer, config, context)
         if getattr(transformer.config, "zero_cond_t", False):  # its blocks index tokens themselves
             for block in transformer.transformer_blocks:
                 add_hooks(block, _modulate_index_hook, state=context)
             handle.hooks = (*handle.hooks, _modulate_index_hook)
         return handle
 
-    def _install(self, transformer: nn.Module, config: ClearConfig, geometry: ForwardGrid, handle):
+    def install_into(self, transformer: nn.Module, geometry: ForwardGrid, handle) -> ClearHandle:
+        config = geometry.config
         if getattr(transformer.config, "use_layer3d_rope", False):
             raise NotSupportedError(
                 "Qwen-Image-Layered (use_layer3d_rope) generates several layers of one image at once; CLEAR "

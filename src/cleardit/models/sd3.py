@@ -40,7 +40,6 @@ from .errors import NotSupportedError
 from .flux import bind_forward_args
 from .handle import ClearHandle, ForwardGrid, add_hooks
 from .processor import ClearProcessor
-from .strips import ParallelHandle, StripContext
 
 # The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,
 # plus the pooling weights of the down-sampled variant.
@@ -222,6 +221,7 @@ class SD3Adapter(ModelAdapter):
     img2img_class = "StableDiffusion3Img2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
+    grid_class = SD3Grid
     default_steps = 28  # StableDiffusion3Pipeline's defaults
     default_guidance = None  # no distilled guidance: guidance_scale is classifier-free guidance
     default_true_cfg = 7.0
@@ -234,31 +234,11 @@ class SD3Adapter(ModelAdapter):
             modules += [a for a in (block.attn, getattr(block, "attn2", None)) if a is not None]
         return modules
 
-    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        geometry = SD3Grid(config)
-        return self._install(
-            transformer, config, geometry, ClearHandle(transformer, config, self.trainable_pattern)
-        )
-
     def strips_unsupported(self) -> str | None:
         return None
 
-    def install_strips(
-        self, transformer: nn.Module, config: ClearConfig, context: StripContext
-    ) -> ClearHandle:
-        if context.strip_input or not context.gather_output:
-            raise NotSupportedError(
-                "patch-parallel SD3 takes the full latents on every rank and returns the full output "
-                "(strip_input=False, gather_output=True): the transformer patchifies and unpatchifies the "
-                "whole image itself"
-            )
-        context.order = context.inverse = None
-        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
-        return self._install(transformer, config, context, handle)
-
-    def _install(
-        self, transformer: nn.Module, config: ClearConfig, geometry: ForwardGrid, handle
-    ) -> ClearHandle:
+    def install_into(self, transformer: nn.Module, geometry: ForwardGrid, handle) -> ClearHandle:
+        config = geometry.config
         modules = self.attention_modules(transformer)
         foreign = sorted({type(a.processor).__name__ for a in modules} - {"JointAttnProcessor2_0"})
         if foreign:

@@ -52,7 +52,7 @@ from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
-from .strips import ParallelHandle, StripContext
+from .strips import StripContext
 
 SEQ_MULTIPLE = 32  # diffusers pads every part of the sequence to a multiple of this (SEQ_MULTI_OF)
 
@@ -392,6 +392,7 @@ class ZImageAdapter(ModelAdapter):
     transformer_classes = ("ZImageTransformer2DModel",)
     pipeline_classes = ("ZImagePipeline",)
     img2img_class = "ZImageImg2ImgPipeline"
+    grid_class = ZImageGrid
     strip_context_class = ZImageStripContext
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "prompt_attention_mask")
@@ -404,38 +405,28 @@ class ZImageAdapter(ModelAdapter):
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
         return [b.attention for b in transformer.noise_refiner] + [b.attention for b in transformer.layers]
 
-    def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
-        handle = ClearHandle(transformer, config, self.trainable_pattern)
-        return self._install(transformer, config, ZImageGrid(config), handle)
-
     def strips_unsupported(self) -> str | None:
         return None
 
     def install_strips(
         self, transformer: nn.Module, config: ClearConfig, context: StripContext
     ) -> ClearHandle:
-        if context.strip_input or not context.gather_output:
-            raise NotSupportedError(
-                "patch-parallel Z-Image takes the full latents on every rank and returns the full output "
-                "(strip_input=False, gather_output=True): diffusers pads the image tokens to a multiple of "
-                "32 from the whole grid and unpatchifies the whole image itself"
-            )
         if not len(transformer.noise_refiner):
             raise NotSupportedError(
                 "patch-parallel Z-Image keeps a rank's rows at the first noise-refiner block, and this "
                 "transformer has none"
             )
-        handle = ParallelHandle(transformer, config, self.trainable_pattern, context=context)
-        self._install(transformer, config, context, handle)
+        handle = super().install_strips(transformer, config, context)
         hooks = add_hooks(transformer.noise_refiner[0], _keep_own_rows_hook, state=context)
         for final_layer in transformer.all_final_layer.values():
             hooks += add_hooks(final_layer, post_hook=_gather_rows_hook, state=context)
         handle.hooks += hooks
         return handle
 
-    def _install(
-        self, transformer: nn.Module, config: ClearConfig, geometry: ZImageGrid | ZImageStripContext, handle
+    def install_into(
+        self, transformer: nn.Module, geometry: ZImageGrid | ZImageStripContext, handle
     ) -> ClearHandle:
+        config = geometry.config
         geometry.adapter = self
         for stage in STAGES:
             for block in getattr(transformer, stage):
