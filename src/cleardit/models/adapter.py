@@ -209,8 +209,11 @@ class ModelAdapter:
     def initial_noise(
         self, pipe, batch: int, height: int, width: int, dtype, device, generator
     ) -> torch.Tensor:
-        """The packed starting noise the pipeline would draw from ``generator``."""
-        raise NotImplementedError
+        """The packed starting noise the pipeline would draw from ``generator`` (its ``prepare_latents``;
+        where that also returns the latents' ids, the latents)."""
+        channels = self.latent_channels(pipe.transformer)
+        noise = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
+        return noise[0] if isinstance(noise, tuple) else noise
 
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Packed latents of a ``size`` (height, width) image -> latents [B, C, h, w]."""

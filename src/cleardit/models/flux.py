@@ -570,13 +570,6 @@ class FluxAdapter(ModelAdapter):
             kwargs.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         return kwargs
 
-    def initial_noise(
-        self, pipe, batch: int, height: int, width: int, dtype, device, generator
-    ) -> torch.Tensor:
-        channels = self.latent_channels(pipe.transformer)
-        noise, _ = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
-        return noise
-
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)
 

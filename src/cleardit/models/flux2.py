@@ -440,13 +440,6 @@ class Flux2Adapter(ModelAdapter):
             kwargs.update(negative_prompt_embeds=neg)
         return kwargs
 
-    def initial_noise(
-        self, pipe, batch: int, height: int, width: int, dtype, device, generator
-    ) -> torch.Tensor:
-        channels = self.latent_channels(pipe.transformer)
-        noise, _ = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
-        return noise
-
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Flux2KleinPipeline's ``output_type="latent"`` (the VAE's own latents) -> normalised latents."""
         return normalize_latents(pipe.vae, packed)

@@ -469,12 +469,6 @@ class QwenImageAdapter(ModelAdapter):
             kwargs.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return kwargs
 
-    def initial_noise(
-        self, pipe, batch: int, height: int, width: int, dtype, device, generator
-    ) -> torch.Tensor:
-        channels = self.latent_channels(pipe.transformer)
-        return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
-
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # the pipelines unpack to video latents [B, C, 1, h, w]: one frame
         return pipe._unpack_latents(packed, size[0], size[1], pipe.vae_scale_factor)[:, :, 0]

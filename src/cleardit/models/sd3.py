@@ -322,12 +322,6 @@ class SD3Adapter(ModelAdapter):
             kwargs.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         return kwargs
 
-    def initial_noise(
-        self, pipe, batch: int, height: int, width: int, dtype, device, generator
-    ) -> torch.Tensor:
-        channels = self.latent_channels(pipe.transformer)
-        return pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
-
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return packed  # SD3 pipelines keep latents unpacked [B, C, h, w]: the transformer patchifies
 
