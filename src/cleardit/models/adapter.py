@@ -53,6 +53,8 @@ class ModelAdapter:
     img2img_class: str | None = None
     trainable_pattern: re.Pattern = re.compile(r"$^")
     text_conditions: tuple[str, ...] = ()
+    text_tokenizer: str = "tokenizer"  # the pipeline's tokenizer that sets the text length
+    text_token_limit: int = 512  # the most text tokens the family's pipelines take
     grid_class: type = ForwardGrid  # the per-forward state ``install`` shares between hooks and processors
     strip_latents: bool = False
     strip_context_class: type | None = None  # a StripContext subclass with the family's forward state
@@ -185,8 +187,12 @@ class ModelAdapter:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
     def max_text_tokens(self, pipe) -> int:
-        """Text tokens per prompt when the model folder does not say."""
-        raise NotImplementedError
+        """Text tokens per prompt when the model folder does not say: the length of the pipeline's
+        ``text_tokenizer``, at most ``text_token_limit``."""
+        length = getattr(getattr(pipe, self.text_tokenizer, None), "model_max_length", None)
+        if not isinstance(length, int) or length <= 0:
+            return self.text_token_limit
+        return min(length, self.text_token_limit)
 
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         """Keyword arguments of a pipeline call for these generation settings."""
@@ -253,3 +259,13 @@ class ModelAdapter:
     def latent_channels(self, transformer: nn.Module) -> int:
         """Channels C of the unpacked latents."""
         raise NotImplementedError
+
+
+def check_teacher_data_fits(checks: list[tuple[str, int, int]]) -> None:
+    """``check_conditions``' error for the first (what, in the data, in the transformer) that differ."""
+    for what, got, want in checks:
+        if got != want:
+            raise ValueError(
+                f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
+                "transformer; make the data with the same --model (cleardit distill data --model ...)"
+            )

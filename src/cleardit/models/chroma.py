@@ -25,8 +25,8 @@ from torch import nn
 
 from ..attention import clear_attention
 from ..config import ClearConfig
-from .adapter import ModelAdapter
-from .flux import ClearFluxAttnProcessor, FluxAdapter, IPAdapterBranch, _check_fits
+from .adapter import ModelAdapter, check_teacher_data_fits
+from .flux import ClearFluxAttnProcessor, FluxAdapter, IPAdapterBranch
 from .handle import ForwardGrid, ForwardState
 
 
@@ -179,7 +179,7 @@ class ChromaAdapter(FluxAdapter):
 
     def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
         cfg = transformer.config
-        _check_fits(
+        check_teacher_data_fits(
             [
                 ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
                 (

@@ -23,7 +23,7 @@ from torch import nn
 from ..attention import TokenLayout, clear_attention
 from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
 from .strips import ParallelHandle, StripContext
@@ -34,7 +34,6 @@ TRAINABLE_PATTERN = re.compile(
     r"|single_transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v)\.(?:weight|bias)"
     r"|(?:single_)?transformer_blocks\.\d+\.attn\.processor\.spatial_weight)$"
 )
-MAX_TEXT_TOKENS = 512  # FluxPipeline refuses max_sequence_length > 512
 CONTROLNET_INPUTS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 
@@ -431,6 +430,7 @@ class FluxAdapter(ModelAdapter):
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
     text_tokenizer = "tokenizer_2"  # the pipeline's T5 tokenizer: it sets the text length
+    text_token_limit = 512  # FluxPipeline refuses max_sequence_length > 512
     strip_latents = True  # packed latents [B, H*W, C]: a rank's rows are a slice
     processor_class = ClearFluxAttnProcessor
     ip_processor_class = ClearFluxIPAdapterAttnProcessor
@@ -543,12 +543,6 @@ class FluxAdapter(ModelAdapter):
     def load_pipeline(self, folder, dtype: torch.dtype):
         return self._pipeline_class().from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
-    def max_text_tokens(self, pipe) -> int:
-        length = getattr(getattr(pipe, self.text_tokenizer, None), "model_max_length", None)
-        if not isinstance(length, int) or length <= 0:
-            return MAX_TEXT_TOKENS
-        return min(length, MAX_TEXT_TOKENS)
-
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         options = dict(guidance_scale=guidance, max_sequence_length=text_len)
         if true_cfg > 1:
@@ -587,7 +581,7 @@ class FluxAdapter(ModelAdapter):
             ("pooled embedding width", sample["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
             ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
         ]
-        _check_fits(checks)
+        check_teacher_data_fits(checks)
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = latents.shape
@@ -620,12 +614,3 @@ class FluxAdapter(ModelAdapter):
 
     def latent_channels(self, transformer: nn.Module) -> int:
         return int(transformer.config.in_channels) // 4
-
-
-def _check_fits(checks: list[tuple[str, int, int]]) -> None:
-    for what, got, want in checks:
-        if got != want:
-            raise ValueError(
-                f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                "transformer; make the data with the same --model (cleardit distill data --model ...)"
-            )

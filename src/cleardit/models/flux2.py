@@ -51,7 +51,7 @@ from torch import nn
 from ..attention import TokenLayout
 from ..attention.strips import StripPlan
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
 from .flux import FluxAdapter, _replace_sample, bind_forward_args, project_qkv
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
@@ -69,7 +69,6 @@ TRAINABLE_PATTERN = re.compile(
     r"|(?:single_)?transformer_blocks\.\d+\.attn\.processor\.spatial_weight)$"
 )
 KV_MODES = (None, "extract", "cached")
-MAX_TEXT_TOKENS = 512  # Flux2KleinPipeline's tokenizer_max_length
 
 
 @dataclass(frozen=True)
@@ -340,6 +339,7 @@ class Flux2Adapter(ModelAdapter):
     family = "flux2"
     transformer_classes = ("Flux2Transformer2DModel",)
     pipeline_classes = ("Flux2KleinPipeline",)
+    text_token_limit = 512  # Flux2KleinPipeline's tokenizer_max_length
     grid_class = Flux2Grid
     strip_context_class = Flux2StripContext
     trainable_pattern = TRAINABLE_PATTERN
@@ -411,12 +411,6 @@ class Flux2Adapter(ModelAdapter):
         img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
         return img2img
 
-    def max_text_tokens(self, pipe) -> int:
-        length = getattr(pipe.tokenizer, "model_max_length", None)
-        if not isinstance(length, int) or length <= 0:
-            return MAX_TEXT_TOKENS
-        return min(length, MAX_TEXT_TOKENS)
-
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         if true_cfg > 1 and negative_prompt:
             raise NotSupportedError(
@@ -457,15 +451,12 @@ class Flux2Adapter(ModelAdapter):
 
     def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
         cfg = transformer.config
-        for what, got, want in (
-            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
-            ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
-        ):
-            if got != want:
-                raise ValueError(
-                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
-                )
+        check_teacher_data_fits(
+            [
+                ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+                ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
+            ]
+        )
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         from diffusers import Flux2KleinPipeline

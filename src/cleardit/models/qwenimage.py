@@ -38,9 +38,9 @@ from torch import nn
 from ..attention import TokenLayout
 from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .flux import _replace_sample, bind_forward_args
+from .flux import FluxAdapter, _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
 from .processor import ClearProcessor
 from .strips import StripContext
@@ -383,6 +383,7 @@ class QwenImageAdapter(ModelAdapter):
     transformer_classes = ("QwenImageTransformer2DModel",)
     pipeline_classes = ("QwenImagePipeline",)
     img2img_class = "QwenImageImg2ImgPipeline"
+    pack_latents = FluxAdapter.pack_latents  # QwenImagePipeline packs 2x2 patches as FluxPipeline does
     grid_class = QwenGrid
     strip_context_class = QwenStripContext
     trainable_pattern = TRAINABLE_PATTERN
@@ -504,18 +505,7 @@ class QwenImageAdapter(ModelAdapter):
             ("text mask length", sample["prompt_embeds_mask"].shape[-1], sample["prompt_embeds"].shape[0]),
             ("latent channels x 4", sample["latents"].shape[0] * 4, cfg.in_channels),
         ]
-        for what, got, want in checks:
-            if got != want:
-                raise ValueError(
-                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
-                )
-
-    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = latents.shape
-        # QwenImagePipeline._pack_latents: 2x2 patches of the latent image, row-major
-        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+        check_teacher_data_fits(checks)
 
     def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
         b, _, h, w = noisy.shape

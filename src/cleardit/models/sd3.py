@@ -35,7 +35,7 @@ from torch import nn
 from ..attention import TokenLayout
 from ..attention.strips import StripPlan
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
 from .flux import bind_forward_args
 from .handle import ClearHandle, ForwardGrid, add_hooks
@@ -47,7 +47,6 @@ TRAINABLE_PATTERN = re.compile(
     r"^transformer_blocks\.\d+\.attn2?\."
     r"(?:(?:to_q|to_k|to_v|to_out\.0)\.(?:weight|bias)|processor\.spatial_weight)$"
 )
-MAX_T5_TOKENS = 512  # StableDiffusion3Pipeline refuses max_sequence_length > 512
 TRAIN_TIMESTEPS = 1000  # SD3's FlowMatchEulerDiscreteScheduler: timestep = sigma x 1000
 LAYOUT_KWARG = "cleardit_layout"  # the forward's TokenLayout, passed to processors in joint_attention_kwargs
 
@@ -221,6 +220,8 @@ class SD3Adapter(ModelAdapter):
     img2img_class = "StableDiffusion3Img2ImgPipeline"
     trainable_pattern = TRAINABLE_PATTERN
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
+    text_tokenizer = "tokenizer_3"  # T5: the CLIP encoders' 77 tokens come before its tokens
+    text_token_limit = 512  # StableDiffusion3Pipeline refuses max_sequence_length > 512
     grid_class = SD3Grid
     default_steps = 28  # StableDiffusion3Pipeline's defaults
     default_guidance = None  # no distilled guidance: guidance_scale is classifier-free guidance
@@ -300,13 +301,6 @@ class SD3Adapter(ModelAdapter):
     def size_factor(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * int(pipe.patch_size)
 
-    def max_text_tokens(self, pipe) -> int:
-        """T5 tokens per prompt (the pipeline adds the CLIP encoders' tokens before them)."""
-        length = getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", None)
-        if not isinstance(length, int) or length <= 0:
-            return MAX_T5_TOKENS
-        return min(length, MAX_T5_TOKENS)
-
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         # SD3 has no distilled guidance: its guidance_scale is classifier-free guidance
         return self.cfg_guidance_scale_options(true_cfg, negative_prompt, text_len)
@@ -335,16 +329,17 @@ class SD3Adapter(ModelAdapter):
 
     def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
         cfg = transformer.config
-        for what, got, want in [
-            ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
-            ("pooled embedding width", sample["pooled_prompt_embeds"].shape[-1], cfg.pooled_projection_dim),
-            ("latent channels", sample["latents"].shape[0], cfg.in_channels),
-        ]:
-            if got != want:
-                raise ValueError(
-                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
-                )
+        check_teacher_data_fits(
+            [
+                ("text embedding width", sample["prompt_embeds"].shape[-1], cfg.joint_attention_dim),
+                (
+                    "pooled embedding width",
+                    sample["pooled_prompt_embeds"].shape[-1],
+                    cfg.pooled_projection_dim,
+                ),
+                ("latent channels", sample["latents"].shape[0], cfg.in_channels),
+            ]
+        )
 
     def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
         # SD3 pipelines pass the scheduler's timesteps: sigma x num_train_timesteps (1000)

@@ -47,7 +47,7 @@ from torch import nn
 from ..attention import TokenLayout
 from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
 from .flux import _replace_sample, bind_forward_args
 from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
@@ -392,6 +392,7 @@ class ZImageAdapter(ModelAdapter):
     transformer_classes = ("ZImageTransformer2DModel",)
     pipeline_classes = ("ZImagePipeline",)
     img2img_class = "ZImageImg2ImgPipeline"
+    text_token_limit = MAX_TEXT_TOKENS
     grid_class = ZImageGrid
     strip_context_class = ZImageStripContext
     trainable_pattern = TRAINABLE_PATTERN
@@ -470,10 +471,6 @@ class ZImageAdapter(ModelAdapter):
     def default_size(self, pipe) -> int:
         return DEFAULT_SIZE
 
-    def max_text_tokens(self, pipe) -> int:
-        length = getattr(pipe.tokenizer, "model_max_length", None)
-        return min(length, MAX_TEXT_TOKENS) if isinstance(length, int) and length > 0 else MAX_TEXT_TOKENS
-
     def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
         # ZImagePipeline's guidance_scale g predicts pos + g * (pos - neg): classifier-free guidance of
         # scale 1 + g (0 = off, as Z-Image-Turbo runs)
@@ -521,12 +518,7 @@ class ZImageAdapter(ModelAdapter):
             ("text mask length", sample["prompt_attention_mask"].shape[-1], sample["prompt_embeds"].shape[0]),
             ("latent channels", sample["latents"].shape[0], cfg.in_channels),
         ]
-        for what, got, want in checks:
-            if got != want:
-                raise ValueError(
-                    f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
-                    "transformer; make the data with the same --model (cleardit distill data --model ...)"
-                )
+        check_teacher_data_fits(checks)
 
     def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
         masks = conditions["prompt_attention_mask"].bool()
