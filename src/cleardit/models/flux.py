@@ -24,7 +24,7 @@ from ..attention import TokenLayout, clear_attention
 from ..attention.strips import StripPlan, start_row_exchange, strip_attention
 from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
-from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks, bind_forward_args, replace_sample
 from .processor import ClearProcessor
 from .strips import ParallelHandle, StripContext
 
@@ -287,23 +287,11 @@ class ParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
 
 
 # ----------------------------------------------------------------------------- forward hooks
-def bind_forward_args(transformer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    return inspect.signature(type(transformer).forward).bind(transformer, *args, **kwargs)
-
-
 def _ids(bound: inspect.BoundArguments, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     img_ids, txt_ids = bound.arguments.get("img_ids"), bound.arguments.get("txt_ids")
     if img_ids is None or txt_ids is None:
         raise ValueError(f"a {what} transformer needs img_ids and txt_ids to know the image grid")
     return (img_ids[0] if img_ids.ndim == 3 else img_ids), (txt_ids[0] if txt_ids.ndim == 3 else txt_ids)
-
-
-def _replace_sample(output, fn):
-    """The transformer output with its sample tensor replaced by ``fn(sample)`` (tuple or dataclass)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]),) + tuple(output[1:])
-    output.sample = fn(output.sample)
-    return output
 
 
 def _token_order_pre_hook(module, args, kwargs):
@@ -416,7 +404,7 @@ def _strip_post_hook(module, args, kwargs, output):
     def gather(sample):
         return torch.cat(ctx.comm.all_gather(sample, counts, 1, "output", "output gather", None), dim=1)
 
-    return _replace_sample(output, gather)
+    return replace_sample(output, gather)
 
 
 # ----------------------------------------------------------------------------- the adapter

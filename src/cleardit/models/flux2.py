@@ -53,8 +53,8 @@ from ..attention.strips import StripPlan
 from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .flux import FluxAdapter, _replace_sample, bind_forward_args, project_qkv
-from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .flux import FluxAdapter, project_qkv
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks, bind_forward_args, replace_sample
 from .processor import ClearProcessor
 from .strips import StripContext
 
@@ -239,7 +239,7 @@ def _flux2_post_hook(module, args, kwargs, output):
             sample = _gather_target_rows(sample, geometry.plan, comm)
         return sample[:, order]
 
-    return _replace_sample(output, caller_order)
+    return replace_sample(output, caller_order)
 
 
 def _gather_target_rows(sample: torch.Tensor, plan: StripPlan, comm) -> torch.Tensor:

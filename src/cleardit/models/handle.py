@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,6 +110,19 @@ def remove_hooks(model: nn.Module, functions) -> None:
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
+
+
+def bind_forward_args(transformer: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """A transformer forward's arguments by name (what a forward pre-hook reads and rewrites)."""
+    return inspect.signature(type(transformer).forward).bind(transformer, *args, **kwargs)
+
+
+def replace_sample(output, fn):
+    """The transformer output with its sample replaced by ``fn(sample)`` (tuple or dataclass)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    output.sample = fn(output.sample)
+    return output
 
 
 def get_handle(model: nn.Module) -> ClearHandle | None:

@@ -40,8 +40,8 @@ from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .flux import FluxAdapter, _replace_sample, bind_forward_args
-from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .flux import FluxAdapter
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks, bind_forward_args, replace_sample
 from .processor import ClearProcessor
 from .strips import StripContext
 
@@ -348,10 +348,10 @@ def _post_hook(module, args, kwargs, output):
     if output is None:  # the forward raised
         return output
     if getattr(geometry, "comm", None) is not None:
-        return _replace_sample(output, lambda sample: _gather_target(sample, geometry))
+        return replace_sample(output, lambda sample: _gather_target(sample, geometry))
     if inverse is None:
         return output
-    return _replace_sample(output, lambda sample: sample[:, inverse])
+    return replace_sample(output, lambda sample: sample[:, inverse])
 
 
 def _gather_target(sample: torch.Tensor, geometry: QwenStripContext) -> torch.Tensor:

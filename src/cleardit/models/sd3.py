@@ -37,8 +37,7 @@ from ..attention.strips import StripPlan
 from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .flux import bind_forward_args
-from .handle import ClearHandle, ForwardGrid, add_hooks
+from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
 from .processor import ClearProcessor
 
 # The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,

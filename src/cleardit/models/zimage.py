@@ -49,8 +49,7 @@ from ..attention.strips import StripPlan, dense_attention, merge_text
 from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .flux import _replace_sample, bind_forward_args
-from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks
+from .handle import ClearHandle, ForwardGrid, ForwardState, add_hooks, bind_forward_args, replace_sample
 from .processor import ClearProcessor
 from .strips import StripContext
 
@@ -354,7 +353,7 @@ def _grid_post_hook(module, args, kwargs, output):
     if getattr(geometry, "comm", None) is not None:  # patch-parallel: gathered at the final layer
         return output
     inverse = tokens.inverse.to(tokens.order.device)
-    return _replace_sample(
+    return replace_sample(
         output, lambda sample: [permute_patches(t, tokens.patch_size, inverse) for t in sample]
     )
 
