@@ -119,6 +119,9 @@ def test_bad_arguments_are_clear_errors(model):
         cleardit.linearize(torch.nn.Linear(2, 2), radius=4)
     with pytest.raises(ValueError, match="backend must be one of"):
         cleardit.linearize(model, radius=4, backend="fast")
+    with pytest.raises(ValueError, match="temporal_radius=2 is for video models.*drop temporal_radius"):
+        cleardit.linearize(model, radius=4, temporal_radius=2)
+    assert getattr(model, "_cleardit_handle", None) is None
     cleardit.linearize(model, radius=4)
     with pytest.raises(ValueError, match="already linearized"):
         cleardit.linearize(model, radius=4)

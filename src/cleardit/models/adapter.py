@@ -42,6 +42,8 @@ class ModelAdapter:
             family's RoPE is built inside the forward and only CLEAR's processors reorder it: the
             student is then trained in raster order, so the attention-consistency loss compares
             the same tokens.
+        video: the family's transformer denoises videos (a T x H x W token grid): ``temporal_radius``
+            is its rule's second parameter; image families refuse it.
         default_steps, default_guidance, default_true_cfg: generation defaults when the model folder's
             ``cleardit.json`` gives none (``default_guidance`` None: the family has no distilled
             guidance, and ``--guidance`` is refused).
@@ -59,6 +61,7 @@ class ModelAdapter:
     strip_latents: bool = False
     strip_context_class: type | None = None  # a StripContext subclass with the family's forward state
     teacher_keeps_tile_order: bool = True
+    video: bool = False
     default_steps: int = 28
     default_guidance: float | None = 3.5
     default_true_cfg: float = 1.0
@@ -86,6 +89,14 @@ class ModelAdapter:
         """The attention modules whose processors CLEAR replaces, in layer order."""
         raise NotImplementedError
 
+    def check_config(self, transformer: nn.Module, config: ClearConfig) -> None:
+        """Refuse a ``config`` this family cannot run (before anything is changed)."""
+        if config.temporal_radius is not None and not self.video:
+            raise ValueError(
+                f"temporal_radius={config.temporal_radius} is for video models; this "
+                f"{type(transformer).__name__} ({self.family}) makes images: drop temporal_radius"
+            )
+
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:
         """Put CLEAR processors and the grid hooks into ``transformer``; the handle undoes it."""
         return self.install_into(
@@ -107,6 +118,7 @@ class ModelAdapter:
         its hooks keep a rank's rows after embedding and gather them before the output."""
         from .strips import ParallelHandle  # strips builds on this module
 
+        self.check_config(transformer, config)
         if self.strips_unsupported():
             raise NotSupportedError(f"{self.strips_unsupported()}; generate on one device")
         if not self.strip_latents and (context.strip_input or not context.gather_output):

@@ -81,6 +81,7 @@ def linearize(
         config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend, **options)
     elif options:
         raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
+    adapter.check_config(model, config)
     handle = adapter.install(model, config)
     model._cleardit_handle = handle
     return handle
