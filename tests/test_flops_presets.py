@@ -22,6 +22,15 @@ DOCUMENTED = {
     "z-image": (30, 128, 30, 2, 16, 512, "Tongyi-MAI/Z-Image-Turbo"),
     "sd3.5-large": (38, 64, 38, 0, 16, 333, "stabilityai/stable-diffusion-3.5-large"),
 }
+# Video: heads, head dim, layers of video self-/joint attention, pixels per token side, frames per latent
+# frame, text tokens in that attention, the pipeline's default frames, repository.
+VIDEO_DOCUMENTED = {
+    "wan2.1-14b": (40, 128, 40, 16, 4, 0, 81, "Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+    "wan2.1-1.3b": (12, 128, 30, 16, 4, 0, 81, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    "wan2.2-ti2v-5b": (24, 128, 30, 32, 4, 0, 81, "Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
+    "hunyuanvideo-1.5": (16, 128, 54, 16, 4, 1256, 121, "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"),
+    "ltx-2": (32, 128, 48, 32, 8, 0, 121, "Lightricks/LTX-2"),
+}
 
 
 def flops_json(capsys, *argv) -> dict:
@@ -60,7 +69,8 @@ def test_every_preset_source_is_cited_in_the_docs():
     for name, preset in PRESETS.items():
         assert preset.source in readme, f"README.md does not cite {name}'s source {preset.source}"
         assert f"`{name}`" in readme
-    assert set(PRESETS) == set(DOCUMENTED)
+        assert preset.vae_source is None or preset.vae_source in readme
+    assert set(PRESETS) == set(DOCUMENTED) | set(VIDEO_DOCUMENTED)
 
 
 def test_default_stays_flux1_dev(capsys):
@@ -273,3 +283,128 @@ def test_presets_module_imports_neither_torch_nor_diffusers():
         "assert module.preset('Z-Image').image_only_layers == 2"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- video families ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(VIDEO_DOCUMENTED))
+def test_every_video_preset_gives_the_documented_geometry(capsys, family):
+    heads, head_dim, layers, ppt, per_latent, text_len, frames, repo = VIDEO_DOCUMENTED[family]
+    data = flops_json(capsys, "--family", family, "--height", "1024", "--width", "2048")
+    assert (data["heads"], data["head_dim"], data["layers"], data["image_only_layers"]) == (
+        heads,
+        head_dim,
+        layers,
+        0,
+    )
+    assert (data["pixels_per_token"], data["text_len"], data["frames"]) == (ppt, text_len, frames)
+    latent = (frames - 1) // per_latent + 1
+    assert data["latent_frames"] == latent and data["temporal_radius"] is None
+    assert data["grid"] == [latent, 1024 // ppt, 2048 // ppt]
+    assert data["pairs_full"] == (latent * (1024 // ppt) * (2048 // ppt) + text_len) ** 2
+    assert data["source"] == f"https://huggingface.co/{repo}/blob/main/transformer/config.json"
+    assert PRESETS[family].vae_source == f"https://huggingface.co/{repo}/blob/main/vae/config.json"
+    assert data["flops_model_full"] == layers * 4 * head_dim * heads * data["pairs_full"]
+
+
+def test_video_pairs_and_flops_match_a_hand_count(capsys):
+    # Wan 2.1-1.3B, 9 frames = 3 latent frames of 48x48 px = 3x3 tokens (27), r=2. The disc
+    # dy^2 + dx^2 < 4 on a 3x3 frame is the 3x3 neighbourhood: 7 row pairs x 7 column pairs = 49 pairs
+    # per (query frame, key frame). With rt=2, dt=+-1 keeps dy^2 + dx^2 < ceil(4 * 3 / 4) = 3, still
+    # the whole neighbourhood, and dt=+-2 drops out: 3 + 2 * 2 = 7 frame pairs, 343 pairs.
+    # rt=1: the frame itself, 3 frame pairs (147); every frame: 9 frame pairs (441). Full: 27^2.
+    args = ["--family", "wan2.1-1.3b", "--frames", "9", "--height", "48", "--width", "48", "--radius", "2"]
+    for rt, pairs in (("2", 343), ("1", 147), (None, 441)):
+        data = flops_json(capsys, *args, *(["--temporal-radius", rt] if rt else []))
+        assert data["grid"] == [3, 3, 3] and data["video_tokens"] == 27
+        assert data["pairs_full"] == 729 and data["pairs_clear"] == pairs
+        assert data["flops_per_layer_clear"] == 4 * 128 * 12 * pairs
+        assert data["flops_model_clear"] == 30 * 4 * 128 * 12 * pairs
+    # r=1: each token sees itself in the frames within reach: rt=2 -> 27 * 7 / 3 = 63 pairs
+    data = flops_json(capsys, *args[:-1], "1", "--temporal-radius", "2")
+    assert data["pairs_clear"] == 63
+
+
+def test_issue_example_wan_14b_720p(capsys):
+    argv = ["--family", "wan2.1-14b", "--frames", "81", "--height", "720", "--width", "1280"]
+    argv += ["--radius", "16", "--temporal-radius", "4"]
+    data = flops_json(capsys, *argv)
+    assert data["grid"] == [21, 45, 80] and data["video_tokens"] == 75_600
+    assert data["pairs_full"] == 75_600**2 and data["text_len"] == 0
+    assert 0 < data["pairs_clear"] < data["pairs_full"] // 20
+    assert main(["flops", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "81 frames of 720x1280 px = 21x45x80 video tokens (75,600) + 0 text tokens" in out
+    assert "temporal radius 4 latent frames" in out and "CLEAR r=16 rt=4" in out
+    assert "4 frames per latent frame" in out and PRESETS["wan2.1-14b"].vae_source in out
+
+
+def test_frames_the_vae_cannot_take_name_the_nearest_valid_counts(capsys):
+    assert main(["flops", "--family", "wan2.1-14b", "--frames", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "--frames 80 is not a frame count the Wan 2.1-14B VAE can take" in err
+    assert "1 + a multiple of 4" in err and "use 77 or 81" in err
+    assert main(["flops", "--family", "ltx-2", "--frames", "100"]) == 2
+    assert "use 97 or 105" in capsys.readouterr().err
+    assert main(["flops", "--family", "ltx-2", "--frames", "1"]) == 0  # one latent frame: an image
+    capsys.readouterr()
+
+
+def test_frames_or_temporal_radius_on_an_image_model_is_refused(capsys, tmp_path):
+    for flags in (["--frames", "81"], ["--temporal-radius", "2"], ["--family", "z-image", "--frames", "5"]):
+        assert main(["flops", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "is an image model, it has no frames" in err and "--family wan2.1-14b" in err
+    from cleardit.models.tiny import tiny_flux_transformer
+
+    tiny_flux_transformer().save_config(tmp_path)
+    assert main(["flops", "--config", str(tmp_path), "--temporal-radius", "3"]) == 2
+    assert "--temporal-radius: FluxTransformer2DModel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a temporal radius is a positive whole number
+        main(["flops", "--family", "wan2.1-14b", "--temporal-radius", "0"])
+    capsys.readouterr()
+
+
+def test_video_presets_agree_with_diffusers_defaults():
+    import diffusers
+
+    def defaults(cls, method="__init__"):
+        return {
+            k: p.default
+            for k, p in inspect.signature(getattr(getattr(diffusers, cls), method)).parameters.items()
+        }
+
+    wan = defaults("WanTransformer3DModel")  # the class defaults are Wan 2.1-14B's
+    geo = PRESETS["wan2.1-14b"]
+    assert (wan["num_attention_heads"], wan["attention_head_dim"], wan["num_layers"]) == (
+        geo.heads,
+        geo.head_dim,
+        geo.layers,
+    )
+    wan_vae = defaults("AutoencoderKLWan")  # Wan 2.1's VAE: 8x space, 4x time; patch (1, 2, 2)
+    assert geo.pixels_per_token == wan_vae["scale_factor_spatial"] * wan["patch_size"][1]
+    assert geo.temporal_compression == wan_vae["scale_factor_temporal"]
+    assert geo.default_frames == defaults("WanPipeline", "__call__")["num_frames"]
+
+    hv = defaults("HunyuanVideo15Transformer3DModel")
+    hv_vae = defaults("AutoencoderKLHunyuanVideo15")
+    geo = PRESETS["hunyuanvideo-1.5"]
+    assert (hv["num_attention_heads"], hv["attention_head_dim"], hv["num_layers"]) == (
+        geo.heads,
+        geo.head_dim,
+        geo.layers,
+    )
+    assert geo.pixels_per_token == hv_vae["spatial_compression_ratio"] * hv["patch_size"]
+    assert geo.temporal_compression == hv_vae["temporal_compression_ratio"] * hv["patch_size_t"]
+    assert geo.default_frames == defaults("HunyuanVideo15Pipeline", "__call__")["num_frames"]
+
+    ltx = defaults("LTX2VideoTransformer3DModel")
+    geo = PRESETS["ltx-2"]
+    assert (ltx["num_attention_heads"], ltx["attention_head_dim"], ltx["num_layers"]) == (
+        geo.heads,
+        geo.head_dim,
+        geo.layers,
+    )
+    temporal, spatial, _ = ltx["vae_scale_factors"]
+    assert (geo.temporal_compression, geo.pixels_per_token) == (temporal, spatial * ltx["patch_size"])

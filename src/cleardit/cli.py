@@ -10,7 +10,14 @@ import sys
 from .argtypes import nonneg_int, positive_int
 from .cli_options import add_down_factor_option, add_radius_option
 from .config import DEFAULT_RADIUS
-from .model_presets import DEFAULT_FAMILY, PRESETS, family_names, geometry_from_config, preset
+from .model_presets import (
+    DEFAULT_FAMILY,
+    PRESETS,
+    family_names,
+    geometry_from_config,
+    preset,
+    video_family_names,
+)
 
 
 def pixels_to_tokens(pixels: int, what: str, per_token: int = 16, model: str = "") -> int:
@@ -37,19 +44,36 @@ def flops_geometry(args: argparse.Namespace):
     return base.with_overrides(**given), given
 
 
+def flops_frames(args: argparse.Namespace, geo) -> tuple[int | None, int]:
+    """(frames, latent frames) of a ``cleardit flops`` call: (None, 1) for an image model, which
+    refuses --frames and --temporal-radius; a video family's default clip is its pipeline's."""
+    if not geo.is_video:
+        given = [f for f, v in (("--frames", args.frames), ("--temporal-radius", args.temporal_radius)) if v]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)}: {geo.name} is an image model, it has no frames; for a video "
+                f"use --family {' / '.join(video_family_names())}"
+            )
+        return None, 1
+    frames = args.frames or geo.default_frames
+    return frames, geo.latent_frames(frames)
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     from .attention import TokenLayout, attention_flops, count_pairs
     from .attention.flops import format_flops
 
     geo, overrides = flops_geometry(args)
+    frames, t = flops_frames(args, geo)
+    rt = args.temporal_radius
     ppt = geo.pixels_per_token
     grid_h = pixels_to_tokens(args.height, "height", ppt, geo.name)
     grid_w = pixels_to_tokens(args.width, "width", ppt, geo.name)
     heads, head_dim, text_len = geo.heads, geo.head_dim, geo.text_len
-    joint_full = TokenLayout(text_len, grid_h, grid_w)
-    joint_clear = TokenLayout(text_len, grid_h, grid_w, down_factor=args.down_factor)
+    joint_full = TokenLayout(text_len, grid_h, grid_w, frames=t)
+    joint_clear = TokenLayout(text_len, grid_h, grid_w, down_factor=args.down_factor, frames=t)
     full = attention_flops(joint_full, None, heads, head_dim)
-    clear = attention_flops(joint_clear, args.radius, heads, head_dim)
+    clear = attention_flops(joint_clear, args.radius, heads, head_dim, rt)
     # image-only layers (Z-Image's noise refiner, SD3.5-Medium's attn2): CLEAR without text
     image_full = TokenLayout(0, grid_h, grid_w)
     image_clear = TokenLayout(0, grid_h, grid_w, down_factor=args.down_factor)
@@ -61,12 +85,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
     result = {
         "height_px": args.height,
         "width_px": args.width,
-        "grid": [grid_h, grid_w],
+        "grid": [t, grid_h, grid_w] if frames else [grid_h, grid_w],
         "text_len": text_len,
         "radius": args.radius,
         "down_factor": args.down_factor,
         "pairs_full": count_pairs(joint_full, None),
-        "pairs_clear": count_pairs(joint_clear, args.radius),
+        "pairs_clear": count_pairs(joint_clear, args.radius, rt),
         "flops_per_layer_full": full,
         "flops_per_layer_clear": clear,
         "layers": geo.layers,
@@ -84,21 +108,35 @@ def cmd_flops(args: argparse.Namespace) -> int:
         "flops_model_clear": model_clear,
         "overrides": overrides,
     }
+    if frames:
+        result.update(frames=frames, latent_frames=t, temporal_radius=rt, video_tokens=t * grid_h * grid_w)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     name = f"CLEAR r={args.radius}" + (f" df={args.down_factor}" if args.down_factor else "")
+    if frames:
+        name += f" rt={rt if rt else 'all'}"
     layers = f"{geo.layers} layers" + (f" with text + {only} image-only layers" if only else "")
     if args.family or args.config:
         flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        per_frame = f", {geo.temporal_compression} frames per latent frame" if frames else ""
+        vae = f" and {geo.vae_source}" if geo.vae_source else ""
         print(
-            f"{geo.name}: {ppt} px per token side; numbers from {geo.source}"
+            f"{geo.name}: {ppt} px per token side{per_frame}; numbers from {geo.source}{vae}"
             + (f"; replaced on the command line: {flags}" if flags else "")
         )
-    print(
-        f"Attention FLOPs at {args.height}x{args.width} px = {grid_h}x{grid_w} image tokens + "
-        f"{text_len} text tokens ({heads} heads x {head_dim}, {layers})"
-    )
+    if frames:
+        print(
+            f"Attention FLOPs at {frames} frames of {args.height}x{args.width} px = {t}x{grid_h}x{grid_w} "
+            f"video tokens ({t * grid_h * grid_w:,}) + {text_len} text tokens ({heads} heads x {head_dim}, "
+            f"{layers}); CLEAR: radius {args.radius} tokens, temporal radius "
+            + (f"{rt} latent frames" if rt else "all frames")
+        )
+    else:
+        print(
+            f"Attention FLOPs at {args.height}x{args.width} px = {grid_h}x{grid_w} image tokens + "
+            f"{text_len} text tokens ({heads} heads x {head_dim}, {layers})"
+        )
     rows = [
         ("allowed pairs", f"{result['pairs_full']:,}", f"{result['pairs_clear']:,}"),
         ("per layer", format_flops(full), format_flops(clear)),
@@ -245,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         help="image pixels per token side, VAE factor x patch size (default: the family's; "
         f"{default.pixels_per_token} for {default.name})",
+    )
+    flops.add_argument(
+        "--frames",
+        type=positive_int,
+        help="video families: frames of the clip, 1 + a multiple of the VAE's temporal compression "
+        "(default: the family pipeline's, e.g. 81 for Wan)",
+    )
+    flops.add_argument(
+        "--temporal-radius",
+        type=positive_int,
+        help="video families: CLEAR's temporal radius in latent frames (default: every frame)",
     )
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.set_defaults(func=cmd_flops)

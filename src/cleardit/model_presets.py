@@ -1,4 +1,4 @@
-"""Published attention geometry of the image DiT families, for ``cleardit flops``.
+"""Published attention geometry of the image and video DiT families, for ``cleardit flops``.
 
 Pure data plus a reader of diffusers transformer ``config.json`` files: no torch, no diffusers, so
 ``cleardit flops`` stays instant. What each number is and where it was checked is in README.md
@@ -12,7 +12,11 @@ Counting rule (the same for presets and config files):
   (Z-Image's ``noise_refiner``, the ``attn2`` of SD3.5-Medium's ``dual_attention_layers``);
 * attention over text alone (Z-Image's ``context_refiner``) is not counted: CLEAR leaves it as it
   is, and at 512 tokens it is a small fixed cost next to the image's;
-* pad tokens (Z-Image pads image and caption to multiples of 32) are not counted.
+* pad tokens (Z-Image pads image and caption to multiples of 32) are not counted;
+* video families: ``layers`` is the video self-attention (Wan's and LTX-2's ``attn1``, with no text:
+  their text is cross-attention, which CLEAR leaves as it is) or the joint attention over
+  ``[video | text]`` (HunyuanVideo 1.5); a clip of F frames is ``(F - 1) / temporal_compression + 1``
+  latent frames.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class ModelGeometry:
         pixels_per_token: image pixels per token side (VAE factor x patch size).
         text_len: text tokens in the joint layers (the pipeline's default max_sequence_length).
         source: where the numbers come from.
+        temporal_compression: video families: frames per latent frame of the VAE (a clip of F frames
+            is (F - 1) / temporal_compression + 1 latent frames); None for an image family.
+        default_frames: video families: the family pipeline's default num_frames.
+        vae_source: video families: the VAE config the compression factors come from.
     """
 
     name: str
@@ -49,6 +57,28 @@ class ModelGeometry:
     pixels_per_token: int
     text_len: int
     source: str
+    temporal_compression: int | None = None
+    default_frames: int | None = None
+    vae_source: str | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_compression is not None
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of ``frames`` frames; a ValueError naming the nearest frame counts
+        the VAE can take (1 + k * temporal_compression) otherwise."""
+        tc = self.temporal_compression
+        if tc is None:
+            raise ValueError(f"{self.name} is an image model: it has no frames")
+        if frames < 1 or (frames - 1) % tc:
+            lo = (frames - 1) // tc * tc + 1
+            nearest = f"{lo + tc}" if lo < 1 else f"{lo} or {lo + tc}"
+            raise ValueError(
+                f"--frames {frames} is not a frame count the {self.name} VAE can take (1 + a multiple of "
+                f"{tc}: 1, {1 + tc}, {1 + 2 * tc}, ...); use {nearest}"
+            )
+        return (frames - 1) // tc + 1
 
     @property
     def total_layers(self) -> int:
@@ -59,9 +89,19 @@ class ModelGeometry:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
-def _hf(repo: str) -> str:
-    return f"https://huggingface.co/{repo}/blob/main/transformer/config.json"
+def _hf(repo: str, folder: str = "transformer") -> str:
+    return f"https://huggingface.co/{repo}/blob/main/{folder}/config.json"
 
+
+def _video(name, heads, head_dim, layers, pixels_per_token, text_len, repo, temporal, frames):
+    """A video family: its transformer and VAE configs in ``repo``, no image-only layers."""
+    return ModelGeometry(
+        name, heads, head_dim, layers, 0, pixels_per_token, text_len, _hf(repo),
+        temporal_compression=temporal, default_frames=frames, vae_source=_hf(repo, "vae"),
+    )  # fmt: skip
+
+
+_HUNYUAN_15 = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"  # the diffusers pipeline's example
 
 # Presets, keyed by the name --family takes (lower case). Sources: each model's published
 # transformer/config.json (URL below) for heads, head dim, layers and patch size; the text length is
@@ -90,12 +130,39 @@ PRESETS: dict[str, ModelGeometry] = {
     "sd3.5-large": ModelGeometry(
         "SD3.5-Large", 38, 64, 38, 0, 16, 77 + 256, _hf("stabilityai/stable-diffusion-3.5-large")
     ),
+    # --- video families: a clip of F frames is (F - 1) / temporal compression + 1 latent frames ------
+    # Arguments: heads, head dim, layers, px per token, text tokens in the layer, repository, frames per
+    # latent frame, the pipeline's default frames. The hub was not reachable when these were written:
+    # each number was checked against diffusers 0.42.1's class defaults and pipelines and against
+    # copies of the published configs in public repositories (README.md, "Video families").
+    # WanTransformer3DModel: 40 heads x 128, 40 blocks, patch (1, 2, 2); AutoencoderKLWan: 8x space,
+    # 4x time (16 px per token). Text (UMT5, 512 tokens) enters by cross-attention (attn2): 0 here.
+    "wan2.1-14b": _video("Wan 2.1-14B", 40, 128, 40, 16, 0, "Wan-AI/Wan2.1-T2V-14B-Diffusers", 4, 81),
+    # The same architecture with 12 heads x 128 and 30 blocks.
+    "wan2.1-1.3b": _video("Wan 2.1-1.3B", 12, 128, 30, 16, 0, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 4, 81),
+    # 24 heads x 128 (dim 3072), 30 blocks, patch (1, 2, 2) on the Wan 2.2 VAE's 48-channel latents:
+    # 16x space (scale_factor_spatial 16, its own 2x2 patching inside), 4x time: 32 px per token.
+    "wan2.2-ti2v-5b": _video("Wan 2.2 TI2V-5B", 24, 128, 30, 32, 0, "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 4, 81),
+    # HunyuanVideo15Transformer3DModel: 16 heads x 128, 54 blocks of joint attention over
+    # [video | image | byT5 | mllm], patch 1 x 1 x 1; AutoencoderKLHunyuanVideo15: 16x space, 4x time
+    # (16 px per token). Text: at most 1000 Qwen2.5-VL + 256 byT5 tokens (padding is masked out); the
+    # 729 SigLIP image tokens are masked out in text-to-video (image-to-video: --text-len 1985). The 2
+    # token-refiner layers (text alone) are not counted.
+    "hunyuanvideo-1.5": _video("HunyuanVideo 1.5", 16, 128, 54, 16, 1000 + 256, _HUNYUAN_15, 4, 121),
+    # LTX2VideoTransformer3DModel: 32 heads x 128, 48 blocks, patch 1 x 1 x 1, vae_scale_factors
+    # (8, 32, 32): AutoencoderKLLTX2Video 32x space, 8x time (32 px per token). Video self-attention
+    # (attn1) has no text: text (attn2) and the audio streams are cross-attention, left as they are.
+    "ltx-2": _video("LTX-2", 32, 128, 48, 32, 0, "Lightricks/LTX-2", 8, 121),
 }
 DEFAULT_FAMILY = "flux.1-dev"
 
 
 def family_names() -> list[str]:
     return list(PRESETS)
+
+
+def video_family_names() -> list[str]:
+    return [name for name, geo in PRESETS.items() if geo.is_video]
 
 
 def preset(name: str) -> ModelGeometry:
