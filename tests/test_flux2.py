@@ -514,36 +514,173 @@ def test_the_adapters_latents_are_the_transformers_space(klein_folder):
         generate("a red circle", model=klein_folder, height=64, width=64, steps=1, guidance=3.0, quiet=True)
 
 
-def test_a_flux2_dev_folder_is_refused_clearly(klein_folder, tmp_path):
+def test_a_flux2_folder_of_another_pipeline_is_refused_clearly(klein_folder, tmp_path):
     import json
     import shutil
 
-    folder = tmp_path / "dev"
+    folder = tmp_path / "other"
     shutil.copytree(klein_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2Pipeline")))
-    with pytest.raises(ValueError, match="cleardit's jobs run FLUX.2 klein pipelines"):
+    (folder / "model_index.json").write_text(json.dumps(dict(index, _class_name="Flux2FillPipeline")))
+    with pytest.raises(ValueError, match=r"Flux2FillPipeline.*FLUX.2 \[dev\] \(Flux2Pipeline\) and klein"):
         generate("a red circle", model=folder, height=64, width=64, steps=1, quiet=True)
 
 
-def test_distill_with_resume_and_eval_on_a_tiny_klein_pipeline(klein_folder, tmp_path, monkeypatch):
-    from diffusers import Flux2KleinPipeline
+# ----------------------------------------------------------------------------- FLUX.2 [dev]
+DEV_TEXT_LAYERS = 30  # Flux2Pipeline stacks the text encoder's hidden states 10, 20 and 30
+
+
+def tiny_dev_pipeline(seed: int = 0):
+    """A FLUX.2 [dev] ``Flux2Pipeline`` built offline: a tiny Mistral 3 text encoder (with its vision
+    tower), the mini model's word-level tokenizer with a chat template that renders the user's text
+    (the pipeline only calls ``apply_chat_template``; a real folder holds Pixtral's processor), the
+    tiny FLUX.2 VAE and a tiny transformer with distilled guidance (``guidance_embeds``)."""
+    from diffusers import Flux2Pipeline
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+
+    from cleardit.mini.vocab import PAD_ID, vocab_size
+
+    klein = tiny_klein_pipeline(seed)
+    klein.tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}{% for part in message['content'] %}"
+        "{{ part['text'] }}{% endfor %}{% endif %}{% endfor %}"
+    )
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            vision_config=PixtralVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                image_size=32, patch_size=4,
+            ),
+            text_config=MistralConfig(
+                vocab_size=vocab_size(), hidden_size=16, intermediate_size=32,
+                num_hidden_layers=DEV_TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=64, pad_token_id=PAD_ID,
+            ),
+            image_token_index=vocab_size() - 1,
+        )
+    ).eval()  # fmt: skip
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=16, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    for module in (text_encoder, transformer):
+        module.eval().requires_grad_(False)
+    return Flux2Pipeline(
+        scheduler=klein.scheduler, vae=klein.vae, text_encoder=text_encoder, tokenizer=klein.tokenizer,
+        transformer=transformer,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dev_folder(tmp_path_factory):
+    from cleardit.mini.pipeline import mini_model_info
+
+    folder = tmp_path_factory.mktemp("dev") / "tiny-flux2-dev"
+    tiny_dev_pipeline().save_pretrained(str(folder), safe_serialization=True)
+    mini_model_info("tiny", name="tiny-flux2-dev", default_guidance=3.0).write(folder)
+    return folder
+
+
+def test_dev_and_klein_transformers_get_their_own_adapters(dev_folder, klein_folder):
+    from diffusers import Flux2Pipeline
+
+    from cleardit.models.flux2 import Flux2Adapter, Flux2DevAdapter
+
+    dev = Flux2Pipeline.from_pretrained(str(dev_folder))
+    assert type(adapter_for(dev)) is Flux2DevAdapter and adapter_for(dev).family == "flux2"
+    assert type(adapter_for(tiny_klein_pipeline().transformer)) is Flux2Adapter
+    assert "Flux2Pipeline" in Flux2DevAdapter().describe()
+    linearize(dev.transformer, radius=2).restore()  # CLEAR itself is the same for both
+
+
+def test_generate_compare_and_highres_with_a_tiny_dev_pipeline(dev_folder, tmp_path):
+    from PIL import Image
+
+    result = generate(
+        ["a red circle", "a blue square"], model=dev_folder, height=64, width=96, steps=2, radius=2,
+        compare=True, output=tmp_path, quiet=True,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (96, 64)
+    assert result.compare is not None and result.compare.flops_clear < result.compare.flops_full
+    assert Image.open(result.paths[0]).text["guidance"] == "3.0"  # the folder's distilled guidance
+    for upscale in ("latent", "image"):
+        highres = generate(
+            "a red circle", model=dev_folder, height=96, width=128, steps=2, radius=2, highres=True,
+            upscale=upscale, quiet=True,
+        )  # fmt: skip
+        assert [im.size for im in highres.images] == [(128, 96)]
+        assert highres.base_images[0].size == (80, 48)  # stage 1 near the 64x64 base area
+    with pytest.raises(ValueError, match="no classifier-free guidance.*--guidance"):
+        generate("a red circle", model=dev_folder, height=64, width=64, steps=1, true_cfg=2.0, quiet=True)
+
+
+def test_the_dev_adapters_latents_are_the_transformers_space(dev_folder):
+    """Flux2Pipeline's latent output is packed tokens: the adapter unpacks them to the transformer's
+    space, decodes them as the pipeline does, and ``training_inputs`` rebuilds its transformer call
+    (distilled guidance included)."""
+    from diffusers import Flux2Pipeline
+
+    pipe = Flux2Pipeline.from_pretrained(str(dev_folder))
+    adapter = adapter_for(pipe)
+    calls = []
+    pipe.transformer.register_forward_hook(
+        lambda _m, _a, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    options = dict(
+        prompt="a red circle", height=64, width=80, num_inference_steps=2,
+        **adapter.call_options(2.5, 1.0, "", 12),
+    )  # fmt: skip
+    packed = pipe(**options, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(**options, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    last, velocity = calls[-1]
+    assert float(last["guidance"][0]) == 2.5
+    last_sigma = float(pipe.scheduler.sigmas[-2])
+    expected = last["hidden_states"] + (0.0 - last_sigma) * velocity
+    latents = adapter.unpack_latents(pipe, packed, (64, 80))
+    assert latents.shape == (1, 4, 8, 10)
+    torch.testing.assert_close(adapter.pack_latents(latents), expected, atol=1e-5, rtol=1e-5)
+    decoded = adapter.decode_latents(pipe, packed, (64, 80), output_type="np")
+    np.testing.assert_allclose(decoded, images, atol=1e-5)
+    inputs = adapter.training_inputs(
+        pipe.transformer, latents, last["timestep"], {"prompt_embeds": last["encoder_hidden_states"]}, 2.5
+    )
+    assert torch.equal(inputs["guidance"], last["guidance"])
+    text = adapter.encode_prompt(
+        pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=1.0, negative_prompt=""
+    )
+    assert set(text) == {"prompt_embeds"} and text["prompt_embeds"].shape == (2, 12, 48)
+
+
+@pytest.mark.parametrize("which", ["klein", "dev"])
+def test_distill_with_resume_and_eval_on_tiny_flux2_pipelines(which, request, tmp_path, monkeypatch):
+    import diffusers
 
     from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
     from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
     from cleardit.eval import evaluate_model
 
+    folder = request.getfixturevalue(f"{which}_folder")
     data = tmp_path / "data"
-    make_teacher_data(
-        klein_folder, ["a red circle", "a blue square"], data, resolution=64, steps=2, quiet=True
-    )
+    make_teacher_data(folder, ["a red circle", "a blue square"], data, resolution=64, steps=2, quiet=True)
     dataset = TeacherDataset(data)
     assert set(dataset[0]) >= {"latents", "prompt_embeds"} and dataset[0]["latents"].shape == (4, 8, 8)
     cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0")
     opts = RunOptions(checkpoint_every=1, quiet=True)
 
     def load():
-        return Flux2KleinPipeline.from_pretrained(str(klein_folder))
+        pipeline = "Flux2KleinPipeline" if which == "klein" else "Flux2Pipeline"
+        return getattr(diffusers, pipeline).from_pretrained(str(folder))
 
     original_step = Distiller._step
 
@@ -566,7 +703,7 @@ def test_distill_with_resume_and_eval_on_a_tiny_klein_pipeline(klein_folder, tmp
     for name in resumed:
         torch.testing.assert_close(resumed[name], again[name], atol=1e-6, rtol=0)
     report = evaluate_model(
-        ["a red circle", "a blue square"], model=klein_folder, radii=[2], output=tmp_path / "eval",
+        ["a red circle", "a blue square"], model=folder, radii=[2], output=tmp_path / "eval",
         steps=2, metrics=["psnr"], quiet=True,
     )  # fmt: skip
     assert report.teacher.generated == 2 and report.clear[0].generated == 2
@@ -623,12 +760,21 @@ def test_patch_parallel_flux2_equals_one_process():
 
 
 @pytest.mark.slow  # the job path of --devices with full latents runs by default in tests/test_sd3.py
-def test_generate_on_two_devices_equals_one(klein_folder):
-    """Every rank runs the Klein pipeline on the full latents; the transformer gathers its output rows
+@pytest.mark.parametrize("which", ["klein", "dev"])
+def test_generate_on_two_devices_equals_one(which, request):
+    """Every rank runs the FLUX.2 pipeline on the full latents; the transformer gathers its output rows
     at every step."""
     from cleardit.parallel import generate_parallel
 
-    common = dict(model=klein_folder, height=64, width=80, steps=2, radius=2, quiet=True, seed=3)
+    common = dict(
+        model=request.getfixturevalue(f"{which}_folder"),
+        height=64,
+        width=80,
+        steps=2,
+        radius=2,
+        quiet=True,
+        seed=3,
+    )
     one = generate("a red circle", **common)
     two = generate_parallel("a red circle", devices=2, **common)
     diff = np.abs(np.asarray(one.images[0], dtype=int) - np.asarray(two.images[0], dtype=int)).max()

@@ -27,12 +27,14 @@ caller's order, so every rank returns the whole output. The KV-cache modes run a
 references, extracted or cached, are global on every rank).
 
 Pipelines: ``Flux2KleinPipeline`` (Qwen3 text encoder, classifier-free guidance with the empty
-negative prompt, no distilled guidance). diffusers has no FLUX.2 image-to-image pipeline, so
-``--highres`` re-noises the start latents to the first sigma and denoises them with the text-to-image
-pipeline (``renoise_pipeline_class``). The adapter's "latents" [B, C, H/8, W/8] are the transformer's
-normalised space seen unpatchified: the VAE latents, patchified (2x2), normalised by the VAE's
-batch-norm statistics, unpatchified again (every map token-wise, so flow matching there is flow
-matching in the transformer's own space).
+negative prompt, no distilled guidance; ``Flux2Adapter``) and FLUX.2 [dev]'s ``Flux2Pipeline``
+(Mistral 3 text encoder, distilled guidance, no classifier-free guidance; ``Flux2DevAdapter``).
+Which adapter serves a transformer is the transformer's own ``guidance_embeds``. diffusers has no
+FLUX.2 image-to-image pipeline, so ``--highres`` re-noises the start latents to the first sigma and
+denoises them with the text-to-image pipeline (``renoise_pipeline_class``). The adapter's "latents"
+[B, C, H/8, W/8] are the transformer's normalised space seen unpatchified: the VAE latents,
+patchified (2x2), normalised by the VAE's batch-norm statistics, unpatchified again (every map
+token-wise, so flow matching there is flow matching in the transformer's own space).
 """
 
 from __future__ import annotations
@@ -348,6 +350,11 @@ class Flux2Adapter(ModelAdapter):
     default_guidance = None  # no distilled guidance: its guidance_scale is classifier-free guidance
     default_true_cfg = 4.0
 
+    def matches(self, transformer) -> bool:
+        # FLUX.2 [dev] embeds distilled guidance, klein does not: the two run different pipelines
+        guided = bool(getattr(getattr(transformer, "config", None), "guidance_embeds", False))
+        return super().matches(transformer) and guided == (self.default_guidance is not None)
+
     def describe(self) -> str:
         classes = ", ".join(self.transformer_classes + self.pipeline_classes)
         jobs = "linearize (reference images global, KV cache), weights, generate, --compare"
@@ -390,9 +397,9 @@ class Flux2Adapter(ModelAdapter):
     # -- high-resolution hooks ---------------------------------------------------------------------
     # -- pipelines ---------------------------------------------------------------------------------
     def loads_pipeline_class(self, name: str) -> bool:
-        # every FLUX.2 folder is ours (FLUX.1's adapter takes the other Flux* names); load_pipeline
-        # says which of them the jobs run
-        return name.startswith("Flux2")
+        # every FLUX.2 folder but [dev]'s is ours (FLUX.1's adapter takes the other Flux* names);
+        # load_pipeline says which of them the jobs run
+        return name.startswith("Flux2") and name != "Flux2Pipeline"
 
     def load_pipeline(self, folder, dtype: torch.dtype):
         from diffusers import Flux2KleinPipeline
@@ -400,14 +407,16 @@ class Flux2Adapter(ModelAdapter):
         name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
         if not name.startswith("Flux2Klein"):
             raise NotSupportedError(
-                f"{folder} holds a {name} (FLUX.2 [dev]: Mistral text encoder, distilled guidance); "
-                "cleardit's jobs run FLUX.2 klein pipelines (Flux2KleinPipeline) so far. Its transformer "
-                "can be linearized directly: cleardit.linearize(pipe.transformer, radius=...)"
+                f"{folder} holds a {name}; cleardit's jobs run FLUX.2 [dev] (Flux2Pipeline) and klein "
+                "(Flux2KleinPipeline) folders. Its transformer can be linearized directly: "
+                "cleardit.linearize(pipe.transformer, radius=...)"
             )
         return Flux2KleinPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
     def img2img_pipeline(self, pipe):
-        img2img = renoise_pipeline_class()(**pipe.components, is_distilled=pipe.config.is_distilled)
+        img2img = renoise_pipeline_class("Flux2KleinPipeline")(
+            **pipe.components, is_distilled=pipe.config.is_distilled
+        )
         img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
         return img2img
 
@@ -481,6 +490,79 @@ class Flux2Adapter(ModelAdapter):
         return int(transformer.config.in_channels) // 4
 
 
+class Flux2DevAdapter(Flux2Adapter):
+    """FLUX.2 [dev]: a ``Flux2Transformer2DModel`` with distilled guidance (``guidance_embeds``), the
+    jobs through ``Flux2Pipeline`` (Mistral 3 text encoder). CLEAR is installed as for klein; what
+    differs is the pipeline: distilled guidance instead of classifier-free guidance, and its
+    ``output_type="latent"`` is the packed normalised tokens, not the VAE's own latents."""
+
+    pipeline_classes = ("Flux2Pipeline",)
+    default_steps = 50  # Flux2Pipeline's defaults
+    default_guidance = 4.0
+    default_true_cfg = 1.0
+
+    def describe(self) -> str:
+        classes = ", ".join(self.transformer_classes + self.pipeline_classes)
+        return (
+            f"{self.family} [dev] ({classes}): linearize (reference images global), weights, generate, "
+            "--compare, --highres (latent re-noise), distill, eval model, --devices N"
+        )
+
+    def loads_pipeline_class(self, name: str) -> bool:
+        return name == "Flux2Pipeline"
+
+    def load_pipeline(self, folder, dtype: torch.dtype):
+        from diffusers import Flux2Pipeline
+
+        return Flux2Pipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def img2img_pipeline(self, pipe):
+        img2img = renoise_pipeline_class("Flux2Pipeline")(**pipe.components)
+        img2img._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        return img2img
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        if true_cfg > 1:
+            raise NotSupportedError(
+                "FLUX.2 [dev] (Flux2Pipeline) has distilled guidance and no classifier-free guidance: "
+                f"drop --true-cfg {true_cfg:g} and set --guidance instead"
+            )
+        return dict(guidance_scale=float(guidance), max_sequence_length=text_len)
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        embeds, _ = pipe.encode_prompt(
+            prompt, device=pipe._execution_device, num_images_per_prompt=images_per_prompt,
+            max_sequence_length=text_len,
+        )  # fmt: skip
+        return dict(prompt_embeds=embeds)
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Flux2Pipeline's ``output_type="latent"`` (packed normalised tokens [B, h/2 * w/2, 4C], raster
+        order) -> normalised latents [B, C, h, w]."""
+        factor = self.size_factor(pipe)
+        rows, cols = size[0] // factor, size[1] // factor
+        b, n, c = packed.shape
+        if n != rows * cols:
+            raise ValueError(f"{n} packed tokens are not a {size[0]}x{size[1]} image ({rows}x{cols} tokens)")
+        patches = packed.transpose(1, 2).reshape(b, c, rows, cols)
+        return pipe._unpatchify_latents(patches)
+
+    def decode_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+        vae = pipe.vae
+        patches = pipe._patchify_latents(self.unpack_latents(pipe, packed, size))
+        mean, std = _batch_norm_stats(vae, patches)
+        latents = pipe._unpatchify_latents(patches * std + mean)
+        with torch.no_grad():
+            image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        inputs = super().training_inputs(transformer, noisy, sigma, conditions, guidance)
+        # as Flux2Pipeline calls the transformer: the guidance scale itself, one per sample
+        inputs["guidance"] = torch.full((noisy.shape[0],), float(guidance), device=sigma.device)
+        return inputs
+
+
 # ----------------------------------------------------------------------------- latents and --highres
 def _batch_norm_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
@@ -500,15 +582,16 @@ def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def renoise_pipeline_class():
-    """``Flux2RenoisePipeline``, made on first use (importing diffusers' pipelines is slow)."""
-    from diffusers import Flux2KleinPipeline
+def renoise_pipeline_class(base: str):
+    """``Flux2RenoisePipeline`` over diffusers' pipeline class ``base`` (``Flux2KleinPipeline`` or
+    ``Flux2Pipeline``), made on first use (importing diffusers' pipelines is slow)."""
+    import diffusers
 
-    class Flux2RenoisePipeline(Flux2KleinPipeline):
+    class Flux2RenoisePipeline(getattr(diffusers, base)):
         """``--highres`` stage 2 for FLUX.2 (diffusers has no image-to-image pipeline for it): the start
         image's normalised latents re-noised to the first sigma, ``(1 - s) x0 + s noise`` (what an
-        image-to-image pipeline does at strength s), then denoised by ``Flux2KleinPipeline`` on those
-        sigmas. Built from a pipeline's components (shared, not copied)."""
+        image-to-image pipeline does at strength s), then denoised by the text-to-image pipeline on
+        those sigmas. Built from a pipeline's components (shared, not copied)."""
 
         @torch.no_grad()
         def __call__(self, prompt=None, image=None, height=None, width=None, sigmas=None, strength=None,
@@ -537,6 +620,7 @@ def renoise_pipeline_class():
                 latents=latents, **kwargs,
             )  # fmt: skip
 
+    Flux2RenoisePipeline.__name__ = Flux2RenoisePipeline.__qualname__ = f"{base}Renoise"
     return Flux2RenoisePipeline
 
 

@@ -17,16 +17,30 @@ def adapters() -> tuple[ModelAdapter, ...]:
     class names, so a subclass of a supported class is served by its parent's adapter."""
     from .chroma import ChromaAdapter
     from .flux import FluxAdapter
-    from .flux2 import Flux2Adapter
+    from .flux2 import Flux2Adapter, Flux2DevAdapter
+    from .hunyuanvideo15 import HunyuanVideo15Adapter
+    from .ltx2 import LTX2Adapter
     from .qwenimage import QwenImageAdapter
     from .sd3 import SD3Adapter
+    from .wan import WanAdapter
     from .zimage import ZImageAdapter
 
-    return (FluxAdapter(), ChromaAdapter(), Flux2Adapter(), QwenImageAdapter(), SD3Adapter(), ZImageAdapter())
+    return (
+        FluxAdapter(),
+        ChromaAdapter(),
+        Flux2Adapter(),
+        Flux2DevAdapter(),
+        QwenImageAdapter(),
+        SD3Adapter(),
+        ZImageAdapter(),
+        WanAdapter(),
+        LTX2Adapter(),
+        HunyuanVideo15Adapter(),
+    )
 
 
 def supported_models() -> list[str]:
-    return sorted(name for a in adapters() for name in a.transformer_classes)
+    return sorted({name for a in adapters() for name in a.transformer_classes})
 
 
 def adapter_for(model) -> ModelAdapter:
