@@ -240,7 +240,7 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_grid():
         model = tiny_wan_transformer()
         if checkpointing:
             model.enable_gradient_checkpointing()
-        linearize(model, radius=2, temporal_radius=1, tile=None, backend="tiled")
+        linearize(model, radius=2, temporal_radius=1, tile=(2, 2), backend="tiled")
         weight = model.blocks[0].attn1.to_q.weight.requires_grad_(True)
         loss = sum(model(**wan_inputs(2, h, w, batch=1))[0].square().mean() for h, w in ((3, 4), (4, 3)))
         loss.backward()
@@ -249,16 +249,24 @@ def test_gradient_checkpointing_recomputes_each_forward_with_its_own_grid():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
-def test_fused_projections_give_the_same_result():
+def test_fused_projections_give_the_same_result_and_follow_loaded_weights(tmp_path):
     model = tiny_wan_transformer()
     inputs = wan_inputs(2, 3, 5)
     handle = linearize(model, radius=2, temporal_radius=2)
     plain = run(model, inputs)
-    handle.restore()
-    model.fuse_qkv_projections()
-    assert model.blocks[0].attn1.fused_projections
-    linearize(model, radius=2, temporal_radius=2)
-    torch.testing.assert_close(run(model, inputs), plain, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # trained weights, saved from the unfused model
+        for _, p in handle.named_clear_parameters():
+            p.add_(0.05)
+    trained = run(model, inputs)
+    path = save_weights(model, tmp_path / "wan.safetensors")
+    fused = tiny_wan_transformer()
+    fused.fuse_qkv_projections()
+    assert fused.blocks[0].attn1.fused_projections
+    linearize(fused, radius=2, temporal_radius=2)
+    torch.testing.assert_close(run(fused, inputs), plain, atol=1e-5, rtol=1e-5)
+    load_weights(fused, path)  # into to_q/k/v, then copied into the fused to_qkv the processor reads
+    torch.testing.assert_close(run(fused, inputs), trained, atol=1e-5, rtol=1e-5)
+    assert (trained - plain).abs().max() > 1e-3
 
 
 def test_temporal_radius_is_accepted_and_bad_inputs_are_refused():

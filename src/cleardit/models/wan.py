@@ -153,6 +153,17 @@ class WanGrid(ForwardGrid):
         super().__init__(config)
         self.order: torch.Tensor | None = None  # sequence position -> raster cell
         self.inverse: torch.Tensor | None = None  # raster cell -> sequence position
+        self.orders: dict = {}  # (layout, device) -> (order, inverse), or None where that is raster
+
+    def token_order(self, layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(order, inverse) of ``layout``'s tile-major tokens, None when that order is raster already
+        (tiles covering whole rows); built once per grid and device, not at every step."""
+        key = (layout, str(device))
+        if key not in self.orders:
+            order = layout.sequence_to_raster(device)
+            raster = torch.equal(order, torch.arange(layout.image_len, device=device))
+            self.orders[key] = None if raster else (order, torch.argsort(order))
+        return self.orders[key]
 
 
 # ----------------------------------------------------------------------------- forward hooks
@@ -165,13 +176,10 @@ def _wan_pre_hook(module, args, kwargs):
     frames, height, width = video_grid(hidden, module.config.patch_size)
     cfg = geometry.config
     layout = TokenLayout(0, height, width, down_factor=cfg.down_factor, tile=cfg.tile, frames=frames)
-    geometry.order = geometry.inverse = None
-    if layout.tile is not None:
-        order = layout.sequence_to_raster(hidden.device)
-        if torch.equal(order, torch.arange(layout.image_len, device=hidden.device)):
-            layout = layout.with_tile(None)  # the tiles cover whole rows of whole frames: raster already
-        else:
-            geometry.order, geometry.inverse = order, torch.argsort(order)
+    tokens = None if layout.tile is None else geometry.token_order(layout, hidden.device)
+    if tokens is None:
+        layout = layout.with_tile(None)  # no tile, or tiles covering whole rows: raster order
+    geometry.order, geometry.inverse = tokens if tokens is not None else (None, None)
     geometry.layout = layout
     timestep = bound.arguments.get("timestep")
     if geometry.order is not None and torch.is_tensor(timestep) and timestep.ndim == 2:
