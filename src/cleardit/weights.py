@@ -63,6 +63,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": type(model).__name__,
         "family": adapter_for(model).family,
     }
+    if cfg.temporal_radius is not None:  # video: the window's depth in latent frames
+        metadata["temporal_radius"] = str(cfg.temporal_radius)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

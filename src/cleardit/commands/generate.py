@@ -189,6 +189,26 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="softmax scale sqrt(log_base(N)/d), base = training sequence length, N = target's",
     )
 
+    g = gen.add_argument_group("video (video families: Wan; see docs/video.md)")
+    g.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help="frames per video, 1 + k x the VAE's temporal factor (Wan: 1 + 4k; default the family's: 81); "
+        "writes NNNNN-<prompt>.mp4 with a .gif preview and a .json sidecar",
+    )
+    g.add_argument(
+        "--temporal-radius",
+        type=positive_int,
+        default=None,
+        metavar="RT",
+        help="CLEAR's temporal radius in latent frames: a query sees keys with "
+        "dt²/RT² + (dy² + dx²)/r² < 1 (default: every frame)",
+    )
+    g.add_argument(
+        "--fps", type=positive_int, default=16, help="frame rate of the written videos (default 16)"
+    )
+
     g = gen.add_argument_group("comparison")
     g.add_argument(
         "--compare",

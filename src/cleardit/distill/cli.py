@@ -29,6 +29,7 @@ def cmd_distill_train(args: argparse.Namespace) -> int:
         attention_layers=args.attention_layers,
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        temporal_radius=args.temporal_radius,
     )
     opts = RunOptions(
         checkpoint_every=args.checkpoint_every,
@@ -63,6 +64,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--output", required=True, help="run folder: checkpoint, log, and the exported weights file"
     )
     add_radius_option(p, required=True)
+    p.add_argument(
+        "--temporal-radius",
+        type=positive_int,
+        default=None,
+        metavar="RT",
+        help="video families: the student's temporal radius in latent frames (default: every frame)",
+    )
     add_down_factor_option(p)
     add_backend_option(p)
     p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps (500)")

@@ -242,6 +242,7 @@ class _Teacher:
     true_cfg: float
     text_len: int
     dtype: torch.dtype  # storage dtype
+    frames: int | None = None  # video families: frames of each video
 
     @torch.no_grad()
     def embed(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -249,9 +250,12 @@ class _Teacher:
         return self.adapter.encode_text(self.pipe, prompt, self.text_len)
 
     def latents(self, text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-        """Final denoised latents of one seed, unpacked: [C, H / vae_scale, W / vae_scale]."""
+        """Final denoised latents of one seed, unpacked: [C, H / vae_scale, W / vae_scale] (a video:
+        [C, latent frames, H / vae_scale, W / vae_scale])."""
         pipe, adapter = self.pipe, self.adapter
-        packed = pipe(
+        video = {} if self.frames is None else {"num_frames": self.frames}
+        out = pipe(
+            **video,
             **{name: t[None] for name, t in text.items()},
             **adapter.call_options(self.guidance, self.true_cfg, "", self.text_len),
             height=self.height,
@@ -259,7 +263,8 @@ class _Teacher:
             num_inference_steps=self.steps,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="latent",
-        ).images
+        )
+        packed = out.frames if self.frames is not None else out.images  # video pipelines return frames
         return adapter.unpack_latents(pipe, packed, (self.height, self.width))[0]
 
 
@@ -305,6 +310,7 @@ def make_teacher_data(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     quiet: bool = False,
+    frames: int | None = None,
 ) -> Path:
     """Generate (or finish) a teacher-data folder; returns the path of its ``manifest.json``.
 
@@ -326,6 +332,8 @@ def make_teacher_data(
         device, dtype: default CUDA + bfloat16 when a GPU is visible, else CPU + float32. Tensors are
             stored in float32, or in the pipeline's dtype when that is narrower (bf16, fp16).
         quiet: no progress bar or log lines.
+        frames: video families: frames of each teacher video (default the family's); the stored
+            latents are then [C, latent frames, h, w].
 
     Raises:
         ValueError: bad settings, or ``output`` holds data made with other settings.
@@ -344,6 +352,7 @@ def make_teacher_data(
         device=device,
         dtype=dtype,
         quiet=quiet,
+        frames=frames,
     ).manifest
 
 
@@ -362,6 +371,7 @@ def _run(
     dtype,
     quiet,
     true_cfg=None,
+    frames=None,
 ) -> RunStats:
     """``make_teacher_data``, returning RunStats (the CLI prints them)."""
     from tqdm.auto import tqdm
@@ -389,6 +399,8 @@ def _run(
     _whole("shard-size", shard_size, 1)
     if steps is not None:
         _whole("steps", steps, 1)
+    if frames is not None:
+        _whole("frames", frames, 1)
     if guidance is not None and (isinstance(guidance, bool) or not math.isfinite(float(guidance))):
         raise ValueError(f"--guidance must be a finite number, got {guidance!r}")
     log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
@@ -439,6 +451,10 @@ def _run(
     }
     if true_cfg > 1:  # recorded only when on, so folders made before this option still resume
         settings["true_cfg"] = float(true_cfg)
+    if adapter.video:  # videos only, for the same reason
+        settings["frames"] = frames = frames or adapter.default_frames
+    elif frames is not None:
+        raise ValueError(f"--frames {frames}: {adapter.family} models make images, not videos; drop --frames")
     _prepare_folder(folder)
     with _exclusive(folder):
         manifest = read_manifest(folder)
@@ -469,6 +485,7 @@ def _run(
             float(true_cfg),
             max_sequence_length(pipe, info),
             _store_dtype(dt),
+            adapter.check_frames(pipe, frames) if frames is not None else None,
         )
         settings["latent_channels"] = adapter.latent_channels(pipe.transformer)
         settings["text_len"] = teacher.text_len
@@ -673,6 +690,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="classifier-free guidance of the teacher against the empty prompt (default: the model's; "
         "1 = off for FLUX.1, 5 for Chroma)",
     )
+    parser.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help="video families: frames per teacher video (default the family's: 81 for Wan)",
+    )
     parser.add_argument("--seed", type=nonneg_int, default=0, help="seed of sample 0; sample i uses seed + i")
     parser.add_argument(
         "--samples-per-prompt", type=positive_int, default=1, help="seeds per prompt (default 1)"
@@ -709,6 +732,7 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             quiet=args.quiet,
+            frames=args.frames,
         )
     except (ModelNotFoundError, ValueError, TypeError) as exc:
         print(f"cleardit distill data: error: {exc}", file=sys.stderr)
@@ -716,9 +740,11 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     m = json.loads(stats.manifest.read_text(encoding="utf-8"))
     rate = f" ({stats.seconds / stats.generated:.2f} s/sample)" if stats.generated else ""
     shards = f"{len(m['shards'])} shard" + ("s" if len(m["shards"]) != 1 else "")
+    guidance = "no distilled guidance" if m["guidance"] is None else f"guidance {m['guidance']:g}"
+    size = f"{m['height']}x{m['width']} px" + (f" x {m['frames']} frames" if m.get("frames") else "")
     print(
-        f"teacher data: {stats.total} samples of {m['height']}x{m['width']} px ({m['steps']} steps, "
-        f"guidance {m['guidance']:g}, {m['dtype']}) in {shards}; "
+        f"teacher data: {stats.total} samples of {size} ({m['steps']} steps, "
+        f"{guidance}, {m['dtype']}) in {shards}; "
         f"{stats.generated} generated in {stats.seconds:.1f} s{rate} -> {stats.manifest}"
     )
     return 0

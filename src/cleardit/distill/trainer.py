@@ -54,6 +54,8 @@ class DistillConfig:
 
     Attributes:
         radius, down_factor, backend: the CLEAR student (``ClearConfig``).
+        temporal_radius: video families: the student's temporal radius in latent frames (None:
+            every frame).
         steps: optimizer steps.
         batch_size: samples per optimizer step over all processes and accumulation steps.
         grad_accum: micro-batches per optimizer step and process.
@@ -82,6 +84,7 @@ class DistillConfig:
     attention_layers: str = "every:4"
     seed: int = 0
     mixed_precision: str = "no"
+    temporal_radius: int | None = None
 
     def __post_init__(self):
         for name in ("radius", "steps", "batch_size", "grad_accum"):
@@ -92,10 +95,21 @@ class DistillConfig:
             raise ValueError(
                 f"--mixed-precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
             )
+        rt = self.temporal_radius
+        if rt is not None and (isinstance(rt, bool) or not isinstance(rt, int) or rt < 1):
+            raise ValueError(f"--temporal-radius must be a whole number >= 1, got {rt!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"--alpha and --beta must be >= 0, got {self.alpha}, {self.beta}")
+
+    def identity(self) -> dict:
+        """The values a checkpoint records and a resumed run must match (``temporal_radius`` only when
+        set, so image runs checkpointed before it existed still resume)."""
+        values = asdict(self)
+        if values["temporal_radius"] is None:
+            del values["temporal_radius"]
+        return values
 
 
 @dataclass
@@ -137,11 +151,15 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def student_config(adapter, radius: int, down_factor: int | None, backend: str) -> ClearConfig:
+def student_config(
+    adapter, radius: int, down_factor: int | None, backend: str, temporal_radius: int | None = None
+) -> ClearConfig:
     """The ClearConfig the student is linearized with: raster token order where the family's teacher
     cannot follow the tile-major order (``adapter.teacher_keeps_tile_order``), so that the attention
     outputs the consistency loss compares belong to the same tokens."""
-    config = ClearConfig(radius=radius, down_factor=down_factor, backend=backend)
+    config = ClearConfig(
+        radius=radius, down_factor=down_factor, backend=backend, temporal_radius=temporal_radius
+    )
     return config if adapter.teacher_keeps_tile_order else replace(config, tile=None)
 
 
@@ -221,7 +239,7 @@ class Distiller:
         self.adapter.check_conditions(transformer, data[0])
         self.guidance = float(data.manifest.get("guidance") or 3.5)
         self._build_student(transformer, frozen_dtype)
-        self._resume_state = load_checkpoint(self.checkpoint, asdict(cfg)) if resume else None
+        self._resume_state = load_checkpoint(self.checkpoint, cfg.identity()) if resume else None
 
     def _build_student(self, transformer: nn.Module, frozen_dtype: torch.dtype) -> None:
         from ..models import linearize
@@ -232,7 +250,10 @@ class Distiller:
             transformer.to(frozen_dtype)
         self.teacher = TeacherView(transformer)
         self.handle = linearize(
-            transformer, config=student_config(self.adapter, cfg.radius, cfg.down_factor, cfg.backend)
+            transformer,
+            config=student_config(
+                self.adapter, cfg.radius, cfg.down_factor, cfg.backend, cfg.temporal_radius
+            ),
         )
         self.teacher.freeze_initial(self.handle)  # in the frozen dtype: the original values exactly
         self.named_trainable = list(self.handle.named_clear_parameters())
@@ -253,17 +274,16 @@ class Distiller:
         """Transformer inputs of the samples at ``positions`` of the global batch, and the target."""
         dev = self.accelerator.device
         items = [self.data[i] for i in indices]
-        x0 = torch.stack([it["latents"] for it in items]).float()
-        b, c, h, w = x0.shape
-        seq = (h // 2) * (w // 2)
+        x0 = torch.stack([it["latents"] for it in items]).float()  # [B, C, h, w] or video [B, C, F, h, w]
+        seq = x0[0, 0].numel() // 4  # tokens of one sample: 2x2 latent pixels per token
         noise, sigmas = [], []
         for pos in positions:
             g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 2, step, pos))
-            noise.append(torch.randn((c, h, w), generator=g))
+            noise.append(torch.randn(x0.shape[1:], generator=g))
             sigmas.append(sample_sigma(g, seq, self.scheduler_config))
         noise = torch.stack(noise)
         sigma = torch.tensor(sigmas, dtype=torch.float32)
-        s = sigma.view(-1, 1, 1, 1)
+        s = sigma.view(-1, *[1] * (x0.dim() - 1))
         x_t = (1 - s) * x0 + s * noise
         target = self.adapter.pack_latents(noise - x0).to(dev)
         conditions = {}
@@ -325,7 +345,7 @@ class Distiller:
             params = {} if self.deepspeed else {n: p.detach().cpu().clone() for n, p in self.named_trainable}
             opt_state = {} if self.deepspeed else optimizer.state_dict()
             save_checkpoint(
-                self.checkpoint, asdict(self.cfg), step, params, opt_state, log, seconds, ds_state
+                self.checkpoint, self.cfg.identity(), step, params, opt_state, log, seconds, ds_state
             )
             if ds_state:
                 self._drop_old_deepspeed_states(keep=ds_state)
@@ -349,7 +369,7 @@ class Distiller:
     def _log_doc(self, log: list[dict], seconds: float) -> dict:
         return {
             "format": "cleardit-distill-log-v1",
-            "config": asdict(self.cfg),
+            "config": self.cfg.identity(),
             "model": self.model_name,
             "data": str(getattr(self.data, "folder", "")),
             "processes": self.accelerator.num_processes,

@@ -91,8 +91,10 @@ def cmd_eval_model(args: argparse.Namespace) -> int:
         report=args.report,
         samples=args.samples,
         quiet=args.quiet,
+        frames=args.frames,
+        temporal_radius=args.temporal_radius,
     )
-    print(format_model_table(result.summary))
+    print(result.markdown if hasattr(result, "markdown") else format_model_table(result.summary))
     if not args.quiet:
         print("wrote " + ", ".join(str(p) for p in result.files.values()), file=sys.stderr)
     return 0
@@ -142,6 +144,19 @@ def _add_model_parser(sub) -> None:
         help="distilled guidance, FLUX.1 only (default: the model's)",
     )
     g.add_argument("--seed", type=nonneg_int, default=0, help="prompt i uses seed + i (default 0)")
+    g.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help="video families: frames per video (default the family's)",
+    )
+    g.add_argument(
+        "--temporal-radius",
+        type=positive_int,
+        default=None,
+        metavar="RT",
+        help="video families: CLEAR's temporal radius in latent frames (default: every frame)",
+    )
     add_dtype_option(g)
     g = model.add_argument_group("evaluation")
     g.add_argument(

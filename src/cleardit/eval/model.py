@@ -204,6 +204,8 @@ def evaluate_model(
     samples: int = 8,
     quiet: bool = False,
     generate_fn: Callable | None = None,
+    frames: int | None = None,
+    temporal_radius: int | None = None,
 ) -> ModelEvalResult:
     """Generate teacher and CLEAR images of the same prompts and seeds, then compare them.
 
@@ -228,12 +230,16 @@ def evaluate_model(
         report: folder for ``report.md`` / ``report.html`` / ``grid.png`` (``samples`` prompts).
         quiet: no progress bars or log lines.
         generate_fn: replaces ``cleardit.pipelines.generate`` (tests count its calls).
+        frames, temporal_radius: video families (``cleardit.eval.video_model``): frames per video and
+            the rule's temporal radius; such a model returns a ``VideoEvalResult`` (per-frame metrics
+            averaged over every frame, and temporal consistency).
     """
     from ..environment import resolve_device
     from ..models import adapter_for
     from ..pipelines.highres import check_size, wants_vae_tiles
     from ..pipelines.loading import (
         base_size,
+        folder_adapter,
         load_pipeline,
         max_sequence_length,
         read_model_info,
@@ -266,6 +272,23 @@ def evaluate_model(
         )
     folder = resolve_model(model)
     info = read_model_info(folder)
+    if folder_adapter(folder).video:
+        from .video_model import evaluate_video_model
+
+        if down_factor is not None or clear_weights or guidance is not None or report is not None:
+            raise ValueError(
+                "eval model of a video family takes --radius, --temporal-radius, --frames, sizes, steps and "
+                "metrics; drop --down-factor, --clear-weights, --guidance and --report"
+            )
+        return evaluate_video_model(
+            prompt_list, model=model, radii=list(radii) if radii is not None else [DEFAULT_RADIUS],
+            temporal_radius=temporal_radius, output=out, metrics=names, frames=frames, height=height,
+            width=width, steps=steps, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+            quiet=quiet, generate_fn=generate_fn, weights_dir=weights_dir, strict=strict,
+            clip_model=clip_model, dino_model=dino_model,
+        )  # fmt: skip
+    if frames is not None or temporal_radius is not None:
+        raise ValueError(f"--frames / --temporal-radius are for video models; {folder} makes images")
     attentions = plan_attention(
         list(radii) if radii is not None else [info.clear_radius or DEFAULT_RADIUS],
         down_factor,

@@ -62,6 +62,7 @@ class ModelAdapter:
     strip_context_class: type | None = None  # a StripContext subclass with the family's forward state
     teacher_keeps_tile_order: bool = True
     video: bool = False
+    default_frames: int | None = None  # video families: frames of a video when the caller gives none
     default_steps: int = 28
     default_guidance: float | None = 3.5
     default_true_cfg: float = 1.0
@@ -197,6 +198,27 @@ class ModelAdapter:
     def default_size(self, pipe) -> int:
         """The pipeline's default image side in pixels."""
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+
+    def default_video_size(self, pipe) -> tuple[int, int]:
+        """Video families: the pipeline's default (height, width) in pixels."""
+        side = self.default_size(pipe)
+        return side, side
+
+    def check_frames(self, pipe, num_frames: int) -> int:
+        """Video families: ``num_frames`` when the pipeline's VAE takes it, else a ValueError naming the
+        nearest counts it takes."""
+        raise ValueError(
+            f"--frames {num_frames}: {self.family} models make images, not videos; drop --frames"
+        )
+
+    def latent_frames(self, pipe, num_frames: int) -> int:
+        """Video families: latent frames T of a ``num_frames`` video (the token grid's depth)."""
+        return 1
+
+    def attention_text_len(self, text_len: int) -> int:
+        """Text tokens inside the attention CLEAR replaces, for ``text_len`` prompt tokens (0 where
+        text comes in through cross-attention, e.g. Wan)."""
+        return text_len
 
     def max_text_tokens(self, pipe) -> int:
         """Text tokens per prompt when the model folder does not say: the length of the pipeline's

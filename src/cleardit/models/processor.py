@@ -48,8 +48,8 @@ class ClearProcessor(nn.Module):
         cfg = self.config
         options = dict(pool_weight=self.pool_weight(), scale=cfg.scale, backend=cfg.backend)
         comm = getattr(self.geometry, "comm", None)
-        if comm is None:
-            return clear_attention(q, k, v, layout, cfg.radius, **options)
+        if comm is None:  # video: the window's depth in latent frames (None: every frame)
+            return clear_attention(q, k, v, layout, cfg.radius, cfg.temporal_radius, **options)
         timeout_s = comm.timeout.total_seconds() if comm.timeout is not None else None
         return strip_clear_attention(
             q, k, v, layout, cfg.radius, group=comm.group, counter=comm.counter, timeout_s=timeout_s,

@@ -63,6 +63,11 @@ class GenerateConfig:
             than the VAE's ``sample_size`` (colours hold, less memory at very high resolution).
         output: a folder (``NNNNN-<prompt>.png``) or a ``.png`` file (one image); None: not saved.
         quiet: no progress bars or log lines.
+        frames: video families: frames of each video (1 + k x the VAE's temporal factor; default the
+            family's, e.g. 81 for Wan). Images: None (a number is refused for image families).
+        temporal_radius: video families: the rule's temporal radius in latent frames (None: every
+            frame, a cylinder in time).
+        fps: frames per second of the written MP4s and previews.
         on_step: called after every denoising step as ``on_step(steps_done, steps_total)``, counting
             every run of the call (high-res stage 1, compare runs; not the warm-up): a progress bar
             outside the terminal, such as ``cleardit serve``'s. Not with ``generate_parallel``.
@@ -93,10 +98,18 @@ class GenerateConfig:
     vae_tiling: bool | None = None
     output: str | os.PathLike | None = None
     quiet: bool = False
+    frames: int | None = None
+    temporal_radius: int | None = None
+    fps: int = 16
     on_step: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         _positive("batch", self.batch)
+        _positive("fps", self.fps)
+        if self.frames is not None:
+            _positive("frames", self.frames)
+        if self.temporal_radius is not None:
+            _positive("temporal-radius", self.temporal_radius)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be a whole number >= 0, got {self.seed!r}")
         if self.steps is not None:

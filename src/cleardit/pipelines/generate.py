@@ -31,6 +31,7 @@ from ..attention.flops import format_flops
 from ..config import ClearConfig
 from ..image_grid import image_grid
 from ..image_metrics import ms_ssim_images, psnr_images
+from ..models import NotSupportedError
 from ..prompt_list import prompt_list
 from . import highres as hr
 from .config import GenerateConfig
@@ -202,25 +203,31 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug or "image"
 
 
-def output_paths(output: str | os.PathLike, prompts: list[str], batch: int) -> list[Path]:
-    """Main file of each image: ``output`` itself if it names a .png (one image only), else
-    ``output/NNNNN-<prompt>.png`` numbered after the highest number already in the folder."""
+def output_paths(
+    output: str | os.PathLike, prompts: list[str], batch: int, suffix: str = ".png"
+) -> list[Path]:
+    """Main file of each image (video: ``suffix`` ".mp4"): ``output`` itself if it names a ``suffix``
+    file (one image only), else ``output/NNNNN-<prompt><suffix>`` numbered after the highest number
+    already in the folder."""
     output = Path(output)
     n = len(prompts) * batch
-    if output.suffix.lower() == ".png":
+    kind = "video" if suffix == ".mp4" else "image"
+    if output.suffix.lower() == suffix:
         if n != 1:
             raise ValueError(
-                f"--output {output} names one .png file but {n} images will be made "
+                f"--output {output} names one {suffix} file but {n} {kind}s will be made "
                 f"({len(prompts)} prompt(s) x batch {batch}); pass a folder instead"
             )
         return [output]
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} exists and is not a folder; pass a folder or a .png file name")
+        raise ValueError(
+            f"--output {output} exists and is not a folder; pass a folder or a {suffix} file name"
+        )
     start = 0
     if output.is_dir():
         numbers = [int(m.group(1)) for p in output.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
         start = max(numbers, default=-1) + 1
-    return [output / f"{start + i:05d}-{_slug(prompts[i // batch])}.png" for i in range(n)]
+    return [output / f"{start + i:05d}-{_slug(prompts[i // batch])}{suffix}" for i in range(n)]
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -271,10 +278,18 @@ def generate(
             ``wrap(pipe)`` and ``install``); leave None. Several devices: ``generate_parallel``.
 
     Returns:
-        GenerationResult (images, paths, timings, peak memory, compare stats, summary line).
+        GenerationResult (images, paths, timings, peak memory, compare stats, summary line); for a
+        video family (or with ``frames``), a ``VideoResult`` (MP4s, previews, sidecars; see
+        ``cleardit.pipelines.video``).
     """
     config = make_config(config, options)
     prompts = prompt_list(prompt)
+    from .video import generate_video, makes_videos  # video imports this module's helpers
+
+    if makes_videos(model, config):
+        if parallel_rank is not None:
+            raise NotSupportedError("patch-parallel generation (--devices) makes images only; use one device")
+        return generate_video(prompts, config, model=model, info=info)
     if config.output is not None:  # a .png name for several images, or an unwritable place: refused first
         check_writable(output_paths(config.output, prompts, config.batch))
     log = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
