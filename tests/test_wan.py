@@ -171,7 +171,7 @@ BACKEND_CASES = [
     pytest.param("flex", "5x3x4-rt1-pooled"),
     pytest.param("flex", "3x4x5-rt2-tiles", marks=SLOW),
     pytest.param("flex", "2x5x3-rtNone-raster", marks=SLOW),
-    pytest.param("triton", "2x3x4-rt2-tiles"),
+    pytest.param("triton", "2x3x4-rt2-tiles"),  # forward only
     pytest.param("triton", "3x4x5-rt2-tiles", marks=SLOW),
     pytest.param("triton", "2x5x3-rtNone-raster", marks=SLOW),
     pytest.param("triton", "5x3x4-rt1-pooled", marks=SLOW),
@@ -186,7 +186,9 @@ def test_every_backend_agrees_with_reference(backend, shape):
     model = tiny_wan_transformer(seed=len(shape), **small)
     inputs = wan_inputs(*grid, batch=batch, seed=len(shape))
     handle = linearize(model, radius=radius, temporal_radius=rt, down_factor=df, backend="reference")
-    if backend == "flex":  # FlexAttention runs forward only on the CPU
+    # FlexAttention runs forward only on the CPU; Triton's backward kernels are slow in the interpreter,
+    # so by default they run in tests/test_video_rule.py (attention level) and here in the slow cases
+    if backend == "flex" or (backend == "triton" and shape == "2x3x4-rt2-tiles"):
         expected = run(model, inputs)
         handle.restore()
         linearize(model, radius=radius, temporal_radius=rt, down_factor=df, tile=tile, backend=backend)

@@ -95,10 +95,14 @@ def check_num_frames(num_frames, factor: int) -> int:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's RoPE on [B, N, heads, d]: channel pairs (2i, 2i + 1) rotated by the tables [1, N, 1, d]
     (each angle repeated on both channels of its pair); computed in the tables' precision (float64),
-    rounded once to ``x``'s dtype, as diffusers does."""
+    rounded once to ``x``'s dtype, as diffusers does. Each half is written straight into the result,
+    so no full-size float64 copy of a long video's queries is ever held."""
     even, odd = x[..., 0::2], x[..., 1::2]
     c, s = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
 
 
 class ClearWanAttnProcessor(ClearProcessor):
