@@ -14,7 +14,8 @@ from cleardit.distill.teacher import TeacherView
 from cleardit.distill.trainer import student_config
 from cleardit.models import adapter_for, linearize
 from cleardit.models.tiny import flux_inputs, tiny_flux_transformer
-from tests import test_flux2, test_qwenimage, test_sd3, test_zimage
+from tests import test_flux2, test_qwenimage, test_sd3, test_wan, test_zimage
+from tests.tiny_wan import tiny_wan_transformer
 
 # grids of 10 x 20 tokens: larger than the default 8 x 16 tile
 FAMILIES = {
@@ -25,6 +26,7 @@ FAMILIES = {
         lambda m: test_qwenimage.qwen_inputs(10, 20, [3, 7]),
     ),
     "sd3": lambda: (test_sd3.tiny_sd3_transformer(), lambda m: test_sd3.sd3_inputs(10, 20)),
+    "wan": lambda: (tiny_wan_transformer(), lambda m: test_wan.wan_inputs(3, 10, 20)),  # 3 x 10 x 20 tokens
     "zimage": lambda: (
         test_zimage.tiny_zimage_transformer(),
         lambda m: test_zimage.zimage_inputs(10, 20, [5, 40]),
