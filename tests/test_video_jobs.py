@@ -103,6 +103,8 @@ def test_bad_video_requests_are_clear_errors(wan_folder, tmp_path):
         generate("a red circle", model=wan_folder, frames=5, batch=2, output=tmp_path / "a.mp4", quiet=True)
     code = main(["generate", "--model", str(wan_folder), "--prompt", "x", "--frames", "6", "--quiet"])
     assert code == 2
+    code = main(["generate", "--model", str(wan_folder), "--prompt", "x", "--frames", "5", "--devices", "2"])
+    assert code == 2  # the strip exchange is 2D: refused before any rank starts
 
 
 # ----------------------------------------------------------------------------- distill and eval
