@@ -121,6 +121,10 @@ def test_bad_arguments_are_clear_errors(model):
         cleardit.linearize(model, radius=4, backend="fast")
     with pytest.raises(ValueError, match="temporal_radius=2 is for video models.*drop temporal_radius"):
         cleardit.linearize(model, radius=4, temporal_radius=2)
+    with pytest.raises(ValueError, match=r"tile=\(2, 8, 16\) has a depth in frames"):
+        cleardit.linearize(model, radius=4, tile=(2, 8, 16))
+    with pytest.raises(ValueError, match="tile must be positive ints"):
+        cleardit.linearize(model, radius=4, tile=(1, 2, 3, 4))
     assert getattr(model, "_cleardit_handle", None) is None
     cleardit.linearize(model, radius=4)
     with pytest.raises(ValueError, match="already linearized"):

@@ -151,6 +151,7 @@ def assert_outputs_close(got, expected, atol=1e-5):
         ((3, 5, 7), 2, None, 2, None, "tiled"),  # raster order, every frame (a cylinder)
         ((4, 6, 5), 3, 1, 1, (4, 4), "tiled"),  # rt = 1: each frame alone
         ((2, 9, 4), 4, 3, 2, (8, 16), "tiled"),  # the default tile: 9 rows > 8, edge tiles smaller
+        ((3, 5, 7), 3, 2, 1, (2, 2, 3), "tiled"),  # tiles two frames deep (the last one frame)
     ],
 )
 def test_linearized_ltx2_matches_dense_mask_oracle(grid, radius, rt, batch, tile, backend):

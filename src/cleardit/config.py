@@ -23,6 +23,7 @@ class ClearConfig:
         backend: attention backend ("auto", "reference", "tiled", "flex", "triton").
         tile: image tokens are permuted into tile-major order with this tile shape once per forward
             (None keeps raster order). Results are identical; GPU kernels see contiguous tiles.
+            (rows, cols), one frame deep for videos; video models also take (frames, rows, cols).
         scale: softmax scale; None = 1/sqrt(head_dim).
         temporal_radius: video models only: latent frames of the spatio-temporal window (a query
             sees the key at (dt, dy, dx) iff dt^2 r^2 + (dy^2 + dx^2) rt^2 < r^2 rt^2); None = every
@@ -32,7 +33,7 @@ class ClearConfig:
     radius: int = DEFAULT_RADIUS
     down_factor: int | None = None
     backend: str = "auto"
-    tile: tuple[int, int] | None = DEFAULT_TILE
+    tile: tuple[int, int] | tuple[int, int, int] | None = DEFAULT_TILE
     scale: float | None = None
     temporal_radius: int | None = None
 
@@ -49,8 +50,13 @@ class ClearConfig:
             raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {self.backend!r}")
         if self.tile is not None:
             tile = tuple(self.tile)
-            if len(tile) != 2 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile):
-                raise ValueError(f"tile must be two positive ints (rows, cols) or None, got {self.tile!r}")
+            if len(tile) not in (2, 3) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in tile
+            ):
+                raise ValueError(
+                    "tile must be positive ints (rows, cols), for videos also (frames, rows, cols), or "
+                    f"None; got {self.tile!r}"
+                )
             object.__setattr__(self, "tile", tile)
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale must be positive or None (1/sqrt(head_dim)), got {self.scale!r}")

@@ -92,10 +92,17 @@ class ModelAdapter:
 
     def check_config(self, transformer: nn.Module, config: ClearConfig) -> None:
         """Refuse a ``config`` this family cannot run (before anything is changed)."""
-        if config.temporal_radius is not None and not self.video:
+        if self.video:
+            return
+        if config.temporal_radius is not None:
             raise ValueError(
                 f"temporal_radius={config.temporal_radius} is for video models; this "
                 f"{type(transformer).__name__} ({self.family}) makes images: drop temporal_radius"
+            )
+        if config.tile is not None and len(config.tile) == 3:
+            raise ValueError(
+                f"tile={config.tile} has a depth in frames, which is for video models; this "
+                f"{type(transformer).__name__} ({self.family}) makes images: pass tile=(rows, cols)"
             )
 
     def install(self, transformer: nn.Module, config: ClearConfig) -> ClearHandle:

@@ -214,7 +214,7 @@ def _ltx2_pre_hook(module, args, kwargs):
     )
     geometry.layout = layout
     # one tile per frame is raster order already
-    if config.tile is not None and (grid[1] > config.tile[0] or grid[2] > config.tile[1]):
+    if config.tile is not None and (grid[1] > config.tile[-2] or grid[2] > config.tile[-1]):
         order = layout.sequence_to_raster(hidden.device)
         geometry.inverse = layout.raster_to_sequence(hidden.device)
         coords = arguments.get("video_coords")
