@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cleardit import generate
+from cleardit import generate, linearize, load_weights
 from cleardit.video_io import encode_mp4, read_video, save_mp4
 from cleardit.video_metrics import frame_psnr, temporal_psnr, video_psnr
 from tests.tiny_wan import save_tiny_wan_pipeline
@@ -151,6 +151,15 @@ def test_video_distill_with_resume_and_eval(wan_folder, tmp_path, monkeypatch):
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
     with safe_open(str(result.weights), "pt") as f:
         assert f.metadata()["temporal_radius"] == "1" and f.metadata()["family"] == "wan"
+    # the weights bring their window: generate takes rt from them, load_weights refuses another rt
+    with_weights = generate(
+        "a red circle", model=wan_folder, frames=FRAMES, steps=1, clear_weights=result.weights, quiet=True
+    )
+    assert with_weights.metadata[0]["temporal_radius"] == 1 and with_weights.metadata[0]["radius"] == 2
+    pipe = load()
+    linearize(pipe.transformer, radius=2, temporal_radius=2)
+    with pytest.raises(ValueError, match="made for temporal_radius=1.*temporal_radius=2"):
+        load_weights(pipe.transformer, result.weights)
 
     report = evaluate_model(
         prompts, model=wan_folder, radii=[2], temporal_radius=1, frames=FRAMES, steps=2,

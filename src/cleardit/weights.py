@@ -93,7 +93,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     """Load a CLEAR checkpoint (reference release or ``save_weights``) into a linearized model.
 
     Checks that the file was made for the same radius / down factor (from its metadata or the
-    reference file name) and that every tensor's shape matches. With ``strict`` (default) a file
+    reference file name) and, for video weights, the same temporal radius, and that every tensor's
+    shape matches. With ``strict`` (default) a file
     missing some linearized parameter is an error; keys the model does not have always are.
     """
     handle = _require_handle(model)
@@ -116,6 +117,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
             f"linearized with radius={cfg.radius}, down_factor={cfg.down_factor}; linearize with the "
             "checkpoint's settings"
         )
+    if metadata.get("format") == FORMAT:  # video weights record their window's depth (None: every frame)
+        declared_rt = metadata.get("temporal_radius")
+        declared_rt = int(declared_rt) if declared_rt is not None else None
+        if declared_rt != cfg.temporal_radius:
+            raise ValueError(
+                f"{path.name} was made for temporal_radius={declared_rt}, but the model is linearized with "
+                f"temporal_radius={cfg.temporal_radius}; linearize with the checkpoint's settings"
+            )
     base = metadata.get("base_model")
     if base is not None and base != type(model).__name__:
         raise ValueError(f"{path.name} holds weights for a {base}, not a {type(model).__name__}")

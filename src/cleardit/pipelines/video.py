@@ -212,6 +212,14 @@ class VideoPlan:
         }
 
 
+def _declared_temporal_radius(path: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get("temporal_radius")
+    return int(value) if value is not None else None
+
+
 def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | None, log) -> VideoPlan:
     """Resolve ``c`` against the model (loading it); mistakes are reported before the first step."""
     _refuse_image_options(c)
@@ -225,6 +233,9 @@ def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | N
             )
     info = info or ModelInfo()
     radius, down_factor, weights = clear_settings(c, info, folder)
+    temporal_radius = c.temporal_radius
+    if weights is not None and temporal_radius is None:  # CLEAR weights say which window they learned
+        temporal_radius = _declared_temporal_radius(weights)
     if radius == 0 and c.temporal_radius is not None:
         raise ValueError("--temporal-radius needs CLEAR attention (--radius > 0); drop it with --full")
     t0 = time.perf_counter()
@@ -242,7 +253,7 @@ def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | N
     clear = None
     if radius > 0:
         clear = ClearConfig(
-            radius=radius, down_factor=down_factor, backend=c.backend, temporal_radius=c.temporal_radius
+            radius=radius, down_factor=down_factor, backend=c.backend, temporal_radius=temporal_radius
         )
     heads, head_dim, layers = adapter.attention_geometry(pipe.transformer)
     return VideoPlan(
