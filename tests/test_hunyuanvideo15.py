@@ -170,7 +170,7 @@ def assert_grads_close(got, expected):
     "shape,radius,rt,text_kept,byt5_kept,image,backend,tile",
     [
         ((3, 5, 7), 2, 2, [2, 6], [4, 1], False, "reference", (2, 3)),  # odd T/H/W, two padding groups
-        ((3, 5, 7), 2, None, [2, 6], [4, 1], False, "tiled", (2, 3)),  # every frame: a cylinder
+        ((3, 5, 7), 2, None, [2, 6], [4, 1], False, "tiled", (2, 2, 3)),  # a cylinder; tiles 2 frames deep
         ((2, 4, 9), 3, 1, [6, 6], [4, 4], True, "tiled", None),  # non-square, image tokens, each frame alone
         pytest.param((4, 3, 5), 2, 3, [3, 3], [2, 2], True, "reference", (2, 2), marks=pytest.mark.slow),
     ],
@@ -390,7 +390,7 @@ def test_trainable_parameters_geometry_and_description():
     assert "temporal_radius" in adapter.describe() and "not yet" in adapter.describe()
 
 
-def test_weights_round_trip_and_other_families_are_refused(tmp_path):
+def test_weights_round_trip_and_other_settings_or_families_are_refused(tmp_path):
     model = tiny_hunyuanvideo15()
     handle = linearize(model, radius=2, temporal_radius=2, down_factor=2)
     path = save_weights(model, tmp_path / "hy15.safetensors")
@@ -400,7 +400,12 @@ def test_weights_round_trip_and_other_families_are_refused(tmp_path):
     ours, theirs = dict(handle.named_clear_parameters()), dict(get_handle(other).named_clear_parameters())
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    every_frame = tiny_hunyuanvideo15(seed=5)
+    linearize(every_frame, radius=2, down_factor=2)
+    with pytest.raises(ValueError, match="made for temporal_radius=2"):
+        load_weights(every_frame, path)
 
+    path = save_weights(every_frame, tmp_path / "hy15-every-frame.safetensors")
     flux = tiny_flux_transformer()
     linearize(flux, radius=2, down_factor=2)
     with pytest.raises(ValueError, match="holds weights for a HunyuanVideo15Transformer3DModel"):
@@ -410,7 +415,7 @@ def test_weights_round_trip_and_other_families_are_refused(tmp_path):
     release = tmp_path / "clear_local_2_down_2.safetensors"  # a reference-release name: FLUX.1 weights
     save_file({k: v.contiguous() for k, v in handle.clear_state_dict().items()}, str(release))
     with pytest.raises(ValueError, match="for flux models, not for this hunyuanvideo15 model"):
-        load_weights(model, release)
+        load_weights(every_frame, release)
 
 
 def test_strips_and_pipeline_jobs_are_refused_with_the_supported_way(tmp_path):

@@ -212,10 +212,17 @@ def _pre_hook(module, args, kwargs):
     )  # fmt: skip
     device = bound.arguments["hidden_states"].device
     geometry.order = geometry.inverse = None
-    if config.tile is not None and (height > config.tile[0] or width > config.tile[1]):
+    if layout.tile is not None and not _tile_order_is_raster(layout):
         geometry.order = layout.sequence_to_raster(device)
         geometry.inverse = layout.raster_to_sequence(device)
     geometry.layout = layout
+
+
+def _tile_order_is_raster(layout: TokenLayout) -> bool:
+    """Whether the tile-major order is the raster order: tiles of whole rows, one frame deep or
+    holding whole frames (then nothing needs permuting)."""
+    frames, rows, cols = layout.tile_3d
+    return cols >= layout.width and (frames == 1 or rows >= layout.height)
 
 
 def _post_hook(module, args, kwargs, output):
