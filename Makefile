@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DEMO_PROMPT ?= a large red circle at the top left and a small blue square at the bottom right on a yellow and white vertical striped background
 DEMO_OUTPUT ?= out/demo
 
-.PHONY: install demo serve test test-slow bench bench-quick bench-parallel lint format clean
+.PHONY: install demo serve test test-slow bench bench-quick bench-3d bench-3d-quick bench-parallel lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: install
 
 bench-quick: install
 	$(PY) bench/attention_cpu.py --quick
+
+bench-3d: install
+	$(PY) bench/attention_cpu_3d.py
+
+bench-3d-quick: install
+	$(PY) bench/attention_cpu_3d.py --quick
 
 bench-parallel: install
 	$(PY) bench/parallel.py --quick
