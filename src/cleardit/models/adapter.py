@@ -214,6 +214,11 @@ class ModelAdapter:
     def check_frames(self, pipe, num_frames: int) -> int:
         """Video families: ``num_frames`` when the pipeline's VAE takes it, else a ValueError naming the
         nearest counts it takes."""
+        if self.video:  # a video family whose pipelines the jobs do not run (yet)
+            raise NotSupportedError(
+                f"cleardit's video jobs do not run {self.family} pipelines yet; linearize the transformer "
+                "directly: cleardit.linearize(pipe.transformer, radius=..., temporal_radius=...)"
+            )
         raise ValueError(
             f"--frames {num_frames}: {self.family} models make images, not videos; drop --frames"
         )

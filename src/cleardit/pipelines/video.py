@@ -244,12 +244,12 @@ def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | N
     adapter = adapter_for(pipe.transformer)
     if not adapter.video:
         raise ValueError(f"--frames makes videos; this {adapter.family} model makes images (drop --frames)")
+    frames = adapter.check_frames(pipe, c.frames or adapter.default_frames)  # first: refuses what cannot run
     factor = adapter.size_factor(pipe)
     default_h, default_w = adapter.default_video_size(pipe)
     height = c.height or info.base_height or default_h
     width = c.width or info.base_width or default_w
     rows, cols = hr.check_size(height, factor, "height"), hr.check_size(width, factor, "width")
-    frames = adapter.check_frames(pipe, c.frames or adapter.default_frames)
     clear = None
     if radius > 0:
         clear = ClearConfig(
