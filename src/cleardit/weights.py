@@ -89,6 +89,12 @@ def declared_geometry(path: Path, metadata: dict[str, str]) -> tuple[int | None,
     return None, None, False
 
 
+def declared_temporal_radius(metadata: dict[str, str]) -> int | None:
+    """The temporal radius cleardit metadata records (video weights); None: every frame, or images."""
+    value = metadata.get("temporal_radius")
+    return int(value) if value is not None else None
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> LoadReport:
     """Load a CLEAR checkpoint (reference release or ``save_weights``) into a linearized model.
 
@@ -117,14 +123,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
             f"linearized with radius={cfg.radius}, down_factor={cfg.down_factor}; linearize with the "
             "checkpoint's settings"
         )
-    if metadata.get("format") == FORMAT:  # video weights record their window's depth (None: every frame)
-        declared_rt = metadata.get("temporal_radius")
-        declared_rt = int(declared_rt) if declared_rt is not None else None
-        if declared_rt != cfg.temporal_radius:
-            raise ValueError(
-                f"{path.name} was made for temporal_radius={declared_rt}, but the model is linearized with "
-                f"temporal_radius={cfg.temporal_radius}; linearize with the checkpoint's settings"
-            )
     base = metadata.get("base_model")
     if base is not None and base != type(model).__name__:
         raise ValueError(f"{path.name} holds weights for a {base}, not a {type(model).__name__}")
@@ -136,6 +134,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         raise ValueError(
             f"{path.name} holds CLEAR weights for {stored} models, not for this {family} model "
             f"({type(model).__name__}); train weights for it with cleardit distill"
+        )
+
+    declared_rt = declared_temporal_radius(metadata)
+    if metadata.get("format") == FORMAT and declared_rt != cfg.temporal_radius:
+        raise ValueError(
+            f"{path.name} was made for temporal_radius={declared_rt}, but the model is linearized with "
+            f"temporal_radius={cfg.temporal_radius}; linearize with the checkpoint's settings"
         )
 
     params = dict(handle.named_clear_parameters())

@@ -147,7 +147,7 @@ class ClearFluxAttnProcessor(ClearProcessor):
 
     def clear_forward(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
         """(what the processor returns, the image queries before RoPE [B, n, heads, d])."""
-        state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
+        state = self.forward_state(image_rotary_emb)
         layout = state.layout
         query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states)
         image_query = query[:, max(0, query.shape[1] - layout.image_len) :]  # [text | image]: image last

@@ -262,12 +262,7 @@ class ClearFlux2Processor(ClearProcessor):
         """[B, N, heads, d] q/k/v before RoPE -> the attention output [B, N, heads * d]."""
         if attention_mask is not None:
             raise ValueError("CLEAR attention for FLUX.2 takes no attention_mask; FLUX.2 pipelines pass none")
-        if self.geometry is None:
-            raise RuntimeError(
-                f"this {type(self).__name__} belongs to no linearized model (rebuilt by a diffusers "
-                "loader?); call handle.restore(), change the processors, then linearize again"
-            )
-        state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
+        state = self.forward_state(image_rotary_emb)
         layout, tokens = state.layout, state.extra
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)

@@ -113,11 +113,7 @@ class ClearLTX2AttnProcessor(ClearProcessor):
         perturbation_mask: torch.Tensor | None = None,
         all_perturbed: bool | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.geometry is None:
-            raise RuntimeError(
-                f"this {type(self).__name__} belongs to no linearized model (diffusers' loaders rebuild "
-                "processors as type(p)()); call handle.restore(), then cleardit.linearize again"
-            )
+        layout = self.forward_state(query_rotary_emb).layout
         if encoder_hidden_states is not None or attention_mask is not None:
             raise NotSupportedError(
                 "CLEAR replaces LTX-2's video self-attention (attn1), which takes neither "
@@ -125,7 +121,6 @@ class ClearLTX2AttnProcessor(ClearProcessor):
                 "handle.restore() to run with a mask"
             )
         rope = query_rotary_emb
-        layout = self.geometry.state_for(rope[0] if rope is not None else None).layout
         if hidden_states.shape[1] != layout.image_len:
             raise ValueError(
                 f"video self-attention got {hidden_states.shape[1]} tokens but the forward's grid "

@@ -8,6 +8,7 @@ from torch import nn
 from ..attention import TokenLayout, clear_attention, initial_pool_weight
 from ..attention.strips import strip_clear_attention
 from ..config import ClearConfig
+from .handle import ForwardState
 
 
 class ClearProcessor(nn.Module):
@@ -31,6 +32,18 @@ class ClearProcessor(nn.Module):
             # family; parameters follow the model's device and dtype (``param_like``)
             w = initial_pool_weight(df).reshape(1, 1, 1, df, 1, df, 1)
             self.spatial_weight = nn.Parameter(w.to(device=param_like.device, dtype=param_like.dtype))
+
+    def forward_state(self, rope) -> ForwardState:
+        """The state of the forward in flight (``ForwardGrid.state_for``) keyed by that forward's RoPE
+        (a tensor, or a (cos, sin) pair: its first); a processor rebuilt without arguments (diffusers'
+        loaders build ``type(p)()``) belongs to no model and is refused."""
+        if self.geometry is None:
+            raise RuntimeError(
+                f"this {type(self).__name__} belongs to no linearized model (diffusers' loaders rebuild "
+                "processors as type(p)()), so the grid is unknown; call handle.restore(), change the "
+                "processors, then cleardit.linearize again"
+            )
+        return self.geometry.state_for(rope[0] if isinstance(rope, (tuple, list)) else rope)
 
     def pool_weight(self) -> torch.Tensor | None:
         """The (df, df) pooling weights, or None without a down factor."""

@@ -201,7 +201,7 @@ class ClearQwenAttnProcessor(ClearProcessor):
                 "Qwen-Image attention takes no attention_mask; "
                 "pass encoder_hidden_states_mask for padded text"
             )
-        state = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None)
+        state = self.forward_state(image_rotary_emb)
         layout, fwd = state.layout, state.extra
         text_len, image_len = encoder_hidden_states.shape[1], hidden_states.shape[1]
         described = fwd.target_len + layout.text_len - fwd.text_len  # target (own rows) + conditions

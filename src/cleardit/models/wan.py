@@ -117,17 +117,12 @@ class ClearWanAttnProcessor(ClearProcessor):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.geometry is None:  # diffusers' loaders rebuild processors as type(p)()
-            raise RuntimeError(
-                f"this {type(self).__name__} belongs to no linearized model, so the video grid is unknown; "
-                "linearize the transformer with cleardit.linearize and call the transformer itself"
-            )
+        layout = self.forward_state(rotary_emb).layout
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(
                 "CLEAR replaces Wan's attn1 (video self-attention), which diffusers calls without "
                 "encoder_hidden_states or attention_mask; attn2 (cross-attention) keeps its own processor"
             )
-        layout = self.geometry.state_for(rotary_emb[0] if rotary_emb is not None else None).layout
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:

@@ -223,11 +223,7 @@ class ClearZImageAttnProcessor(ClearProcessor):
         self.stage = stage
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        if self.geometry is None:
-            raise RuntimeError(
-                "this ClearZImageAttnProcessor belongs to no linearized model; use linearize()"
-            )
-        state = self.geometry.state_for(freqs_cis)
+        state = self.forward_state(freqs_cis)
         tokens: ZImageTokens = state.extra
         layout = getattr(tokens, self.stage)
         query, key, value = (

@@ -215,9 +215,10 @@ class VideoPlan:
 def _declared_temporal_radius(path: Path) -> int | None:
     from safetensors import safe_open
 
+    from ..weights import declared_temporal_radius
+
     with safe_open(str(path), framework="pt") as f:
-        value = (f.metadata() or {}).get("temporal_radius")
-    return int(value) if value is not None else None
+        return declared_temporal_radius(f.metadata() or {})
 
 
 def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | None, log) -> VideoPlan:
@@ -295,8 +296,8 @@ def generate_video(prompts: list[str], config: GenerateConfig, *, model=None, in
         mode = modes.clear() if clear else contextlib.nullcontext()
         options = {} if c.on_step is None or steps == 1 else {"callback_on_step_end": step_callback}
         with mode:
-            out = pipe(
-                prompt=text, height=plan.height, width=plan.width, num_frames=plan.frames,
+            out = plan.adapter.run_pipeline(
+                pipe, prompt=text, height=plan.height, width=plan.width, num_frames=plan.frames,
                 num_inference_steps=steps, num_videos_per_prompt=len(seeds), output_type="np",
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **common, **options,
             )  # fmt: skip
