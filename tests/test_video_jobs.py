@@ -43,11 +43,16 @@ def test_video_metrics():
     video = g.integers(0, 256, size=(4, 8, 8, 3)).astype(np.uint8)
     assert video_psnr(video, video) == math.inf
     noisy = np.clip(video.astype(int) + g.integers(-8, 9, size=video.shape), 0, 255).astype(np.uint8)
-    per_frame = frame_psnr(video, noisy)
-    assert len(per_frame) == 4 and video_psnr(video, noisy) == pytest.approx(np.mean(per_frame))
+    assert len(frame_psnr(video, noisy)) == 4
+    mse = ((noisy.astype(float) - video) / 255).__pow__(2).mean()
+    assert video_psnr(video, noisy) == pytest.approx(10 * math.log10(1 / mse))
+    # one differing frame among identical ones scores better than every frame differing a little
+    one_off = video.copy()
+    one_off[2] = noisy[2]
+    assert video_psnr(video, one_off) > video_psnr(video, noisy) + 5
     still = np.repeat(video[:1], 4, axis=0)
     assert temporal_psnr(still) == math.inf and temporal_psnr(video) < 15
-    assert math.isnan(temporal_psnr(video[:1]))
+    assert temporal_psnr(video[:1]) is None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -76,7 +81,7 @@ def test_generate_writes_mp4_preview_sidecar_and_compare(wan_folder, tmp_path):
     assert all(math.isfinite(v) for v in stats.temporal_clear + stats.temporal_full)
     assert read_video(stats.paths[0]).shape[0] == FRAMES  # the side-by-side video
     assert read_video(result.full_paths[0]).shape == (FRAMES, HEIGHT, WIDTH, 3)
-    assert "frame PSNR" in result.summary and "temporal consistency" in result.summary
+    assert "PSNR" in result.summary and "temporal consistency" in result.summary
 
 
 def test_clear_beyond_the_grid_equals_full_attention_and_a_small_window_does_not(wan_folder):
@@ -183,3 +188,15 @@ def test_video_distill_with_resume_and_eval(wan_folder, tmp_path, monkeypatch):
         output=tmp_path / "eval", metrics=["psnr"], quiet=True, generate_fn=lambda *a, **k: calls.append(a),
     )  # fmt: skip
     assert calls == []  # every video reused from its sidecar
+    # another model's files (same config, other weights): nothing of the first model is reused
+    other = save_tiny_wan_pipeline(tmp_path / "other-wan", seed=1)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return generate(*args, **kwargs)
+
+    again = evaluate_model(
+        prompts, model=other, radii=[2], temporal_radius=1, frames=FRAMES, steps=2,
+        output=tmp_path / "eval", metrics=["psnr"], quiet=True, generate_fn=counting,
+    )  # fmt: skip
+    assert len(calls) == 4 and again.summary["model_fingerprint"] != report.summary["model_fingerprint"]

@@ -1,7 +1,9 @@
-"""Video comparisons: frame-by-frame PSNR between two videos, and temporal consistency (the mean PSNR
-between consecutive frames of one video: higher is steadier).
+"""Video comparisons: PSNR between two videos, and temporal consistency (the PSNR between consecutive
+frames of one video: higher is steadier).
 
-Videos are uint8 arrays [frames, height, width, 3].
+Videos are uint8 arrays [frames, height, width, 3]. A video's PSNR comes from the mean squared error
+over all its frames (frames are not averaged in dB: an identical frame would count as infinitely
+good), so it is +inf only when every frame is identical.
 """
 
 from __future__ import annotations
@@ -19,29 +21,31 @@ def frames_tensor(video: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).double() / 255.0
 
 
-def _finite_mean(values: torch.Tensor) -> float:
-    """The mean PSNR; identical frame pairs (inf dB) count as inf only when every pair is identical."""
-    finite = values[torch.isfinite(values)]
-    if finite.numel() == 0:
-        return math.inf
-    return float(finite.mean())
+def _psnr_of_mse(mse: float) -> float:
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
 def frame_psnr(reference: np.ndarray, test: np.ndarray) -> list[float]:
     """PSNR (dB) of each frame of ``test`` against the same frame of ``reference``."""
-    if reference.shape != test.shape:
-        raise ValueError(f"videos of different shapes cannot be compared: {reference.shape} vs {test.shape}")
+    _check_same_shape(reference, test)
     return psnr(frames_tensor(reference), frames_tensor(test)).tolist()
 
 
 def video_psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """Mean frame PSNR (dB) of ``test`` against ``reference`` (identical frames left out of the mean)."""
-    return _finite_mean(torch.tensor(frame_psnr(reference, test)))
+    """PSNR (dB) of ``test`` against ``reference`` over all frames."""
+    _check_same_shape(reference, test)
+    return _psnr_of_mse(float((frames_tensor(test) - frames_tensor(reference)).square().mean()))
 
 
-def temporal_psnr(video: np.ndarray) -> float:
-    """Temporal consistency: the mean PSNR (dB) between consecutive frames (NaN for one frame)."""
+def temporal_psnr(video: np.ndarray) -> float | None:
+    """Temporal consistency: the PSNR (dB) between each frame and the next, over all pairs; None for a
+    one-frame video (nothing to compare)."""
     if video.shape[0] < 2:
-        return math.nan
+        return None
     frames = frames_tensor(video)
-    return _finite_mean(psnr(frames[:-1], frames[1:]))
+    return _psnr_of_mse(float((frames[1:] - frames[:-1]).square().mean()))
+
+
+def _check_same_shape(reference: np.ndarray, test: np.ndarray) -> None:
+    if reference.shape != test.shape:
+        raise ValueError(f"videos of different shapes cannot be compared: {reference.shape} vs {test.shape}")

@@ -115,7 +115,8 @@ def sample_sigma(generator: torch.Generator, image_seq_len: int, scheduler_confi
     """One training noise level: logit-normal, then the exponential time shift of the scheduler."""
     sigma = torch.sigmoid(torch.randn((), generator=generator)).item()
     if not scheduler_config.get("use_dynamic_shifting", True):
-        shift = scheduler_config.get("shift", 1.0)
+        # FlowMatchEuler names its static shift "shift"; UniPC (Wan's folders) names it "flow_shift"
+        shift = scheduler_config.get("shift", scheduler_config.get("flow_shift", 1.0))
         return shift * sigma / (1 + (shift - 1) * sigma)
     e = math.exp(shift_mu(scheduler_config, image_seq_len))  # the model's own (linear) rule
     return e / (e + 1 / sigma - 1)

@@ -237,6 +237,20 @@ class Distiller:
         transformer.to(acc.device)
         self.adapter = adapter_for(transformer)
         self.adapter.check_conditions(transformer, data[0])
+        latents_dims = 4 if self.adapter.video else 3  # [C, F, h, w] or [C, h, w]
+        if data[0]["latents"].dim() != latents_dims:
+            shape = tuple(data[0]["latents"].shape)
+            kind = "video" if len(shape) == 4 else "image"
+            raise ValueError(
+                f"{data.folder} holds {kind} teacher data (latents {shape}), but this {self.adapter.family} "
+                f"model makes {'videos' if self.adapter.video else 'images'}; make the data with the same "
+                "--model (cleardit distill data --model ...)"
+            )
+        if self.adapter.video and not self.scheduler_config:
+            raise ValueError(
+                "distilling a video model needs its pipeline's scheduler (its noise-level shift): pass the "
+                "model folder or the pipeline, not the transformer alone"
+            )
         self.guidance = float(data.manifest.get("guidance") or 3.5)
         self._build_student(transformer, frozen_dtype)
         self._resume_state = load_checkpoint(self.checkpoint, cfg.identity()) if resume else None

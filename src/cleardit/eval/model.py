@@ -275,20 +275,21 @@ def evaluate_model(
     if folder_adapter(folder).video:
         from .video_model import evaluate_video_model
 
-        if down_factor is not None or clear_weights or guidance is not None or report is not None:
+        if guidance is not None or report is not None:
             raise ValueError(
-                "eval model of a video family takes --radius, --temporal-radius, --frames, sizes, steps and "
-                "metrics; drop --down-factor, --clear-weights, --guidance and --report"
+                "eval model of a video family has no distilled guidance and no report page; drop --guidance "
+                "and --report"
             )
-        return evaluate_video_model(
-            prompt_list, model=model, radii=list(radii) if radii is not None else [DEFAULT_RADIUS],
-            temporal_radius=temporal_radius, output=out, metrics=names, frames=frames, height=height,
-            width=width, steps=steps, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-            quiet=quiet, generate_fn=generate_fn, weights_dir=weights_dir, strict=strict,
-            clip_model=clip_model, dino_model=dino_model,
+        attentions = plan_attention(
+            list(radii) if radii is not None else [info.clear_radius or DEFAULT_RADIUS],
+            down_factor, clear_weights, info, folder,
         )  # fmt: skip
-    if frames is not None or temporal_radius is not None:
-        raise ValueError(f"--frames / --temporal-radius are for video models; {folder} makes images")
+        return evaluate_video_model(
+            prompt_list, folder=folder, info=info, attentions=attentions, temporal_radius=temporal_radius,
+            output=out, metrics=names, frames=frames, height=height, width=width, steps=steps, seed=seed,
+            batch_size=batch_size, device=device, dtype=dtype, quiet=quiet, generate_fn=generate_fn,
+            weights_dir=weights_dir, strict=strict, clip_model=clip_model, dino_model=dino_model,
+        )  # fmt: skip
     attentions = plan_attention(
         list(radii) if radii is not None else [info.clear_radius or DEFAULT_RADIUS],
         down_factor,

@@ -40,7 +40,8 @@ class VideoCompareStats:
         clear_seconds, full_seconds, speedup: generation times (all prompts) and their ratio.
         flops_clear, flops_full: attention FLOPs of one transformer forward (all replaced layers).
         psnr: per video, the mean frame PSNR (dB) of CLEAR against full attention.
-        temporal_clear, temporal_full: per video, the mean PSNR between consecutive frames.
+        temporal_clear, temporal_full: per video, the PSNR between consecutive frames (None for
+            one-frame videos).
         paths: the side-by-side MP4s written.
     """
 
@@ -50,19 +51,24 @@ class VideoCompareStats:
     flops_clear: int
     flops_full: int
     psnr: list[float] = field(default_factory=list)
-    temporal_clear: list[float] = field(default_factory=list)
-    temporal_full: list[float] = field(default_factory=list)
+    temporal_clear: list[float | None] = field(default_factory=list)
+    temporal_full: list[float | None] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
 
     def line(self) -> str:
         fewer = 100 * (1 - self.flops_clear / self.flops_full) if self.flops_full else 0.0
         return (
             f"compare: full attention {self.full_seconds:.2f} s vs CLEAR {self.clear_seconds:.2f} s = "
-            f"{self.speedup:.2f}x speedup; attention FLOPs per step {format_flops(self.flops_full)} vs "
-            f"{format_flops(self.flops_clear)} ({fewer:.1f}% fewer); frame PSNR "
+            f"{self.speedup:.2f}x speedup; attention FLOPs per transformer forward "
+            f"{format_flops(self.flops_full)} vs {format_flops(self.flops_clear)} ({fewer:.1f}% fewer); PSNR "
             f"{np.mean(self.psnr):.2f} dB; temporal consistency (consecutive-frame PSNR) CLEAR "
-            f"{np.mean(self.temporal_clear):.2f} dB, full {np.mean(self.temporal_full):.2f} dB"
+            f"{_db(self.temporal_clear)}, full {_db(self.temporal_full)}"
         )
+
+
+def _db(values: list[float | None]) -> str:
+    """The mean of PSNR values in dB, "n/a" where there is none (one-frame videos)."""
+    return "n/a" if not values or None in values else f"{np.mean(values):.2f} dB"
 
 
 @dataclass
@@ -202,7 +208,7 @@ class VideoPlan:
             "down_factor": cfg.down_factor if cfg else None,
             "backend": cfg.backend if cfg else None,
             "clear_weights": str(self.weights) if cfg and self.weights else None,
-            "attention_flops_per_step": self.flops(clear),
+            "attention_flops_per_forward": self.flops(clear),
             "text_tokens": self.text_len,
             "model": self.model_name,
             "family": self.adapter.family,
@@ -244,7 +250,9 @@ def plan_video(prompts: list[str], c: GenerateConfig, model, info: ModelInfo | N
     load_seconds = time.perf_counter() - t0
     adapter = adapter_for(pipe.transformer)
     if not adapter.video:
-        raise ValueError(f"--frames makes videos; this {adapter.family} model makes images (drop --frames)")
+        raise ValueError(
+            f"--frames / --temporal-radius make videos; this {adapter.family} model makes images (drop them)"
+        )
     frames = adapter.check_frames(pipe, c.frames or adapter.default_frames)  # first: refuses what cannot run
     factor = adapter.size_factor(pipe)
     default_h, default_w = adapter.default_video_size(pipe)
@@ -379,11 +387,11 @@ def _compare(
     names = [plan.attention_name(False), plan.attention_name(True)]
     for i, path in enumerate(paths):
         footer = [
-            f"full attention: {full_s:.2f} s, {format_flops(stats.flops_full)} attention/step",
+            f"full attention: {full_s:.2f} s, {format_flops(stats.flops_full)} attention per forward",
             f"{names[1]}: {main_s:.2f} s ({stats.speedup:.2f}x), "
-            f"{format_flops(stats.flops_clear)} attention/step",
-            f"frame PSNR {stats.psnr[i]:.2f} dB; consecutive-frame PSNR {stats.temporal_clear[i]:.2f} dB "
-            f"(full {stats.temporal_full[i]:.2f} dB)",
+            f"{format_flops(stats.flops_clear)} attention per forward",
+            f"PSNR {stats.psnr[i]:.2f} dB; consecutive-frame PSNR {_db([stats.temporal_clear[i]])} "
+            f"(full {_db([stats.temporal_full[i]])})",
         ]
         boards = [
             np.asarray(image_grid([[f, m]], column_labels=names, footer=footer))
