@@ -387,7 +387,7 @@ def test_trainable_parameters_geometry_and_description():
         "transformer_blocks.0.attn",
         "transformer_blocks.1.attn",
     ]
-    assert "temporal_radius" in adapter.describe() and "not yet" in adapter.describe()
+    assert "temporal_radius" in adapter.describe() and "generate --frames" in adapter.describe()
 
 
 def test_weights_round_trip_and_other_settings_or_families_are_refused(tmp_path):
@@ -418,24 +418,34 @@ def test_weights_round_trip_and_other_settings_or_families_are_refused(tmp_path)
         load_weights(every_frame, release)
 
 
-def test_strips_and_pipeline_jobs_are_refused_with_the_supported_way(tmp_path):
+def test_strips_and_image_to_video_jobs_are_refused_with_the_supported_way(tmp_path):
     from cleardit.models.strips import parallelize
     from cleardit.pipelines.loading import load_pipeline
 
     with pytest.raises(NotSupportedError, match="does not run video models"):
         parallelize(tiny_hunyuanvideo15(), radius=2)
-    folder = tmp_path / "hy15"
+    folder = tmp_path / "hy15-i2v"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "HunyuanVideo15ImageToVideoPipeline"})
+    )
     assert adapter_for_pipeline_class("HunyuanVideo15ImageToVideoPipeline").family == "hunyuanvideo15"
-    with pytest.raises(ValueError, match=r"linearize\(pipe.transformer, radius=\.\.\., temporal_radius"):
+    with pytest.raises(
+        ValueError, match=r"text to video.*linearize\(pipe.transformer, radius=\.\.\., temporal"
+    ):
         load_pipeline(folder, torch.device("cpu"), torch.float32)
     from cleardit.distill.trainer import load_transformer
 
-    with pytest.raises(ValueError, match="distillation of HunyuanVideo 1.5"):
+    with pytest.raises(ValueError, match="HunyuanVideo15ImageToVideoPipeline"):
         load_transformer(folder, torch.float32)
-    with pytest.raises(NotSupportedError, match="distillation of HunyuanVideo 1.5"):
-        adapter_for(tiny_hunyuanvideo15()).check_conditions(None, {})
+    model = tiny_hunyuanvideo15()  # teacher data of another model: its text width differs
+    sample = dict(
+        prompt_embeds=torch.zeros(6, TEXT_DIM + 1), prompt_embeds_mask=torch.ones(6),
+        prompt_embeds_2=torch.zeros(4, BYT5_DIM), prompt_embeds_mask_2=torch.ones(4),
+        latents=torch.zeros(CHANNELS, 2, 2, 2),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="MLLM text embedding width is 13 in the data, 12"):
+        adapter_for(model).check_conditions(model, sample)
 
 
 def test_replaced_processors_are_refused():

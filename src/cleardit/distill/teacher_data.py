@@ -254,7 +254,8 @@ class _Teacher:
         [C, latent frames, H / vae_scale, W / vae_scale])."""
         pipe, adapter = self.pipe, self.adapter
         video = {} if self.frames is None else {"num_frames": self.frames}
-        out = pipe(
+        out = adapter.run_pipeline(
+            pipe,
             **video,
             **{name: t[None] for name, t in text.items()},
             **adapter.call_options(self.guidance, self.true_cfg, "", self.text_len),

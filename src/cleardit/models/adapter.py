@@ -253,6 +253,11 @@ class ModelAdapter:
             options.update(negative_prompt=negative_prompt)
         return options
 
+    def run_pipeline(self, pipe, **kwargs):
+        """One pipeline call of a job, with ``call_options``' keywords among ``kwargs``: ``pipe(**kwargs)``
+        unless the family's pipelines take some of them another way."""
+        return pipe(**kwargs)
+
     def encode_prompt(self, pipe, prompt, *, images_per_prompt: int, text_len: int, true_cfg: float,
                       negative_prompt: str | None) -> dict:  # fmt: skip
         """The encoded text as keyword arguments of a pipeline call (``prompt_embeds=...``)."""

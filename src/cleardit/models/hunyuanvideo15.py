@@ -21,14 +21,23 @@ tokens), and undone on ``proj_out`` before the transformer unpatchifies; every o
 attention is token-wise, and the original processors (a distillation teacher pass) compute the
 same numbers in that order.
 
-Not supported yet: patch-parallel strips (images only) and the pipeline jobs (generate, distill,
-eval model), which run Wan pipelines so far; ``load_pipeline`` says so.
+Pipelines: the jobs run ``HunyuanVideo15Pipeline`` (text to video; image-to-video folders are
+refused). It keeps latents unpacked [B, C, F, h, w] and calls the transformer with [latents | zero
+condition latents | zero mask] (2C + 1 channels), ``image_embeds`` of zeros, both encoders'
+embeddings and masks and ``timestep`` = the scheduler's (sigma x 1000). Classifier-free guidance is
+its ``guider`` component's scale, not a call argument: ``run_pipeline`` sets it for one call and puts
+it back. Latents are stored times the VAE's ``scaling_factor``. Not supported yet: patch-parallel
+strips (images only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -36,11 +45,12 @@ from torch import nn
 
 from ..attention import TokenLayout
 from ..config import ClearConfig
-from .adapter import ModelAdapter
+from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
 from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
 from .processor import ClearProcessor
 from .qwenimage import key_groups
+from .wan import nearest_frame_counts
 
 # The video stream's attention projections of each block (as the reference release trains the image
 # stream of FLUX's double-stream blocks), plus the pooling weights of the down-sampled variant.
@@ -52,11 +62,14 @@ CONDITION_INPUTS = (
     "encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2",
     "image_embeds",
 )  # fmt: skip
-JOBS_REFUSED = (
-    "cleardit's generate, distill and eval model jobs run Wan video pipelines so far, not HunyuanVideo 1.5; "
-    "its transformer can be linearized directly: cleardit.linearize(pipe.transformer, radius=..., "
-    "temporal_radius=...) on a HunyuanVideo15Pipeline you load yourself"
+I2V_REFUSED = (
+    "cleardit's generate, distill and eval model jobs run HunyuanVideo15Pipeline (text to video); "
+    "image-to-video pipelines take an image they do not give. Use a text-to-video folder, or linearize "
+    "the transformer directly: cleardit.linearize(pipe.transformer, radius=..., temporal_radius=...)"
 )
+# HunyuanVideo15Pipeline's fixed sizes: SigLIP image tokens (vision_num_semantic_tokens, zeros in
+# text-to-video) and ByT5 tokens (tokenizer_2_max_length); its scheduler's timestep = sigma x 1000
+IMAGE_TOKENS, BYT5_TOKENS, TRAIN_TIMESTEPS = 729, 256, 1000
 
 # (sample rows, end of the kept keys or their index in [video | conditions], kept condition tokens)
 KeptGroup = tuple[torch.Tensor | slice, int | torch.Tensor, int]
@@ -251,20 +264,33 @@ def _to_raster_hook(module, args, kwargs, output):
 
 # ----------------------------------------------------------------------------- the adapter
 class HunyuanVideo15Adapter(ModelAdapter):
-    """HunyuanVideo 1.5 (text-to-video and image-to-video transformers): linearize and weights."""
+    """HunyuanVideo 1.5: linearize and weights for its text-to-video and image-to-video transformers;
+    the jobs run ``HunyuanVideo15Pipeline`` (text to video)."""
 
     family = "hunyuanvideo15"
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
+    pipeline_classes = ("HunyuanVideo15Pipeline",)
     trainable_pattern = TRAINABLE_PATTERN
+    # the pipeline call's pre-encoded text: both encoders' embeddings and masks
+    text_conditions = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+    text_token_limit = 1000  # the pipeline's tokenizer_max_length (max_text_tokens reads it)
     grid_class = HunyuanVideo15Grid
     video = True
+    default_frames = 121  # HunyuanVideo15Pipeline's defaults
+    default_steps = 50
+    default_guidance = None  # no distilled guidance: the guider's scale is classifier-free guidance
+    # the CFG scale HunyuanVideo 1.5's text-to-video examples use (ClassifierFreeGuidance's own default is
+    # 7.5); a model folder's cleardit.json default_true_cfg overrides it
+    default_true_cfg = 6.0
 
     def describe(self) -> str:
-        return (
-            f"{self.family} ({', '.join(self.transformer_classes)}): linearize (T x H x W video grid, "
-            "temporal_radius; image-condition, ByT5 and text tokens global; padding mask), weights; "
-            "generate / distill / eval model: not yet (linearize pipe.transformer); --devices: not yet"
+        classes = ", ".join(self.transformer_classes + self.pipeline_classes)
+        jobs = (
+            "linearize (T x H x W video grid, temporal_radius; image-condition, ByT5 and text tokens global; "
+            "padding mask), weights, generate --frames, --compare, distill, eval model (text to video; "
+            "image-to-video: linearize only)"
         )
+        return f"{self.family} ({classes}): {jobs}, --devices: images only"
 
     # -- CLEAR attention ---------------------------------------------------------------------------
     def attention_modules(self, transformer: nn.Module) -> list[nn.Module]:
@@ -306,18 +332,271 @@ class HunyuanVideo15Adapter(ModelAdapter):
         blocks = transformer.transformer_blocks
         return [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(blocks)]
 
-    # -- jobs: not yet -----------------------------------------------------------------------------
+    # -- pipelines ---------------------------------------------------------------------------------
     def loads_pipeline_class(self, name: str) -> bool:
-        # claimed so that a HunyuanVideo 1.5 folder gets load_pipeline's refusal, not "unknown pipeline"
+        # every HunyuanVideo 1.5 class is claimed, so that an image-to-video folder gets load_pipeline's
+        # refusal rather than "unknown pipeline"
         return name.startswith("HunyuanVideo15")
 
     def load_pipeline(self, folder, dtype: torch.dtype):
-        raise NotSupportedError(f"{folder} holds a HunyuanVideo 1.5 pipeline; {JOBS_REFUSED}")
+        import diffusers
 
-    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
-        raise NotSupportedError(
-            f"distillation of HunyuanVideo 1.5 ({folder}) is not supported; {JOBS_REFUSED}"
+        index = Path(folder) / "model_index.json"
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        if name is not None and name not in self.pipeline_classes:
+            raise NotSupportedError(f"{folder} holds a {name}; {I2V_REFUSED}")
+        cls = getattr(diffusers, self.pipeline_classes[0])
+        return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+    def check_pipeline(self, pipe) -> None:
+        """Refuse a loaded pipeline the jobs cannot drive (image-to-video takes an image they lack)."""
+        name = type(pipe).__name__
+        if name not in self.pipeline_classes:
+            raise NotSupportedError(f"this is a {name}; {I2V_REFUSED}")
+
+    def size_factor(self, pipe) -> int:
+        """Pixels per token side: the VAE's spatial factor (16) times the patch (1)."""
+        return int(pipe.vae_scale_factor_spatial) * int(pipe.transformer.config.patch_size)
+
+    def frames_factor(self, pipe) -> int:
+        """The VAE's temporal factor: videos have 1 + k x this many frames."""
+        return int(pipe.vae_scale_factor_temporal)
+
+    def check_frames(self, pipe, num_frames: int) -> int:
+        """``num_frames`` when the VAE takes it (1 + 4k), else a ValueError naming the nearest counts.
+        (The pipeline does not check: it would silently make (num_frames - 1) // 4 * 4 + 1 frames.)"""
+        self.check_pipeline(pipe)
+        factor = self.frames_factor(pipe)
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer (1 + {factor}k), got {num_frames!r}")
+        if (num_frames - 1) % factor:
+            nearest = " or ".join(str(n) for n in nearest_frame_counts(num_frames, factor))
+            raise ValueError(
+                f"num_frames={num_frames} does not fit the HunyuanVideo 1.5 VAE, which takes 1 + {factor}k "
+                f"frames ((num_frames - 1) must be a multiple of vae_scale_factor_temporal = {factor}); "
+                f"use {nearest}"
+            )
+        return num_frames
+
+    def latent_frames(self, pipe, num_frames: int) -> int:
+        """Latent frames T of a ``num_frames`` video (the VAE keeps the first frame, then 1 per factor)."""
+        return (self.check_frames(pipe, num_frames) - 1) // self.frames_factor(pipe) + 1
+
+    def default_video_size(self, pipe) -> tuple[int, int]:
+        """The pipeline's default (height, width): the 16:9 bucket of its ``target_size`` (480 x 848 px
+        for the 480p models), computed as the pipeline does."""
+        ratio_w, ratio_h = pipe.default_aspect_ratio
+        height, width = pipe.video_processor.calculate_default_height_width(
+            ratio_h, ratio_w, pipe.target_size
         )
+        return int(height), int(width)
+
+    def default_size(self, pipe) -> int:
+        return self.default_video_size(pipe)[0]
+
+    def max_text_tokens(self, pipe) -> int:
+        """The MLLM tokens the pipeline keeps per prompt (its fixed ``tokenizer_max_length``, 1000): it
+        takes no max_sequence_length."""
+        return int(pipe.tokenizer_max_length)
+
+    def attention_text_len(self, text_len: int) -> int:
+        """Condition tokens in the joint attention, an upper bound: the blocks attend to the kept MLLM
+        tokens (at most ``text_len``; in practice the prompt's own, the rest is padding) and the kept
+        ByT5 tokens (at most 256, none without quoted text); text-to-video keeps no image tokens."""
+        return text_len + BYT5_TOKENS
+
+    def call_options(self, guidance: float, true_cfg: float, negative_prompt: str, text_len: int) -> dict:
+        # classifier-free guidance lives in the pipeline's guider component, not in a call argument:
+        # run_pipeline takes guidance_scale off and sets the guider for that call only
+        options = dict(guidance_scale=float(true_cfg))
+        if true_cfg > 1:
+            options.update(negative_prompt=negative_prompt)
+        return options
+
+    def run_pipeline(self, pipe, *, guidance_scale: float, callback_on_step_end=None, **kwargs):
+        """``pipe(**kwargs)`` with, for this call only: the guider at ``guidance_scale``; the callback
+        after each scheduler step (the pipeline has no ``callback_on_step_end``); and two corrections
+        for several videos per prompt (diffusers 0.42 fails on them): ``image_embeds`` (zeros, made for
+        one video per prompt) repeated to the latents' batch, and the VAE decoding one video at a time
+        (its causal attention mask does not broadcast over a batch)."""
+        self.check_pipeline(pipe)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_guided(pipe.guider, guidance_scale))
+            stack.enter_context(_after_each_step(pipe, callback_on_step_end))
+            stack.enter_context(_one_video_at_a_time(pipe.vae))
+            hook = pipe.transformer.register_forward_pre_hook(_batch_image_embeds, with_kwargs=True)
+            stack.callback(hook.remove)
+            return pipe(**kwargs)
+
+    def encode_prompt(self, pipe, prompt, *, images_per_prompt, text_len, true_cfg, negative_prompt) -> dict:
+        self._check_text_len(pipe, text_len)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        names = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
+        encode = dict(
+            device=pipe._execution_device, dtype=pipe.transformer.dtype, batch_size=len(prompts),
+            num_videos_per_prompt=images_per_prompt,
+        )  # fmt: skip
+        with torch.no_grad():
+            kwargs = dict(zip(names, pipe.encode_prompt(prompts, **encode), strict=True))
+            if true_cfg > 1:
+                negative = pipe.encode_prompt([negative_prompt or ""] * len(prompts), **encode)
+                kwargs.update(zip((f"negative_{n}" for n in names), negative, strict=True))
+        return kwargs
+
+    def initial_noise(self, pipe, batch, height, width, dtype, device, generator, *, frames=None):
+        """The starting noise [B, C, F, h, w] ``HunyuanVideo15Pipeline`` draws from ``generator`` for a
+        ``frames`` x ``height`` x ``width`` video (``frames`` is required: 1 + k x ``frames_factor``)."""
+        if frames is None:
+            raise TypeError(
+                "HunyuanVideo 1.5 makes videos: pass initial_noise(..., frames=N) with N = 1 + "
+                f"{self.frames_factor(pipe)}k frames (the pipeline's default is {self.default_frames})"
+            )
+        frames = self.check_frames(pipe, frames)
+        channels = self.latent_channels(pipe.transformer)
+        return pipe.prepare_latents(batch, channels, height, width, frames, dtype, device, generator)
+
+    def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return packed  # the pipeline keeps latents unpacked [B, C, F, h, w]: the transformer patchifies
+
+    def decode_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int], output_type: str = "pil"):
+        """Latents [B, C, F, h, w] -> the frames of each video, as the pipeline decodes them (divided by
+        the VAE's ``scaling_factor``, decoded, ``postprocess_video``)."""
+        vae = pipe.vae
+        latents = (
+            self.unpack_latents(pipe, packed, size).to(vae.device, vae.dtype) / vae.config.scaling_factor
+        )
+        with torch.no_grad(), _one_video_at_a_time(vae):
+            video = vae.decode(latents, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+    # -- training ----------------------------------------------------------------------------------
+    def load_transformer(self, folder, dtype: torch.dtype) -> nn.Module:
+        index = Path(folder) / "model_index.json"
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        if name is not None and name not in self.pipeline_classes:
+            raise NotSupportedError(f"{folder} holds a {name}; {I2V_REFUSED}")
+        return super().load_transformer(folder, dtype)
+
+    def encode_text(self, pipe, prompt: str, text_len: int) -> dict[str, torch.Tensor]:
+        """Both encoders' embeddings and masks of one prompt as the pipeline encodes them; the masks as
+        integers (the pipeline casts them to the transformer's dtype when it calls it)."""
+        self._check_text_len(pipe, text_len)
+        with torch.no_grad():  # as in the pipeline's call (kernels differ in the last bit with grad on)
+            embeds, mask, embeds_2, mask_2 = pipe.encode_prompt(prompt, device=pipe._execution_device)
+        return dict(
+            prompt_embeds=embeds[0], prompt_embeds_mask=mask[0].long(),
+            prompt_embeds_2=embeds_2[0], prompt_embeds_mask_2=mask_2[0].long(),
+        )  # fmt: skip
 
     def check_conditions(self, transformer: nn.Module, sample: dict) -> None:
-        raise NotSupportedError(f"distillation of HunyuanVideo 1.5 is not supported; {JOBS_REFUSED}")
+        cfg = transformer.config
+        check_teacher_data_fits(
+            [
+                ("MLLM text embedding width", sample["prompt_embeds"].shape[-1], cfg.text_embed_dim),
+                ("ByT5 text embedding width", sample["prompt_embeds_2"].shape[-1], cfg.text_embed_2_dim),
+                (
+                    "MLLM mask length",
+                    sample["prompt_embeds_mask"].shape[-1],
+                    sample["prompt_embeds"].shape[-2],
+                ),
+                (
+                    "ByT5 mask length",
+                    sample["prompt_embeds_mask_2"].shape[-1],
+                    sample["prompt_embeds_2"].shape[-2],
+                ),
+                ("latent channels", sample["latents"].shape[0], self.latent_channels(transformer)),
+            ]
+        )
+
+    def training_inputs(self, transformer, noisy, sigma, conditions, guidance) -> dict:
+        """The pipeline's transformer call: latents joined with text-to-video's zero condition latents and
+        zero mask ([latents | zeros | zero], 2C + 1 channels), timestep = the scheduler's (sigma x 1000) in
+        the latents' dtype, both encoders' embeddings with their masks in the embeddings' dtype, and
+        ``image_embeds`` of zeros (729 SigLIP tokens)."""
+        batch, _, frames, height, width = noisy.shape
+        hidden = torch.cat(
+            [noisy, torch.zeros_like(noisy), noisy.new_zeros(batch, 1, frames, height, width)], 1
+        )
+        embeds, embeds_2 = conditions["prompt_embeds"], conditions["prompt_embeds_2"]
+        image = embeds.new_zeros(batch, IMAGE_TOKENS, transformer.config.image_embed_dim)
+        return dict(
+            hidden_states=hidden, image_embeds=image, timestep=(sigma * TRAIN_TIMESTEPS).to(noisy.dtype),
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=conditions["prompt_embeds_mask"].to(embeds.dtype),
+            encoder_hidden_states_2=embeds_2,
+            encoder_attention_mask_2=conditions["prompt_embeds_mask_2"].to(embeds_2.dtype),
+            return_dict=False,
+        )  # fmt: skip
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        # the velocity comes back [B, C, F, h, w]; training_inputs adds the condition channels itself
+        return latents
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        """C of the latents: the transformer's output channels (its input is 2C + 1)."""
+        return int(transformer.config.out_channels)
+
+    def _check_text_len(self, pipe, text_len: int) -> None:
+        if text_len != self.max_text_tokens(pipe):
+            raise ValueError(
+                f"HunyuanVideo15Pipeline encodes {self.max_text_tokens(pipe)} MLLM tokens per prompt (its "
+                f"tokenizer_max_length) and takes no other length, but {text_len} were asked for; drop "
+                "max_sequence_length from the model folder's cleardit.json"
+            )
+
+
+@contextlib.contextmanager
+def _guided(guider, scale: float) -> Iterator[None]:
+    """The guider at classifier-free guidance ``scale`` (1: off) inside the block, as it was after."""
+    if not hasattr(guider, "guidance_scale") or getattr(guider, "use_original_formulation", False):
+        raise NotSupportedError(
+            f"cleardit sets classifier-free guidance through a ClassifierFreeGuidance guider in its "
+            f"standard formulation; this pipeline's guider is a {type(guider).__name__} "
+            f"(use_original_formulation={getattr(guider, 'use_original_formulation', None)}): put a "
+            "ClassifierFreeGuidance() in pipe.guider"
+        )
+    saved = guider.guidance_scale, guider._enabled
+    guider.guidance_scale, guider._enabled = float(scale), True
+    try:
+        yield
+    finally:
+        guider.guidance_scale, guider._enabled = saved
+
+
+@contextlib.contextmanager
+def _after_each_step(pipe, callback) -> Iterator[None]:
+    """``callback(pipe, step, timestep, {})`` after each scheduler step of the block (what diffusers'
+    ``callback_on_step_end`` would be called with), through the scheduler instance's ``step``."""
+    if callback is None:
+        yield
+        return
+    scheduler, count = pipe.scheduler, iter(range(1 << 62))
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        out = type(scheduler).step(scheduler, model_output, timestep, sample, *args, **kwargs)
+        callback(pipe, next(count), timestep, {})
+        return out
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step  # the class's step again
+
+
+@contextlib.contextmanager
+def _one_video_at_a_time(vae) -> Iterator[None]:
+    """The VAE decoding a batch one video at a time inside the block (its slicing), as it was after."""
+    saved = vae.use_slicing
+    vae.use_slicing = True
+    try:
+        yield
+    finally:
+        vae.use_slicing = saved
+
+
+def _batch_image_embeds(module, args, kwargs):
+    hidden, image = kwargs.get("hidden_states"), kwargs.get("image_embeds")
+    if hidden is None or image is None or image.shape[0] == hidden.shape[0] or image.shape[0] != 1:
+        return None
+    return args, {**kwargs, "image_embeds": image.expand(hidden.shape[0], *image.shape[1:])}

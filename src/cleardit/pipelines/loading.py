@@ -174,6 +174,8 @@ def size_factor_of_folder(folder: Path) -> int | None:
     """Pixels per token side (VAE scale * 2x2 packing) from ``vae/config.json``, without loading weights."""
     try:
         cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        if "spatial_compression_ratio" in cfg:  # a video VAE (HunyuanVideo 1.5): the adapter's size_factor
+            return None
         return 2 ** (len(cfg["block_out_channels"]) - 1) * 2
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return None
