@@ -472,6 +472,30 @@ def test_clear_beyond_the_grid_equals_full_attention_through_the_klein_pipeline(
     assert np.abs(as_array(full, dtype=int) - as_array(small, dtype=int)).max() > 1
 
 
+@pytest.mark.parametrize("which", ["klein", "dev"])
+def test_generate_follows_the_pipelines_own_schedule(which, request):
+    """With full attention, ``generate`` makes what the FLUX.2 pipeline itself makes from the same seed:
+    its noise schedule is the pipelines' own (their empirical mu), not FLUX.1's shift rule."""
+    import diffusers
+
+    from cleardit.pipelines import read_model_info
+
+    folder = request.getfixturevalue(f"{which}_folder")
+    info = read_model_info(folder)
+    ours = generate(
+        "a red circle", model=folder, height=64, width=80, steps=4, radius=0, vae_tiling=False, quiet=True
+    )
+    pipe = getattr(diffusers, "Flux2KleinPipeline" if which == "klein" else "Flux2Pipeline").from_pretrained(
+        str(folder)
+    )
+    scale = info.default_true_cfg if which == "klein" else info.default_guidance
+    theirs = pipe(
+        prompt="a red circle", height=64, width=80, num_inference_steps=4, guidance_scale=scale,
+        max_sequence_length=info.max_sequence_length, generator=[torch.Generator().manual_seed(0)],
+    ).images[0]  # fmt: skip
+    assert np.abs(np.asarray(ours.images[0], dtype=int) - np.asarray(theirs, dtype=int)).max() <= 1
+
+
 def test_the_adapters_latents_are_the_transformers_space(klein_folder):
     """What the pipeline's last step fed the transformer, moved by the last Euler step, is the adapter's
     ``pack_latents(unpack_latents(pipeline output))``; ``training_inputs`` rebuilds the pipeline's call."""
@@ -652,10 +676,15 @@ def test_the_dev_adapters_latents_are_the_transformers_space(dev_folder):
     torch.testing.assert_close(adapter.pack_latents(latents), expected, atol=1e-5, rtol=1e-5)
     decoded = adapter.decode_latents(pipe, packed, (64, 80), output_type="np")
     np.testing.assert_allclose(decoded, images, atol=1e-5)
+    # training_inputs makes the pipeline's call of that step: every input, the same velocity
+    noisy = pipe._unpatchify_latents(last["hidden_states"].transpose(1, 2).reshape(1, 16, 4, 5))
     inputs = adapter.training_inputs(
-        pipe.transformer, latents, last["timestep"], {"prompt_embeds": last["encoder_hidden_states"]}, 2.5
+        pipe.transformer, noisy, last["timestep"], {"prompt_embeds": last["encoder_hidden_states"]}, 2.5
     )
-    assert torch.equal(inputs["guidance"], last["guidance"])
+    for name in ("hidden_states", "timestep", "encoder_hidden_states", "txt_ids", "img_ids", "guidance"):
+        assert torch.equal(inputs[name].to(last[name].dtype), last[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(**inputs)[0], velocity, atol=1e-6, rtol=0)
     text = adapter.encode_prompt(
         pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=1.0, negative_prompt=""
     )

@@ -122,12 +122,18 @@ def stage2_steps(steps: int, strength: float) -> int:
 
 
 def denoising_sigmas(
-    scheduler, steps: int, image_seq_len: int, rule: str = DEFAULT_SHIFT_RULE, strength: float = 1.0
+    scheduler,
+    steps: int,
+    image_seq_len: int,
+    rule: str = DEFAULT_SHIFT_RULE,
+    strength: float = 1.0,
+    mu: float | None = None,
 ) -> np.ndarray:
     """The sigmas (float32, decreasing, without the final 0) of one denoising run.
 
     ``strength`` = 1: ``steps`` sigmas from 1, the scheduler's own schedule with ``mu`` from ``rule``
-    (identical to diffusers' with ``rule="linear"``). ``strength`` < 1: ``stage2_steps`` sigmas,
+    (identical to diffusers' with ``rule="linear"``), or the given ``mu`` (a family whose pipelines
+    compute their own, ``ModelAdapter.schedule_mu``). ``strength`` < 1: ``stage2_steps`` sigmas,
     the first equal to ``strength``, spaced along the same shifted curve down to 0.
     """
     check_scheduler(scheduler)
@@ -136,7 +142,8 @@ def denoising_sigmas(
     if not 0 < strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], got {strength}")
     dynamic = scheduler.config.get("use_dynamic_shifting", False)
-    mu = shift_mu(scheduler.config, image_seq_len, rule) if dynamic else None
+    if mu is None and dynamic:
+        mu = shift_mu(scheduler.config, image_seq_len, rule)
     curve = _curve(scheduler, mu, steps)
     if strength == 1:
         t = np.linspace(1.0, 1 / steps, steps)

@@ -322,7 +322,14 @@ def evaluate_model(
         dtype=str(dt).replace("torch.", ""),
         device=dev.type,
         # images made with another schedule or VAE tiling are not reused
-        sigmas=sigmas_metadata(denoising_sigmas(pipe.scheduler, run_steps, grid[0] * grid[1])),
+        sigmas=sigmas_metadata(
+            denoising_sigmas(
+                pipe.scheduler,
+                run_steps,
+                grid[0] * grid[1],
+                mu=adapter.schedule_mu(pipe, grid[0] * grid[1], run_steps),
+            )
+        ),  # fmt: skip
         vae_tiling=wants_vae_tiles(pipe.vae, height, width, None),
     )
     heads, head_dim, layers = adapter.attention_geometry(pipe.transformer)

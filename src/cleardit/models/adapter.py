@@ -232,6 +232,11 @@ class ModelAdapter:
         text comes in through cross-attention, e.g. Wan)."""
         return text_len
 
+    def schedule_mu(self, pipe, image_seq_len: int, steps: int) -> float | None:
+        """The dynamic shift ``mu`` the family's pipelines use for ``image_seq_len`` tokens and ``steps``
+        steps where it is not the scheduler's linear rule; None: cleardit's ``--shift-rule``."""
+        return None
+
     def max_text_tokens(self, pipe) -> int:
         """Text tokens per prompt when the model folder does not say: the length of the pipeline's
         ``text_tokenizer``, at most ``text_token_limit``."""

@@ -408,6 +408,12 @@ class Flux2Adapter(ModelAdapter):
             )
         return Flux2KleinPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
 
+    def schedule_mu(self, pipe, image_seq_len: int, steps: int) -> float | None:
+        # FLUX.2's pipelines (dev and klein) fit mu to the token count and the step count
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+
     def img2img_pipeline(self, pipe):
         img2img = renoise_pipeline_class("Flux2KleinPipeline")(
             **pipe.components, is_distilled=pipe.config.is_distilled

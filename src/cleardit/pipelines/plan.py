@@ -297,11 +297,15 @@ def plan_run(prompts: list[str], config: GenerateConfig, model, info: ModelInfo 
             )
         stage1 = hr.stage1_size(height, width, base_h, base_w, factor)
         tokens1 = (stage1[0] // factor) * (stage1[1] // factor)
-        stage1_sigmas = schedule.denoising_sigmas(pipe.scheduler, steps, tokens1, c.shift_rule).tolist()
+        stage1_sigmas = schedule.denoising_sigmas(
+            pipe.scheduler, steps, tokens1, c.shift_rule, mu=adapter.schedule_mu(pipe, tokens1, steps)
+        ).tolist()
     # the sigmas of every run, set here so that the PNGs can say which were used
+    tokens = grid[0] * grid[1]
     sigmas = schedule.denoising_sigmas(
-        pipe.scheduler, steps, grid[0] * grid[1], c.shift_rule, c.strength if c.highres else 1.0
-    ).tolist()
+        pipe.scheduler, steps, tokens, c.shift_rule, c.strength if c.highres else 1.0,
+        mu=adapter.schedule_mu(pipe, tokens, steps),
+    ).tolist()  # fmt: skip
 
     scale = None
     if c.proportional_attention:
