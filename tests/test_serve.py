@@ -365,6 +365,15 @@ def test_missing_model_is_refused_before_serving(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_a_video_model_is_refused_before_loading(tmp_path, capsys):
+    from cleardit.cli import main
+    from tests.tiny_wan import save_tiny_wan_pipeline
+
+    folder = save_tiny_wan_pipeline(tmp_path / "wan")
+    assert main(["serve", "--model", str(folder), "--output", str(tmp_path / "out")]) == 2
+    assert "holds a video model; cleardit serve makes images" in capsys.readouterr().err
+
+
 def test_startup_line_says_who_can_reach_the_page():
     assert "this machine only" in startup_line("127.0.0.1", 7860)
     line = startup_line("0.0.0.0", 8000)

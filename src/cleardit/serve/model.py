@@ -11,6 +11,7 @@ from ..config import DEFAULT_RADIUS
 from ..pipelines.loading import (
     ModelInfo,
     base_size,
+    folder_adapter,
     load_pipeline,
     read_model_info,
     resolve_device,
@@ -66,6 +67,11 @@ def load_model(
     from ..models import adapter_for
 
     folder = resolve_model(model)
+    if folder_adapter(folder).video:  # before loading gigabytes
+        raise ValueError(
+            f"{folder} holds a video model; cleardit serve makes images. Generate videos with "
+            "cleardit generate --model ... --frames N (docs/video.md)"
+        )
     info = read_model_info(folder)
     dev = resolve_device(device)
     start = time.perf_counter()
