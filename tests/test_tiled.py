@@ -5,7 +5,15 @@ import torch
 
 import cleardit.attention.tiled as tiled
 from cleardit.attention import TokenLayout, clear_attention
-from tests.helpers import CASES, assert_close, case_id, compare_backend, make_inputs, run_with_grads
+from tests.helpers import (
+    CASES,
+    assert_close,
+    case_id,
+    compare_backend,
+    compare_layout,
+    make_inputs,
+    run_with_grads,
+)
 
 
 @pytest.fixture(params=["fused", "matmul"])
@@ -60,6 +68,23 @@ def test_tile_major_layouts_match_reference(t, h, w, first, df, r, tile, kernel)
 def test_odd_grids_match_reference(t, h, w, r, kernel):
     # grids not divisible by the tile, single rows/columns, several border regions
     _compare_layout(TokenLayout(t, h, w), r)
+
+
+@pytest.mark.parametrize(
+    "t, f, h, w, df, tile, r, rt, trims",
+    [
+        (0, 3, 9, 10, None, None, 8, 2, {48: 1}),  # r=8, rt=2: the offsets +-1 reach 6 rows, not 7
+        (3, 4, 10, 9, 3, None, 8, 4, {48: 1, 28: 2}),  # text and pooled keys too
+        (2, 5, 9, 12, None, (2, 4, 4), 4, 3, {9: 1}),  # tile-major (2-frame tiles), odd grid
+    ],
+)
+def test_video_windows_trimmed_to_each_frame_offset(t, f, h, w, df, tile, r, rt, trims, kernel):
+    # a farther frame offset's smaller disc reads fewer rows of the shared strip buffers
+    layout = TokenLayout(t, h, w, down_factor=df, tile=tile, frames=f)
+    for backward in (False, True):
+        plans = tiled._Offsets(layout, r, rt, "cpu", backward).plans
+        assert {m: p.trim for m, p in plans.items() if p.trim} == trims
+    compare_layout(layout, r, "tiled", temporal_radius=rt, batch=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -19,11 +19,13 @@ Heads are processed in groups (as many as fit a scratch budget) folded into the 
 dimension, so a call covers all tiles of a region for all heads of the group: few, large calls.
 
 Video (``layout.frames > 1``): one part per frame offset dt the rule reaches: every query frame f
-against key frame f + dt, on the same tiles and windows (sized for r) with the disc
-``dy^2 + dx^2 < frame_thresholds[|dt|]``. Every frame has its strip buffer (built once per head
-group); a call covers one tile row of a region in all its frames (the kernel's second dimension
-runs over frames instead of tile rows), and the parts of a query merge exactly through their
-log-sum-exps (in fp32 for fp16/bf16). An image is the one part dt = 0, exactly the 2D path.
+against key frame f + dt, on the same tiles and strip buffers (sized for r) with the disc
+``dy^2 + dx^2 < frame_thresholds[|dt|]``; a smaller disc's windows skip the buffer rows it cannot
+reach (at r=8, rt=2 the offsets +-1 reach 6 rows: 16 x 22 keys instead of 18 x 22). Every frame
+has its strip buffer (built once per head group); a call covers one tile row of a region in all
+its frames (the kernel's second dimension runs over frames instead of tile rows), and the parts of
+a query merge exactly through their log-sum-exps (in fp32 for fp16/bf16). An image is the one
+part dt = 0, exactly the 2D path.
 
 The kernel is PyTorch's fused CPU flash-attention op (``aten::_scaled_dot_product_flash_attention
 _for_cpu``): it returns the log-sum-exp the merge needs and its backward recomputes probabilities
@@ -57,7 +59,7 @@ from collections import OrderedDict
 import torch
 
 from .dispatch import BackendResult
-from .layout import TokenLayout, frame_thresholds
+from .layout import TokenLayout, frame_thresholds, reach
 
 __all__ = ["tiled_attention", "tile_shape", "release_workspace"]
 
@@ -203,9 +205,10 @@ class _Region:
     Every tile of a region has its first ``hq`` rows and ``wq`` columns inside the grid.
     """
 
-    def __init__(self, s0, s1, t0, t1, hq, wq, allowed):
+    def __init__(self, s0, s1, t0, t1, hq, wq, allowed, plan=None):
         self.s0, self.s1, self.t0, self.t1, self.hq, self.wq = s0, s1, t0, t1, hq, wq
         self.allowed = allowed  # bool [1, 1 or T, tq, win]
+        self.plan = plan  # the _Plan whose key windows the mask is laid out for
         self._masks: dict = {}
 
     def mask(self, dtype, device):
@@ -251,8 +254,12 @@ class _Plan:
         nty, ns = -(-hh // th), -(-ww // tw)
         self.H, self.W = hh, ww
         self.th, self.tw, self.ry, self.rx = th, tw, ry, rx
+        # a smaller disc (a video's farther frame offsets) reaches fewer rows: its windows skip
+        # the strip buffer's first and last `trim` rows (the buffer is shared by every offset)
+        ry_w = min(ry, reach(r2))
+        self.trim = ry - ry_w
         self.nty, self.ns = nty, ns
-        self.wh, self.wx = th + 2 * ry, tw + 2 * rx  # key window rows, cols (= strip buffer width)
+        self.wh, self.wx = th + 2 * ry_w, tw + 2 * rx  # key window rows, cols (= strip buffer width)
         self.hx = nty * th + 2 * ry  # strip buffer rows
         self.tq, self.win = th * tw, self.wh * self.wx
         self.n_slots, self.n_ext = ns * nty * self.tq, ns * self.hx * self.wx  # rows per head
@@ -273,10 +280,10 @@ class _Plan:
         jj = torch.arange(tw).view(1, tw, 1, 1)
         aa = torch.arange(self.wh).view(1, 1, self.wh, 1)
         cc = torch.arange(self.wx).view(1, 1, 1, self.wx)
-        disc = (ii + ry - aa) ** 2 + (jj + rx - cc) ** 2 < r2  # [th, tw, wh, wx]
+        disc = (ii + ry_w - aa) ** 2 + (jj + rx - cc) ** 2 < r2  # [th, tw, wh, wx]
 
         def key_rows(t):
-            rows = t * th - ry + torch.arange(self.wh)
+            rows = t * th - ry_w + torch.arange(self.wh)
             return (rows >= 0) & (rows < hh)
 
         def key_cols(s):
@@ -302,7 +309,7 @@ class _Plan:
                     allowed = disc[None] & rk[:, None, None, :, None] & ck[None, None, None, None, :]
                     allowed = allowed | qpad[None, :, :, None, None]  # [T, th, tw, wh, wx]
                     allowed = allowed.reshape(1, len(t_idx), self.tq, self.win)
-                    self.regions.append(_Region(a, b, t0, t1, hq, wq, allowed))
+                    self.regions.append(_Region(a, b, t0, t1, hq, wq, allowed, self))
 
     def video_calls(self, heads: int, max_rows: int | None, f0: int, f1: int, dt: int) -> list[_Call]:
         """Kernel calls of query frames f0:f1 against key frames f0+dt:f1+dt: per region and tile
@@ -450,7 +457,7 @@ class _Plan:
         g, frames, d = ext.shape[1], ext.shape[2], ext.shape[-1]
         frame = self.hx * self.wx * d
         first = c.s0 * g * frames + c.f0 + c.dt
-        off = ext.storage_offset() + first * frame + (c.t0 * self.th + row) * self.wx * d
+        off = ext.storage_offset() + first * frame + (c.t0 * self.th + self.trim + row) * self.wx * d
         return off, frames * frame, frame if c.over_frames else self.th * self.wx * d
 
     def windows(self, ext: torch.Tensor, c: _Call) -> torch.Tensor:
@@ -605,8 +612,8 @@ def _forward(q, k, v, pooled_k, pooled_v, layout, offsets, scale):
                 for c in calls:
                     o_l, l_l = _attn_fwd(
                         plan.tiles_of(q_t, c),
-                        plan.windows(k_x, c),
-                        plan.windows(v_x, c),
+                        c.reg.plan.windows(k_x, c),
+                        c.reg.plan.windows(v_x, c),
                         c.mask(dtype, device, g),
                         scale,
                     )
@@ -705,16 +712,16 @@ def _backward(dout, dlse, q, k, v, pooled_k, pooled_v, out, lse, layout, offsets
                 for c in calls:
                     mask = c.mask(dtype, device, g)
                     qw, gw, ow, lw = (plan.tiles_of(x, c) for x in (q_t, g_t, o_t, l_t))
-                    kw, vw = plan.windows(k_x, c), plan.windows(v_x, c)
+                    kw, vw = c.reg.plan.windows(k_x, c), c.reg.plan.windows(v_x, c)
                     dq_w, dk_w, dv_w = _attn_bwd(gw, qw, kw, vw, ow, lw, mask, scale)
                     if dl_t is not None:
-                        zw = plan.windows(zero_x, c)
+                        zw = c.reg.plan.windows(zero_x, c)
                         dq_x, dk_x2 = _lse_grad_parts(plan.tiles_of(dl_t, c), qw, kw, lw, mask, scale, zw)
                         dq_w = dq_w + dq_x
                         dk_w = dk_w + dk_x2
                     plan.rview(dq_r, c).add_(plan.tview(dq_w, c))
-                    plan.fold_windows(dk_x, c, dk_w)
-                    plan.fold_windows(dv_x, c, dv_w)
+                    c.reg.plan.fold_windows(dk_x, c, dk_w)
+                    c.reg.plan.fold_windows(dv_x, c, dv_w)
             if plan.r2s is None:
                 dq[bi, heads, isl] = dq_r
                 plan.fold_ext(dk_x, dk[bi, heads, isl])
