@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DEMO_PROMPT ?= a large red circle at the top left and a small blue square at the bottom right on a yellow and white vertical striped background
 DEMO_OUTPUT ?= out/demo
 
-.PHONY: install demo serve test test-slow bench bench-quick bench-3d bench-3d-quick bench-parallel lint format clean
+.PHONY: install demo serve test test-slow bench bench-quick bench-3d bench-3d-quick bench-parallel bench-step lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-3d-quick: install
 
 bench-parallel: install
 	$(PY) bench/parallel.py --quick
+
+# STEP-CPU: one 2-layer forward per family, full vs CLEAR vs the no-attention floor (--quick: < 60 s)
+bench-step: install
+	$(PY) bench/step_cpu.py --quick
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples
