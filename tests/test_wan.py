@@ -334,7 +334,7 @@ def test_trainable_parameters_and_weights_round_trip(tmp_path):
 
 
 def test_adapter_geometry_and_frame_counts():
-    from cleardit.models.wan import check_num_frames, nearest_frame_counts
+    from cleardit.models.adapter import check_num_frames, nearest_frame_counts
 
     model = tiny_wan_transformer()
     adapter = adapter_for(model)
@@ -342,11 +342,11 @@ def test_adapter_geometry_and_frame_counts():
     assert [n for n, _ in adapter.consistency_modules(model)] == ["blocks.0.attn1", "blocks.1.attn1"]
     assert "wan (WanTransformer3DModel, WanPipeline)" in adapter.describe()
     assert nearest_frame_counts(80, 4) == [77, 81] and nearest_frame_counts(81, 4) == [81]
-    assert check_num_frames(81, 4) == 81
-    with pytest.raises(ValueError, match=r"num_frames=80 does not fit the Wan VAE.*use 77 or 81"):
-        check_num_frames(80, 4)
+    assert check_num_frames(81, 4, "wan") == 81
+    with pytest.raises(ValueError, match=r"num_frames=80 does not fit the wan VAE.*use 77 or 81"):
+        check_num_frames(80, 4, "wan")
     with pytest.raises(ValueError, match="num_frames must be a positive integer"):
-        check_num_frames(0, 4)
+        check_num_frames(0, 4, "wan")
 
 
 # ----------------------------------------------------------------------------- the pipeline side
@@ -427,7 +427,7 @@ def test_the_adapter_loads_the_folder_and_serves_the_jobs(tmp_path):
     assert adapter.attention_text_len(12) == 0  # the text is in attn2, not in CLEAR's attn1
     assert adapter.max_text_tokens(pipe) == 40  # the tiny tokenizer's length
     assert adapter.frames_factor(pipe) == 4 and adapter.latent_frames(pipe, 9) == 3
-    with pytest.raises(ValueError, match="num_frames=6 does not fit the Wan VAE.*use 5 or 9"):
+    with pytest.raises(ValueError, match="num_frames=6 does not fit the wan VAE.*use 5 or 9"):
         adapter.check_frames(pipe, 6)
     text = adapter.encode_prompt(
         pipe, ["a red circle"], images_per_prompt=2, text_len=12, true_cfg=2.0, negative_prompt=""

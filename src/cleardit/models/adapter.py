@@ -211,21 +211,30 @@ class ModelAdapter:
         side = self.default_size(pipe)
         return side, side
 
+    def frames_factor(self, pipe) -> int:
+        """Video families: the VAE's temporal factor c (videos have 1 + k c frames)."""
+        return int(pipe.vae_scale_factor_temporal)
+
     def check_frames(self, pipe, num_frames: int) -> int:
-        """Video families: ``num_frames`` when the pipeline's VAE takes it, else a ValueError naming the
-        nearest counts it takes."""
-        if self.video:  # a video family whose pipelines the jobs do not run (yet)
+        """Video families: ``num_frames`` when the pipeline's VAE takes it (1 + k x ``frames_factor``),
+        else a ValueError naming the nearest counts it takes."""
+        if not self.video:
+            raise ValueError(
+                f"--frames {num_frames}: {self.family} models make images, not videos; drop --frames"
+            )
+        if not self.pipeline_classes:  # a video family whose pipelines the jobs do not run (yet)
             raise NotSupportedError(
                 f"cleardit's video jobs do not run {self.family} pipelines yet; linearize the transformer "
                 "directly: cleardit.linearize(pipe.transformer, radius=..., temporal_radius=...)"
             )
-        raise ValueError(
-            f"--frames {num_frames}: {self.family} models make images, not videos; drop --frames"
-        )
+        return check_num_frames(num_frames, self.frames_factor(pipe), self.family)
 
     def latent_frames(self, pipe, num_frames: int) -> int:
-        """Video families: latent frames T of a ``num_frames`` video (the token grid's depth)."""
-        return 1
+        """Latent frames T of a ``num_frames`` video (the token grid's depth: the VAE keeps the first
+        frame, then one per ``frames_factor``); 1 for images."""
+        if not self.video:
+            return 1
+        return (self.check_frames(pipe, num_frames) - 1) // self.frames_factor(pipe) + 1
 
     def attention_text_len(self, text_len: int) -> int:
         """Text tokens inside the attention CLEAR replaces, for ``text_len`` prompt tokens (0 where
@@ -269,11 +278,29 @@ class ModelAdapter:
         raise NotImplementedError
 
     def initial_noise(
-        self, pipe, batch: int, height: int, width: int, dtype, device, generator
+        self,
+        pipe,
+        batch: int,
+        height: int,
+        width: int,
+        dtype,
+        device,
+        generator,
+        *,
+        frames: int | None = None,
     ) -> torch.Tensor:
         """The packed starting noise the pipeline would draw from ``generator`` (its ``prepare_latents``;
-        where that also returns the latents' ids, the latents)."""
+        where that also returns the latents' ids, the latents). Video families: [B, C, T, h, w] of a
+        ``frames`` x ``height`` x ``width`` video (``frames`` required)."""
         channels = self.latent_channels(pipe.transformer)
+        if self.video:
+            if frames is None:
+                raise TypeError(
+                    f"{self.family} makes videos: pass initial_noise(..., frames=N) with N = 1 + "
+                    f"{self.frames_factor(pipe)}k frames (the pipeline's default is {self.default_frames})"
+                )
+            frames = self.check_frames(pipe, frames)
+            return pipe.prepare_latents(batch, channels, height, width, frames, dtype, device, generator)
         noise = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator)
         return noise[0] if isinstance(noise, tuple) else noise
 
@@ -325,3 +352,26 @@ def check_teacher_data_fits(checks: list[tuple[str, int, int]]) -> None:
                 f"the teacher data does not fit this model: {what} is {got} in the data, {want} in the "
                 "transformer; make the data with the same --model (cleardit distill data --model ...)"
             )
+
+
+def nearest_frame_counts(num_frames: int, factor: int) -> list[int]:
+    """The valid frame counts (1 + k x ``factor``) nearest ``num_frames``: one, or the two around it."""
+    if num_frames <= 1:
+        return [1]
+    below = 1 + (num_frames - 1) // factor * factor
+    return [below] if below == num_frames else [below, below + factor]
+
+
+def check_num_frames(num_frames, factor: int, family: str) -> int:
+    """``num_frames`` when a VAE of temporal factor ``factor`` takes it ((num_frames - 1) % factor == 0),
+    else an error naming the nearest valid counts. (The pipelines do not check: they would silently
+    make (num_frames - 1) // factor * factor + 1 frames.)"""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive integer (1 + {factor}k), got {num_frames!r}")
+    if (num_frames - 1) % factor:
+        nearest = " or ".join(str(n) for n in nearest_frame_counts(num_frames, factor))
+        raise ValueError(
+            f"num_frames={num_frames} does not fit the {family} VAE, which takes 1 + {factor}k frames "
+            f"((num_frames - 1) must be a multiple of vae_scale_factor_temporal = {factor}); use {nearest}"
+        )
+    return num_frames

@@ -50,7 +50,6 @@ from .errors import NotSupportedError
 from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
 from .processor import ClearProcessor
 from .qwenimage import key_groups
-from .wan import nearest_frame_counts
 
 # The video stream's attention projections of each block (as the reference release trains the image
 # stream of FLUX's double-stream blocks), plus the pooling weights of the down-sampled variant.
@@ -140,7 +139,7 @@ class ClearHunyuanVideo15AttnProcessor(ClearProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if encoder_hidden_states is None:
             raise ValueError("HunyuanVideo 1.5 attention needs encoder_hidden_states (the condition tokens)")
-        layout = self.geometry.state_for(image_rotary_emb[0] if image_rotary_emb is not None else None).layout
+        layout = self.forward_state(image_rotary_emb).layout
         video_len, cond_len = hidden_states.shape[1], encoder_hidden_states.shape[1]
         if video_len != layout.image_len or cond_len != layout.text_len:
             raise ValueError(
@@ -358,29 +357,9 @@ class HunyuanVideo15Adapter(ModelAdapter):
         """Pixels per token side: the VAE's spatial factor (16) times the patch (1)."""
         return int(pipe.vae_scale_factor_spatial) * int(pipe.transformer.config.patch_size)
 
-    def frames_factor(self, pipe) -> int:
-        """The VAE's temporal factor: videos have 1 + k x this many frames."""
-        return int(pipe.vae_scale_factor_temporal)
-
     def check_frames(self, pipe, num_frames: int) -> int:
-        """``num_frames`` when the VAE takes it (1 + 4k), else a ValueError naming the nearest counts.
-        (The pipeline does not check: it would silently make (num_frames - 1) // 4 * 4 + 1 frames.)"""
-        self.check_pipeline(pipe)
-        factor = self.frames_factor(pipe)
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive integer (1 + {factor}k), got {num_frames!r}")
-        if (num_frames - 1) % factor:
-            nearest = " or ".join(str(n) for n in nearest_frame_counts(num_frames, factor))
-            raise ValueError(
-                f"num_frames={num_frames} does not fit the HunyuanVideo 1.5 VAE, which takes 1 + {factor}k "
-                f"frames ((num_frames - 1) must be a multiple of vae_scale_factor_temporal = {factor}); "
-                f"use {nearest}"
-            )
-        return num_frames
-
-    def latent_frames(self, pipe, num_frames: int) -> int:
-        """Latent frames T of a ``num_frames`` video (the VAE keeps the first frame, then 1 per factor)."""
-        return (self.check_frames(pipe, num_frames) - 1) // self.frames_factor(pipe) + 1
+        self.check_pipeline(pipe)  # an image-to-video pipeline is refused first
+        return super().check_frames(pipe, num_frames)
 
     def default_video_size(self, pipe) -> tuple[int, int]:
         """The pipeline's default (height, width): the 16:9 bucket of its ``target_size`` (480 x 848 px
@@ -442,18 +421,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
                 negative = pipe.encode_prompt([negative_prompt or ""] * len(prompts), **encode)
                 kwargs.update(zip((f"negative_{n}" for n in names), negative, strict=True))
         return kwargs
-
-    def initial_noise(self, pipe, batch, height, width, dtype, device, generator, *, frames=None):
-        """The starting noise [B, C, F, h, w] ``HunyuanVideo15Pipeline`` draws from ``generator`` for a
-        ``frames`` x ``height`` x ``width`` video (``frames`` is required: 1 + k x ``frames_factor``)."""
-        if frames is None:
-            raise TypeError(
-                "HunyuanVideo 1.5 makes videos: pass initial_noise(..., frames=N) with N = 1 + "
-                f"{self.frames_factor(pipe)}k frames (the pipeline's default is {self.default_frames})"
-            )
-        frames = self.check_frames(pipe, frames)
-        channels = self.latent_channels(pipe.transformer)
-        return pipe.prepare_latents(batch, channels, height, width, frames, dtype, device, generator)
 
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return packed  # the pipeline keeps latents unpacked [B, C, F, h, w]: the transformer patchifies

@@ -70,28 +70,6 @@ def video_grid(hidden_states: torch.Tensor, patch_size) -> tuple[int, int, int]:
     return tuple(s // p for s, p in zip(sizes, patch, strict=True))
 
 
-def nearest_frame_counts(num_frames: int, factor: int) -> list[int]:
-    """The valid frame counts (1 + k x ``factor``) nearest ``num_frames``: one, or the two around it."""
-    if num_frames <= 1:
-        return [1]
-    below = 1 + (num_frames - 1) // factor * factor
-    return [below] if below == num_frames else [below, below + factor]
-
-
-def check_num_frames(num_frames, factor: int) -> int:
-    """``num_frames`` as an int when the VAE takes it ((num_frames - 1) % factor == 0), else an error
-    naming the nearest valid counts."""
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive integer (1 + {factor}k), got {num_frames!r}")
-    if (num_frames - 1) % factor:
-        nearest = " or ".join(str(n) for n in nearest_frame_counts(num_frames, factor))
-        raise ValueError(
-            f"num_frames={num_frames} does not fit the Wan VAE, which takes 1 + {factor}k frames "
-            f"((num_frames - 1) must be a multiple of vae_scale_factor_temporal = {factor}); use {nearest}"
-        )
-    return num_frames
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's RoPE on [B, N, heads, d]: channel pairs (2i, 2i + 1) rotated by the tables [1, N, 1, d]
     (each angle repeated on both channels of its pair); computed in the tables' precision (float64),
@@ -311,18 +289,6 @@ class WanAdapter(ModelAdapter):
         patch = pipe.transformer.config.patch_size
         return int(pipe.vae_scale_factor_spatial) * max(int(patch[1]), int(patch[2]))
 
-    def frames_factor(self, pipe) -> int:
-        """The VAE's temporal factor: videos have 1 + k x this many frames."""
-        return int(pipe.vae_scale_factor_temporal)
-
-    def check_frames(self, pipe, num_frames: int) -> int:
-        """``num_frames`` when the pipeline's VAE takes it, else a ValueError naming the nearest counts."""
-        return check_num_frames(num_frames, self.frames_factor(pipe))
-
-    def latent_frames(self, pipe, num_frames: int) -> int:
-        """Latent frames F of a ``num_frames`` video (the VAE keeps the first frame, then 1 per factor)."""
-        return (self.check_frames(pipe, num_frames) - 1) // self.frames_factor(pipe) + 1
-
     def default_size(self, pipe) -> int:
         """WanPipeline's default height (its default video is 480 x 832 px: ``default_video_size``)."""
         return DEFAULT_HEIGHT
@@ -349,29 +315,6 @@ class WanAdapter(ModelAdapter):
         if true_cfg > 1:
             kwargs.update(negative_prompt_embeds=neg)
         return kwargs
-
-    def initial_noise(
-        self,
-        pipe,
-        batch: int,
-        height: int,
-        width: int,
-        dtype,
-        device,
-        generator,
-        *,
-        frames: int | None = None,
-    ) -> torch.Tensor:
-        """The starting noise [B, C, F, h, w] ``WanPipeline`` draws from ``generator`` for a ``frames``
-        x ``height`` x ``width`` video (``frames`` is required: 1 + k x ``frames_factor``)."""
-        if frames is None:
-            raise TypeError(
-                "Wan makes videos: pass initial_noise(..., frames=N) with N = 1 + "
-                f"{self.frames_factor(pipe)}k frames (WanPipeline's default is {DEFAULT_FRAMES})"
-            )
-        frames = self.check_frames(pipe, frames)
-        channels = self.latent_channels(pipe.transformer)
-        return pipe.prepare_latents(batch, channels, height, width, frames, dtype, device, generator)
 
     def unpack_latents(self, pipe, packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return packed  # WanPipeline keeps latents unpacked [B, C, F, h, w]: the transformer patchifies
