@@ -189,13 +189,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="softmax scale sqrt(log_base(N)/d), base = training sequence length, N = target's",
     )
 
-    g = gen.add_argument_group("video (video families: Wan; see docs/video.md)")
+    g = gen.add_argument_group("video (Wan, HunyuanVideo 1.5; see docs/video.md)")
     g.add_argument(
         "--frames",
         type=positive_int,
         default=None,
-        help="frames per video, 1 + k x the VAE's temporal factor (Wan: 1 + 4k; default the family's: 81); "
-        "writes NNNNN-<prompt>.mp4 with a .gif preview and a .json sidecar",
+        help="frames per video, 1 + k x the VAE's temporal factor (Wan, HunyuanVideo 1.5: 1 + 4k; default "
+        "the family's: 81, 121); writes NNNNN-<prompt>.mp4 with a .gif preview and a .json sidecar",
     )
     g.add_argument(
         "--temporal-radius",
