@@ -135,6 +135,15 @@ class TokenLayout:
             return None
         return self.tile if len(self.tile) == 3 else (1, *self.tile)
 
+    @property
+    def tile_order_is_raster(self) -> bool:
+        """Whether the tile-major order is the raster order (no tile; tiles of whole rows one frame
+        deep, or of whole frames; one frame): nothing to permute then."""
+        if self.tile is None:
+            return True
+        frames, rows, cols = self.tile_3d
+        return cols >= self.width and (frames == 1 or self.frames == 1 or rows >= self.height)
+
     # ---- token order -------------------------------------------------------------------------
     def raster_to_sequence(self, device: torch.device | str | None = None) -> torch.Tensor:
         """LongTensor [T*H*W]: for raster cell ``(t*H + y)*W + x``, its offset inside the image segment."""

@@ -223,3 +223,46 @@ class ForwardGrid:
                 "is unknown; call the transformer itself (its inputs give the grid)"
             )
         return self.layout
+
+
+class OrderedGrid(ForwardGrid):
+    """ForwardGrid plus the token permutation of the forward in flight, for families whose hooks
+    reorder the image tokens once per forward: ``order`` (sequence position -> raster cell, applied
+    where the tokens are made) and ``inverse`` (raster cell -> sequence position, applied before the
+    output); both None in raster order."""
+
+    def __init__(self, config: ClearConfig):
+        super().__init__(config)
+        self.order: torch.Tensor | None = None
+        self.inverse: torch.Tensor | None = None
+        self.orders: dict = {}  # (layout, device) -> (order, inverse), or None where that is raster
+
+    def use_tile_order(self, layout: TokenLayout, device) -> bool:
+        """Set ``order`` / ``inverse`` to ``layout``'s tile-major order (None when it is the raster
+        order already), built once per layout and device, not at every step; True when the tokens are
+        permuted."""
+        key = (layout, str(device))
+        if key not in self.orders:
+            order = None if layout.tile_order_is_raster else layout.sequence_to_raster(device)
+            self.orders[key] = None if order is None else (order, torch.argsort(order))
+        self.order, self.inverse = self.orders[key] or (None, None)
+        return self.order is not None
+
+
+def forget_token_order(module, args, kwargs, output):
+    """Forward hook on an ``OrderedGrid`` family's transformer: this forward's permutation is spent (the
+    layout stays set: gradient checkpointing re-runs blocks with it)."""
+    module._cleardit_grid.order = module._cleardit_grid.inverse = None
+    return output
+
+
+def to_tile_order(module, args, kwargs, output):
+    """Forward hook where the image tokens [B, N, ...] are made: raster into this forward's order."""
+    order = module._cleardit_grid.order
+    return output if order is None else output[:, order]
+
+
+def to_raster_order(module, args, kwargs, output):
+    """Forward hook before the unpatchify: image tokens [B, N, ...] back into raster order."""
+    inverse = module._cleardit_grid.inverse
+    return output if inverse is None or output is None else output[:, inverse]

@@ -44,10 +44,18 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from ..attention import TokenLayout
-from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
+from .handle import (
+    ClearHandle,
+    ForwardGrid,
+    OrderedGrid,
+    add_hooks,
+    bind_forward_args,
+    forget_token_order,
+    to_raster_order,
+    to_tile_order,
+)
 from .processor import ClearProcessor
 from .qwenimage import key_groups
 
@@ -110,16 +118,6 @@ def kept_groups(mask: torch.Tensor, video_len: int) -> list[KeptGroup] | None:
         )
         result.append((slice(None) if len(groups) == 1 else rows, keys, n))
     return result
-
-
-class HunyuanVideo15Grid(ForwardGrid):
-    """ForwardGrid plus the tile-major permutation of the forward in flight (applied by the hooks on
-    ``rope``, ``x_embedder`` and ``proj_out``)."""
-
-    def __init__(self, config: ClearConfig):
-        super().__init__(config)
-        self.order: torch.Tensor | None = None  # raster -> tile-major
-        self.inverse: torch.Tensor | None = None  # tile-major -> raster
 
 
 class ClearHunyuanVideo15AttnProcessor(ClearProcessor):
@@ -201,7 +199,7 @@ class ClearHunyuanVideo15AttnProcessor(ClearProcessor):
 # ----------------------------------------------------------------------------- forward hooks
 def _pre_hook(module, args, kwargs):
     """Read the grid from the latents, publish the layout and choose this forward's token order."""
-    geometry: HunyuanVideo15Grid = module._cleardit_grid
+    geometry: OrderedGrid = module._cleardit_grid
     geometry.check_processors(module)
     bound = bind_forward_args(module, args, kwargs)
     missing = [name for name in CONDITION_INPUTS if bound.arguments.get(name) is None]
@@ -223,42 +221,14 @@ def _pre_hook(module, args, kwargs):
         frames=frames,
     )  # fmt: skip
     device = bound.arguments["hidden_states"].device
-    geometry.order = geometry.inverse = None
-    if layout.tile is not None and not _tile_order_is_raster(layout):
-        geometry.order = layout.sequence_to_raster(device)
-        geometry.inverse = layout.raster_to_sequence(device)
+    geometry.use_tile_order(layout, device)
     geometry.layout = layout
-
-
-def _tile_order_is_raster(layout: TokenLayout) -> bool:
-    """Whether the tile-major order is the raster order: tiles of whole rows, one frame deep or
-    holding whole frames (then nothing needs permuting)."""
-    frames, rows, cols = layout.tile_3d
-    return cols >= layout.width and (frames == 1 or rows >= layout.height)
-
-
-def _post_hook(module, args, kwargs, output):
-    # the layout stays set: gradient checkpointing re-runs the blocks during backward
-    module._cleardit_grid.order = module._cleardit_grid.inverse = None
-    return output
 
 
 def _rope_hook(module, args, kwargs, output):
     """On ``rope``: the (cos, sin) rows [N, head_dim] in this forward's token order."""
     order = module._cleardit_grid.order
     return output if order is None else tuple(f[order] for f in output)
-
-
-def _to_tile_major_hook(module, args, kwargs, output):
-    """On ``x_embedder``: video tokens [B, N, C] from raster into tile-major order."""
-    order = module._cleardit_grid.order
-    return output if order is None else output[:, order]
-
-
-def _to_raster_hook(module, args, kwargs, output):
-    """On ``proj_out``: video tokens back into raster order before the transformer unpatchifies."""
-    inverse = module._cleardit_grid.inverse
-    return output if inverse is None else output[:, inverse]
 
 
 # ----------------------------------------------------------------------------- the adapter
@@ -273,7 +243,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
     # the pipeline call's pre-encoded text: both encoders' embeddings and masks
     text_conditions = ("prompt_embeds", "prompt_embeds_mask", "prompt_embeds_2", "prompt_embeds_mask_2")
     text_token_limit = 1000  # the pipeline's tokenizer_max_length (max_text_tokens reads it)
-    grid_class = HunyuanVideo15Grid
+    grid_class = OrderedGrid
     video = True
     default_frames = 121  # HunyuanVideo15Pipeline's defaults
     default_steps = 50
@@ -315,10 +285,10 @@ class HunyuanVideo15Adapter(ModelAdapter):
             handle.originals.append((attn, attn.processor))
             attn.set_processor(ClearHunyuanVideo15AttnProcessor(geometry, geometry.config, attn.to_q.weight))
         handle.hooks = (
-            *add_hooks(transformer, _pre_hook, _post_hook, state=geometry),
+            *add_hooks(transformer, _pre_hook, forget_token_order, state=geometry),
             *add_hooks(transformer.rope, post_hook=_rope_hook, state=geometry),
-            *add_hooks(transformer.x_embedder, post_hook=_to_tile_major_hook, state=geometry),
-            *add_hooks(transformer.proj_out, post_hook=_to_raster_hook, state=geometry),
+            *add_hooks(transformer.x_embedder, post_hook=to_tile_order, state=geometry),
+            *add_hooks(transformer.proj_out, post_hook=to_raster_order, state=geometry),
         )
         return handle
 

@@ -29,10 +29,9 @@ from diffusers.models.transformers.transformer_ltx2 import (
 from torch import nn
 
 from ..attention import TokenLayout, clear_attention
-from ..config import ClearConfig
 from .adapter import ModelAdapter
 from .errors import NotSupportedError
-from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args, replace_sample
+from .handle import ClearHandle, ForwardGrid, OrderedGrid, add_hooks, bind_forward_args, replace_sample
 from .processor import ClearProcessor
 
 # The video self-attention's projections (attn1 only), plus the pooled branch's weights.
@@ -156,14 +155,6 @@ class ClearLTX2AttnProcessor(ClearProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class LTX2Grid(ForwardGrid):
-    """ForwardGrid plus the tile-major permutation of the forward in flight."""
-
-    def __init__(self, config: ClearConfig):
-        super().__init__(config)
-        self.inverse: torch.Tensor | None = None  # tile-major -> raster, applied to the video output
-
-
 # ----------------------------------------------------------------------------- forward hooks
 def _permute_per_token(arguments: dict, name: str, order: torch.Tensor, tokens: int) -> None:
     """Permute a per-video-token tensor argument (``timestep`` / ``sigma`` [B, N, ...]); the audio
@@ -179,7 +170,7 @@ def _permute_per_token(arguments: dict, name: str, order: torch.Tensor, tokens: 
 def _ltx2_pre_hook(module, args, kwargs):
     """Read the grid from ``num_frames`` / ``height`` / ``width``, publish the layout and put the video
     tokens and their per-token inputs into tile-major order."""
-    geometry: LTX2Grid = module._cleardit_grid
+    geometry: OrderedGrid = module._cleardit_grid
     geometry.check_processors(module)
     geometry.inverse = None
     bound = bind_forward_args(module, args, kwargs)
@@ -208,10 +199,8 @@ def _ltx2_pre_hook(module, args, kwargs):
         0, grid[1], grid[2], frames=grid[0], down_factor=config.down_factor, tile=config.tile
     )
     geometry.layout = layout
-    # one tile per frame is raster order already
-    if config.tile is not None and (grid[1] > config.tile[-2] or grid[2] > config.tile[-1]):
-        order = layout.sequence_to_raster(hidden.device)
-        geometry.inverse = layout.raster_to_sequence(hidden.device)
+    if geometry.use_tile_order(layout, hidden.device):
+        order = geometry.order
         coords = arguments.get("video_coords")
         if coords is None:  # the coords the forward would make, so that RoPE follows the tokens
             coords = module.rope.prepare_video_coords(
@@ -228,8 +217,9 @@ def _ltx2_pre_hook(module, args, kwargs):
 
 def _ltx2_post_hook(module, args, kwargs, output):
     """The video output back into raster order (the audio output is untouched)."""
-    geometry: LTX2Grid = module._cleardit_grid
-    inverse, geometry.inverse = geometry.inverse, None
+    geometry: OrderedGrid = module._cleardit_grid
+    inverse = geometry.inverse
+    geometry.order = geometry.inverse = None
     if inverse is None or output is None:  # output is None when the forward raised
         return output
     return replace_sample(output, lambda sample: sample[:, inverse])
@@ -242,7 +232,7 @@ class LTX2Adapter(ModelAdapter):
     family = "ltx2"
     transformer_classes = ("LTX2VideoTransformer3DModel",)
     trainable_pattern = TRAINABLE_PATTERN
-    grid_class = LTX2Grid
+    grid_class = OrderedGrid
     video = True
 
     def describe(self) -> str:

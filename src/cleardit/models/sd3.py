@@ -34,10 +34,17 @@ from torch import nn
 
 from ..attention import TokenLayout
 from ..attention.strips import StripPlan
-from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
+from .handle import (
+    ClearHandle,
+    ForwardGrid,
+    OrderedGrid,
+    add_hooks,
+    bind_forward_args,
+    forget_token_order,
+    to_tile_order,
+)
 from .processor import ClearProcessor
 
 # The image-stream projections of the joint attention (attn) and of SD3.5's image-only attn2,
@@ -132,21 +139,11 @@ class ClearSD3AttnProcessor(ClearProcessor):
         return image_out, text_out
 
 
-class SD3Grid(ForwardGrid):
-    """ForwardGrid plus the tile-major permutation of the forward in flight (applied by the hooks on
-    ``pos_embed`` and ``proj_out``)."""
-
-    def __init__(self, config: ClearConfig):
-        super().__init__(config)
-        self.order: torch.Tensor | None = None  # raster -> tile-major, applied to pos_embed's output
-        self.inverse: torch.Tensor | None = None  # tile-major -> raster, applied to proj_out's output
-
-
 # ----------------------------------------------------------------------------- forward hooks
 def _sd3_pre_hook(module, args, kwargs):
     """Read the grid from the latents, publish the layout (also to the processors through
     ``joint_attention_kwargs``) and choose the token order of this forward."""
-    geometry: SD3Grid = module._cleardit_grid
+    geometry: OrderedGrid = module._cleardit_grid
     geometry.check_processors(module)
     bound = bind_forward_args(module, args, kwargs)
     text = bound.arguments.get("encoder_hidden_states")
@@ -173,28 +170,14 @@ def _sd3_pre_hook(module, args, kwargs):
         geometry.order = torch.arange(y0 * width, y1 * width, device=text.device)
         if comm.counter is not None:
             comm.counter.next_step()
-    elif tile is not None and (height > tile[0] or width > tile[1]):
-        # controlnet residuals are added in raster order: with them the order stays raster
-        geometry.order = layout.sequence_to_raster(text.device)
-        geometry.inverse = layout.raster_to_sequence(text.device)
+    else:  # controlnet residuals are added in raster order: with them the layout has no tile
+        geometry.use_tile_order(layout, text.device)
     if not geometry.original_pass:  # the original processors (distillation teacher) take no layout
         attention_kwargs = dict(bound.arguments.get("joint_attention_kwargs") or {})
         attention_kwargs[LAYOUT_KWARG] = layout
         bound.arguments["joint_attention_kwargs"] = attention_kwargs
     bound.arguments.pop("self", None)
     return (), dict(bound.arguments)
-
-
-def _sd3_post_hook(module, args, kwargs, output):
-    # geometry.layout stays set for processors called outside a forward's kwargs (none in diffusers)
-    module._cleardit_grid.order = module._cleardit_grid.inverse = None
-    return output
-
-
-def _to_tile_major_hook(module, args, kwargs, output):
-    """On ``pos_embed``: image tokens [B, H*W, C] from raster into this forward's tile-major order."""
-    order = module._cleardit_grid.order
-    return output if order is None else output[:, order]
 
 
 def _to_raster_hook(module, args, kwargs, output):
@@ -221,7 +204,7 @@ class SD3Adapter(ModelAdapter):
     text_conditions = ("prompt_embeds", "pooled_prompt_embeds")
     text_tokenizer = "tokenizer_3"  # T5: the CLIP encoders' 77 tokens come before its tokens
     text_token_limit = 512  # StableDiffusion3Pipeline refuses max_sequence_length > 512
-    grid_class = SD3Grid
+    grid_class = OrderedGrid
     default_steps = 28  # StableDiffusion3Pipeline's defaults
     default_guidance = None  # no distilled guidance: guidance_scale is classifier-free guidance
     default_true_cfg = 7.0
@@ -254,8 +237,8 @@ class SD3Adapter(ModelAdapter):
             attn.set_processor(ClearSD3AttnProcessor(geometry, config, attn.to_q.weight))
         # the hooks' state lives on the modules: per model, carried over by deepcopy
         handle.hooks = (
-            *add_hooks(transformer, _sd3_pre_hook, _sd3_post_hook, state=geometry),
-            *add_hooks(transformer.pos_embed, post_hook=_to_tile_major_hook, state=geometry),
+            *add_hooks(transformer, _sd3_pre_hook, forget_token_order, state=geometry),
+            *add_hooks(transformer.pos_embed, post_hook=to_tile_order, state=geometry),
             *add_hooks(transformer.proj_out, post_hook=_to_raster_hook, state=geometry),
         )
         return handle

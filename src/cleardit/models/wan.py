@@ -33,10 +33,17 @@ import torch
 from torch import nn
 
 from ..attention import TokenLayout, clear_attention
-from ..config import ClearConfig
 from .adapter import ModelAdapter, check_teacher_data_fits
 from .errors import NotSupportedError
-from .handle import ClearHandle, ForwardGrid, add_hooks, bind_forward_args
+from .handle import (
+    ClearHandle,
+    ForwardGrid,
+    OrderedGrid,
+    add_hooks,
+    bind_forward_args,
+    forget_token_order,
+    to_raster_order,
+)
 from .processor import ClearProcessor
 
 # attn1's projections (the video self-attention CLEAR replaces), plus the pooling weights. Its q/k
@@ -123,40 +130,18 @@ class ClearWanAttnProcessor(ClearProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class WanGrid(ForwardGrid):
-    """ForwardGrid plus the tile-major permutation of the forward in flight (None: raster order)."""
-
-    def __init__(self, config: ClearConfig):
-        super().__init__(config)
-        self.order: torch.Tensor | None = None  # sequence position -> raster cell
-        self.inverse: torch.Tensor | None = None  # raster cell -> sequence position
-        self.orders: dict = {}  # (layout, device) -> (order, inverse), or None where that is raster
-
-    def token_order(self, layout: TokenLayout, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(order, inverse) of ``layout``'s tile-major tokens, None when that order is raster already
-        (tiles covering whole rows); built once per grid and device, not at every step."""
-        key = (layout, str(device))
-        if key not in self.orders:
-            order = layout.sequence_to_raster(device)
-            raster = torch.equal(order, torch.arange(layout.image_len, device=device))
-            self.orders[key] = None if raster else (order, torch.argsort(order))
-        return self.orders[key]
-
-
 # ----------------------------------------------------------------------------- forward hooks
 def _wan_pre_hook(module, args, kwargs):
     """Read the grid from the latents, publish the layout and choose this forward's token order."""
-    geometry: WanGrid = module._cleardit_grid
+    geometry: OrderedGrid = module._cleardit_grid
     geometry.check_processors(module)
     bound = bind_forward_args(module, args, kwargs)
     hidden = bound.arguments["hidden_states"]
     frames, height, width = video_grid(hidden, module.config.patch_size)
     cfg = geometry.config
     layout = TokenLayout(0, height, width, down_factor=cfg.down_factor, tile=cfg.tile, frames=frames)
-    tokens = None if layout.tile is None else geometry.token_order(layout, hidden.device)
-    if tokens is None:
+    if not geometry.use_tile_order(layout, hidden.device):
         layout = layout.with_tile(None)  # no tile, or tiles covering whole rows: raster order
-    geometry.order, geometry.inverse = tokens if tokens is not None else (None, None)
     geometry.layout = layout
     timestep = bound.arguments.get("timestep")
     if geometry.order is not None and torch.is_tensor(timestep) and timestep.ndim == 2:
@@ -169,12 +154,6 @@ def _wan_pre_hook(module, args, kwargs):
         bound.arguments["timestep"] = timestep[:, geometry.order]
     bound.arguments.pop("self", None)
     return (), dict(bound.arguments)
-
-
-def _wan_post_hook(module, args, kwargs, output):
-    # geometry.layout stays set: the processors read it through each forward's RoPE tensor
-    module._cleardit_grid.order = module._cleardit_grid.inverse = None
-    return output
 
 
 def _tile_order_patches_hook(module, args, kwargs, output):
@@ -191,12 +170,6 @@ def _tile_order_rope_hook(module, args, kwargs, output):
     return output if order is None else tuple(t[:, order] for t in output)
 
 
-def _raster_order_hook(module, args, kwargs, output):
-    """On ``proj_out``: tokens [B, T*H*W, C] back in raster order before the transformer unpatchifies."""
-    inverse = module._cleardit_grid.inverse
-    return output if inverse is None or output is None else output[:, inverse]
-
-
 # ----------------------------------------------------------------------------- the adapter
 class WanAdapter(ModelAdapter):
     """Wan 2.1 (T2V 1.3B / 14B) and Wan 2.2 (TI2V-5B) text-to-video transformers."""
@@ -208,7 +181,7 @@ class WanAdapter(ModelAdapter):
     text_conditions = ("prompt_embeds",)
     text_tokenizer = "tokenizer"  # UMT5
     text_token_limit = 512  # WanPipeline's default max_sequence_length
-    grid_class = WanGrid
+    grid_class = OrderedGrid
     video = True
     default_steps = 50  # WanPipeline's defaults
     default_guidance = None  # no distilled guidance: guidance_scale is classifier-free guidance
@@ -244,10 +217,10 @@ class WanAdapter(ModelAdapter):
             attn.set_processor(ClearWanAttnProcessor(geometry, config, attn.to_q.weight))
         # the hooks' state lives on the modules: per model, carried over by deepcopy
         handle.hooks = (
-            *add_hooks(transformer, _wan_pre_hook, _wan_post_hook, state=geometry),
+            *add_hooks(transformer, _wan_pre_hook, forget_token_order, state=geometry),
             *add_hooks(transformer.patch_embedding, post_hook=_tile_order_patches_hook, state=geometry),
             *add_hooks(transformer.rope, post_hook=_tile_order_rope_hook, state=geometry),
-            *add_hooks(transformer.proj_out, post_hook=_raster_order_hook, state=geometry),
+            *add_hooks(transformer.proj_out, post_hook=to_raster_order, state=geometry),
         )
         return handle
 
