@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, alternate, fmt_ms, machine_header, max_abs_error, print_table  # noqa: E402
+from common import (  # noqa: E402
+    OtherLoad,
+    alternate,
+    errors_vs_reference,
+    fmt_ms,
+    machine_header,
+    max_abs_error,
+    print_table,
+)
 
 from cleardit.attention import TokenLayout, choose_backend, clear_attention, count_pairs  # noqa: E402
 
@@ -79,15 +87,7 @@ def check_correctness(backend, radii, flex, with_grad):
     for radius in radii:
         layout = TokenLayout(24, 30, 26)  # grid not divisible by the tiles, several border regions
         q, k, v = inputs(layout, requires_grad=with_grad, seed=1, heads=2, dim=dim)
-        ref, ref_lse = clear_attention(q, k, v, layout, radius, return_lse=True, backend="reference")
-        got, lse = clear_attention(q, k, v, layout, radius, return_lse=True, backend=backend)
-        errs = {"out": max_abs_error(got, ref), "lse": max_abs_error(lse, ref_lse)}
-        if with_grad:
-            w = torch.randn_like(ref)
-            grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
-            grads = torch.autograd.grad((got * w).sum(), (q, k, v))
-            for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
-                errs[name] = max_abs_error(a, b)
+        errs, ref = errors_vs_reference(q, k, v, layout, radius, backend, with_grad)
         rows.append([f"{backend} r={radius}", *(f"{name} {e:.2e}" for name, e in errs.items())])
         worst = max(worst, *errs.values())
         if flex is not None:

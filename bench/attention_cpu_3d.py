@@ -26,7 +26,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_cpu import FLEX_BYTES_PER_PAIR, available_memory, inputs, load_flex  # noqa: E402
-from common import OtherLoad, alternate, fmt_ms, machine_header, max_abs_error, print_table  # noqa: E402
+from common import (  # noqa: E402
+    OtherLoad,
+    alternate,
+    errors_vs_reference,
+    fmt_ms,
+    machine_header,
+    max_abs_error,
+    print_table,
+)
 
 from cleardit.attention import TokenLayout, choose_backend, clear_attention, count_pairs  # noqa: E402
 
@@ -61,16 +69,7 @@ def check_correctness(backend, radius, rts, flex, with_grad):
     r = min(radius, 4)
     for rt in rts:
         q, k, v = inputs(layout, requires_grad=with_grad, seed=1, heads=2, dim=dim)
-        args = dict(temporal_radius=rt, return_lse=True)
-        ref, ref_lse = clear_attention(q, k, v, layout, r, backend="reference", **args)
-        got, lse = clear_attention(q, k, v, layout, r, backend=backend, **args)
-        errs = {"out": max_abs_error(got, ref), "lse": max_abs_error(lse, ref_lse)}
-        if with_grad:
-            w = torch.randn_like(ref)
-            grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
-            grads = torch.autograd.grad((got * w).sum(), (q, k, v))
-            for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
-                errs[name] = max_abs_error(a, b)
+        errs, ref = errors_vs_reference(q, k, v, layout, r, backend, with_grad, temporal_radius=rt)
         rows.append([f"{backend} r={r} rt={rt_name(rt)}", *(f"{n} {e:.2e}" for n, e in errs.items())])
         worst = max(worst, *errs.values())
         if flex is not None:

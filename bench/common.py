@@ -168,3 +168,22 @@ def fmt_ratio(x: float) -> str:
 
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def errors_vs_reference(q, k, v, layout, radius, backend, with_grad, temporal_radius=None):
+    """(max abs errors of ``backend`` against the ``reference`` backend, the reference output): output
+    and log-sum-exp, and with ``with_grad`` the gradients w.r.t. q, k, v of a random projection of
+    the output (dq, dk, dv)."""
+    from cleardit.attention import clear_attention
+
+    args = dict(temporal_radius=temporal_radius, return_lse=True)
+    ref, ref_lse = clear_attention(q, k, v, layout, radius, backend="reference", **args)
+    got, lse = clear_attention(q, k, v, layout, radius, backend=backend, **args)
+    errs = {"out": max_abs_error(got, ref), "lse": max_abs_error(lse, ref_lse)}
+    if with_grad:
+        w = torch.randn_like(ref)
+        grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+        for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
+            errs[name] = max_abs_error(a, b)
+    return errs, ref
