@@ -160,3 +160,34 @@ def dense_oracle_output(model, inputs: dict, height: int, width: int, text_len: 
     oracle.set_attn_processor(DenseMaskProcessor(height, width, text_len, radius))
     with torch.no_grad():
         return oracle(**inputs).sample
+
+
+def distill_resumed_after_a_crash(cfg, dataset, tmp_path, load, monkeypatch):
+    """Distil with a crash in the second step, resume, and distil again without the crash (``load()``
+    makes a fresh model each time): the resumed run logs steps 1 and 2 and its weights equal the
+    uninterrupted run's within 1e-6. Returns (the resumed run's DistillResult, its weights by name)."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from cleardit.distill.trainer import Distiller, RunOptions
+
+    opts = RunOptions(checkpoint_every=1, quiet=True)
+    original_step = Distiller._step
+
+    def crash_in_the_second_step(self, m, opt, step):  # step counts from 0
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return original_step(self, m, opt, step)
+
+    monkeypatch.setattr(Distiller, "_step", crash_in_the_second_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Distiller(cfg, dataset, tmp_path / "run", model=load(), opts=opts).run()
+    monkeypatch.setattr(Distiller, "_step", original_step)
+    result = Distiller(cfg, dataset, tmp_path / "run", model=load(), resume=True, opts=opts).run()
+    assert result.steps == 2 and [e["step"] for e in result.losses] == [1, 2] and result.weights.is_file()
+    again = Distiller(cfg, dataset, tmp_path / "again", model=load(), opts=opts).run()
+    resumed, uninterrupted = load_file(str(result.weights)), load_file(str(again.weights))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+    return result, resumed

@@ -21,6 +21,7 @@ from cleardit import generate, linearize, load_weights, save_weights
 from cleardit.models import adapter_for, get_handle
 from cleardit.models.flux2 import ClearFlux2AttnProcessor, ClearFlux2ParallelSelfAttnProcessor
 from cleardit.models.tiny import tiny_flux_transformer
+from tests.helpers import distill_resumed_after_a_crash
 
 TEXT_DIM = 24
 CHANNELS = 8
@@ -696,7 +697,7 @@ def test_distill_with_resume_and_eval_on_tiny_flux2_pipelines(which, request, tm
     import diffusers
 
     from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
-    from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+    from cleardit.distill.trainer import DistillConfig
     from cleardit.eval import evaluate_model
 
     folder = request.getfixturevalue(f"{which}_folder")
@@ -705,32 +706,13 @@ def test_distill_with_resume_and_eval_on_tiny_flux2_pipelines(which, request, tm
     dataset = TeacherDataset(data)
     assert set(dataset[0]) >= {"latents", "prompt_embeds"} and dataset[0]["latents"].shape == (4, 8, 8)
     cfg = DistillConfig(radius=2, steps=2, batch_size=2, lr=1e-3, attention_layers="0")
-    opts = RunOptions(checkpoint_every=1, quiet=True)
 
     def load():
         pipeline = "Flux2KleinPipeline" if which == "klein" else "Flux2Pipeline"
         return getattr(diffusers, pipeline).from_pretrained(str(folder))
 
-    original_step = Distiller._step
-
-    def crash_in_the_second_step(self, m, opt, step):  # step counts from 0
-        if step == 1:
-            raise RuntimeError("simulated crash")
-        return original_step(self, m, opt, step)
-
-    monkeypatch.setattr(Distiller, "_step", crash_in_the_second_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Distiller(cfg, dataset, tmp_path / "run", model=load(), opts=opts).run()
-    monkeypatch.setattr(Distiller, "_step", original_step)
-    result = Distiller(cfg, dataset, tmp_path / "run", model=load(), resume=True, opts=opts).run()
-    assert result.steps == 2 and [e["step"] for e in result.losses] == [1, 2] and result.weights.is_file()
-    uninterrupted = Distiller(cfg, dataset, tmp_path / "again", model=load(), opts=opts).run()
-    from safetensors.torch import load_file
-
-    resumed, again = load_file(str(result.weights)), load_file(str(uninterrupted.weights))
-    assert resumed.keys() == again.keys() and any("to_qkv_mlp_proj" in k for k in resumed)
-    for name in resumed:
-        torch.testing.assert_close(resumed[name], again[name], atol=1e-6, rtol=0)
+    _, resumed = distill_resumed_after_a_crash(cfg, dataset, tmp_path, load, monkeypatch)
+    assert any("to_qkv_mlp_proj" in k for k in resumed)
     report = evaluate_model(
         ["a red circle", "a blue square"], model=folder, radii=[2], output=tmp_path / "eval",
         steps=2, metrics=["psnr"], quiet=True,

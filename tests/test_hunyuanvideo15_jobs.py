@@ -14,6 +14,7 @@ import torch
 from cleardit import generate
 from cleardit.models import NotSupportedError, adapter_for
 from cleardit.video_io import read_video
+from tests.helpers import distill_resumed_after_a_crash
 from tests.tiny_hunyuanvideo15 import (
     FRAMES,
     GUIDANCE,
@@ -147,10 +148,9 @@ def test_several_videos_per_prompt(pipe):
 def test_distill_with_resume_and_eval(folder, tmp_path, monkeypatch):
     from diffusers import HunyuanVideo15Pipeline
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
-    from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+    from cleardit.distill.trainer import DistillConfig
     from cleardit.eval import evaluate_model
 
     prompts = [PROMPT, "a blue square"]
@@ -163,30 +163,13 @@ def test_distill_with_resume_and_eval(folder, tmp_path, monkeypatch):
     assert dataset[0]["prompt_embeds_mask_2"].sum() > 0 and dataset[1]["prompt_embeds_mask_2"].sum() == 0
     assert dataset.manifest["frames"] == FRAMES
     cfg = DistillConfig(radius=2, temporal_radius=1, steps=2, batch_size=2, lr=1e-3, attention_layers="0")
-    opts = RunOptions(checkpoint_every=1, quiet=True)
 
     def load():
         return HunyuanVideo15Pipeline.from_pretrained(str(folder))
 
-    original_step = Distiller._step
-
-    def crash_in_the_second_step(self, m, opt, step):
-        if step == 1:
-            raise RuntimeError("simulated crash")
-        return original_step(self, m, opt, step)
-
-    monkeypatch.setattr(Distiller, "_step", crash_in_the_second_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Distiller(cfg, dataset, tmp_path / "run", model=load(), opts=opts).run()
-    monkeypatch.setattr(Distiller, "_step", original_step)
-    result = Distiller(cfg, dataset, tmp_path / "run", model=load(), resume=True, opts=opts).run()
-    assert result.steps == 2 and [e["step"] for e in result.losses] == [1, 2]
+    result, resumed = distill_resumed_after_a_crash(cfg, dataset, tmp_path, load, monkeypatch)
     assert all(math.isfinite(e["loss"]) for e in result.losses)
-    again = Distiller(cfg, dataset, tmp_path / "again", model=load(), opts=opts).run()
-    resumed, uninterrupted = load_file(str(result.weights)), load_file(str(again.weights))
-    assert resumed.keys() == uninterrupted.keys() and any("transformer_blocks.0.attn" in k for k in resumed)
-    for name in resumed:
-        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+    assert any("transformer_blocks.0.attn" in k for k in resumed)
     with safe_open(str(result.weights), "pt") as f:
         assert f.metadata()["temporal_radius"] == "1" and f.metadata()["family"] == "hunyuanvideo15"
 

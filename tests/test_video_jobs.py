@@ -8,11 +8,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cleardit import generate, linearize, load_weights
 from cleardit.video_io import encode_mp4, read_video, save_mp4
 from cleardit.video_metrics import frame_psnr, temporal_psnr, video_psnr
+from tests.helpers import distill_resumed_after_a_crash
 from tests.tiny_wan import save_tiny_wan_pipeline
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 5  # 2 latent frames of 2 x 3 tokens
@@ -123,10 +123,9 @@ def test_bad_video_requests_are_clear_errors(wan_folder, tmp_path):
 def test_video_distill_with_resume_and_eval(wan_folder, tmp_path, monkeypatch):
     from diffusers import WanPipeline
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from cleardit.distill.teacher_data import TeacherDataset, make_teacher_data
-    from cleardit.distill.trainer import DistillConfig, Distiller, RunOptions
+    from cleardit.distill.trainer import DistillConfig
     from cleardit.eval import evaluate_model
 
     prompts = ["a red circle", "a blue square"]
@@ -138,29 +137,12 @@ def test_video_distill_with_resume_and_eval(wan_folder, tmp_path, monkeypatch):
     assert dataset[0]["latents"].shape == (4, 2, HEIGHT // 8, WIDTH // 8)  # [C, latent frames, h, w]
     assert dataset.manifest["frames"] == FRAMES
     cfg = DistillConfig(radius=2, temporal_radius=1, steps=2, batch_size=2, lr=1e-3, attention_layers="0")
-    opts = RunOptions(checkpoint_every=1, quiet=True)
 
     def load():
         return WanPipeline.from_pretrained(str(wan_folder))
 
-    original_step = Distiller._step
-
-    def crash_in_the_second_step(self, m, opt, step):
-        if step == 1:
-            raise RuntimeError("simulated crash")
-        return original_step(self, m, opt, step)
-
-    monkeypatch.setattr(Distiller, "_step", crash_in_the_second_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Distiller(cfg, dataset, tmp_path / "run", model=load(), opts=opts).run()
-    monkeypatch.setattr(Distiller, "_step", original_step)
-    result = Distiller(cfg, dataset, tmp_path / "run", model=load(), resume=True, opts=opts).run()
-    assert result.steps == 2 and [e["step"] for e in result.losses] == [1, 2]
-    again = Distiller(cfg, dataset, tmp_path / "again", model=load(), opts=opts).run()
-    resumed, uninterrupted = load_file(str(result.weights)), load_file(str(again.weights))
-    assert resumed.keys() == uninterrupted.keys() and any("attn1" in k for k in resumed)
-    for name in resumed:
-        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+    result, resumed = distill_resumed_after_a_crash(cfg, dataset, tmp_path, load, monkeypatch)
+    assert any("attn1" in k for k in resumed)
     with safe_open(str(result.weights), "pt") as f:
         assert f.metadata()["temporal_radius"] == "1" and f.metadata()["family"] == "wan"
     # the weights bring their window: generate takes rt from them, load_weights refuses another rt
